@@ -218,7 +218,7 @@ class VRNN(nn.Module):
             raise ValueError(f"x must be (B, T, {self.cfg.x_dim}), got {tuple(x.shape)}")
         mask = _check_mask(x, mask)
         if mask is not None:  # padded values never reach any network
-            x = x * mask.unsqueeze(-1)
+            x = x.masked_fill(mask.unsqueeze(-1) == 0, 0.0)  # not x * mask: NaN * 0 = NaN
         B, T, _ = x.shape
         if state is None:
             state = self.initial_state(B, x.device, x.dtype)

@@ -5,8 +5,8 @@ frame t when a note of that pitch sounds at the frame's start, time t * step_qua
 (sampling, as in the classic JSB Chorales set), over all parts. The roll has one column
 per MIDI pitch from ``lowest_pitch`` upward.
 
-``chorales``: the ``bach`` .mxl files of the music21 corpus with exactly four parts,
-sorted by file name. The pitch range is the lowest..highest pitch over all of them
+``chorales``: the ``bach`` MusicXML files (.mxl, .xml) of the music21 corpus with exactly
+four parts (365 with music21 10.5), sorted by file name. The pitch range is the lowest..highest pitch over all of them
 (MIDI 36..81, D = 46, with music21 10.5). Parsing takes ~40 s, so the rolls are cached
 as ``cache_dir()/chorales-v1.npz``.
 """
@@ -30,8 +30,9 @@ _EPS = 1e-6
 def active_pitches(stream, step_quarter: float = 1.0) -> list[set[int]]:
     """For each frame, the set of MIDI pitches sounding at the frame's start."""
     notes = []  # (start, end, midi)
-    for n in stream.flatten().notes:  # Notes and Chords, offsets absolute in the stream
-        start = float(n.getOffsetInHierarchy(stream)) if n.activeSite is not stream else float(n.offset)
+    flat = stream.flatten()
+    for n in flat.notes:  # Notes and Chords; offsets in the flat stream are absolute
+        start = float(flat.elementOffset(n))
         dur = float(n.quarterLength)
         if dur <= 0:  # grace notes
             continue
@@ -80,7 +81,11 @@ def chorale_paths() -> list[Path]:
         from music21 import corpus
     except ImportError:
         raise DataError("chorales: music21 is not installed; `pip install music21`") from None
-    return sorted((Path(p) for p in corpus.getComposer("bach") if str(p).endswith(".mxl")), key=lambda p: p.name)
+    by_stem: dict[str, Path] = {}
+    for p in sorted((Path(p) for p in corpus.getComposer("bach")), key=lambda p: (p.stem, p.suffix != ".mxl")):
+        if p.suffix in (".mxl", ".xml"):  # MusicXML; the .krn files duplicate .mxl ones
+            by_stem.setdefault(p.stem, p)
+    return sorted(by_stem.values(), key=lambda p: p.name)
 
 
 def parse_chorales(paths=None, progress=None) -> tuple[list[np.ndarray], list[str], int]:
@@ -97,7 +102,7 @@ def parse_chorales(paths=None, progress=None) -> tuple[list[np.ndarray], list[st
         if len(frames) < 2:
             continue
         all_frames.append(frames)
-        names.append(p.name.removesuffix(".mxl"))
+        names.append(p.stem)
         if progress and (i + 1) % 50 == 0:
             progress(f"chorales: parsed {i + 1}/{len(paths)}")
     if not all_frames:
@@ -146,6 +151,6 @@ def load_chorales(refresh: bool = False, progress=None) -> SequenceSet:
         except OSError:
             pass  # an unwritable cache only costs time
     rolls, names, lowest = data
-    meta = {"source": "music21 corpus bach (four-part .mxl)", "lowest_pitch": lowest, "step_quarter": 1.0,
+    meta = {"source": "music21 corpus bach (four-part MusicXML)", "lowest_pitch": lowest, "step_quarter": 1.0,
             "names": names}
     return SequenceSet(rolls, "pianoroll", "chorales", meta)

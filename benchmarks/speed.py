@@ -1,0 +1,358 @@
+"""Training-step, evaluation and generation speed of vrnn against a per-step reference VRNN.
+
+    python benchmarks/speed.py                          # CPU, 1 thread, all CPU workloads
+    python benchmarks/speed.py --device cuda            # adds the paper-scale workload
+    python benchmarks/speed.py --threads-study          # 1 vs 2 intra-op threads
+    python benchmarks/speed.py --workloads handwriting --impl reference,fused --repeats 5
+
+Implementations (``--impl``):
+  reference  benchmarks/reference.py: every network and loss term inside the time loop
+             (the style of emited/VariationalRecurrentNeuralNetwork), nn.LSTMCell.
+  autograd   vrnn.VRNN, time-batched everything except the sequential chain, whose loop
+             runs under plain autograd (VRNN.scan_impl = "autograd").
+  fused      vrnn.VRNN with the fused scan of vrnn.fast (hand-written backward through
+             time, weight gradients as one matmul over T*B rows).
+
+A training step is forward, ELBO, backward, gradient-norm clipping, Adam step. The
+implementations are interleaved (round-robin) after a warm-up and the median of the
+repeats is reported. Timings on a shared machine are noisy: compare ratios within one run.
+
+Fraction of peak: achieved FLOP/s of the step / float32 matmul peak measured in the same
+run with a large square matmul. Step FLOPs = 3 x forward matmul FLOPs, counted
+analytically: every Linear weight is applied once per (sequence, step) row, so forward
+matmul FLOPs = 2 * B * T * (sum of weight-matrix sizes); the same for all implementations.
+
+Peak memory: on CPU, the resident-set high-water mark (getrusage ru_maxrss) of a fresh
+child process after two training steps minus that before the first step; on CUDA,
+torch.cuda.max_memory_allocated over a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference import ReferenceVRNN  # noqa: E402
+
+import vrnn  # noqa: E402
+from vrnn import VRNN, VRNNConfig  # noqa: E402
+from vrnn.inference import log_likelihood, log_weights  # noqa: E402
+
+WORKLOADS = {
+    "speech": dict(x_dim=200, T=40, B=64, h=512, z=128, gpu_only=False),
+    "handwriting": dict(x_dim=3, T=300, B=32, h=256, z=32, gpu_only=False),
+    "paper": dict(x_dim=200, T=40, B=128, h=2000, z=200, gpu_only=True),
+}
+IMPLS = ("reference", "autograd", "fused")
+CLIP = 10.0
+
+
+# ---------------------------------------------------------------------------- helpers
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def fast_available() -> bool:
+    try:
+        import vrnn.fast  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build(impl: str, wl: dict, device: str, seed: int = 0):
+    """(model, loss_fn(x) -> scalar) for one implementation."""
+    torch.manual_seed(seed)
+    if impl == "reference":
+        model = ReferenceVRNN(wl["x_dim"], wl["h"], wl["z"]).to(device)
+        loss_fn = lambda x: -model(x).sum() / (x.shape[0] * x.shape[1])  # noqa: E731
+        return model, loss_fn
+    model = VRNN(VRNNConfig.preset("vrnn-gauss", x_dim=wl["x_dim"], h_dim=wl["h"],
+                                   z_dim=wl["z"])).to(device)
+    if fast_available():
+        from vrnn.fast import set_scan
+        set_scan(model, "fused" if impl == "fused" else "autograd")
+    elif impl == "fused":
+        raise RuntimeError("vrnn.fast is not available")
+    loss_fn = lambda x: -model.elbo(x).sum() / (x.shape[0] * x.shape[1])  # noqa: E731
+    return model, loss_fn
+
+
+def make_step(model: nn.Module, loss_fn):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step(x):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(x)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # before the step (emited #3)
+        opt.step()
+        return loss
+    return step
+
+
+def forward_flops(model: nn.Module, B: int, T: int) -> int:
+    """2 * B * T * sum of weight-matrix sizes: every Linear/LSTMCell weight, once per row."""
+    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2)
+    return 2 * B * T * n
+
+
+def matmul_peak(device: str, n: int | None = None, repeats: int = 5) -> float:
+    """float32 FLOP/s of a large square matmul (median of ``repeats``)."""
+    n = n or (8192 if device == "cuda" else 2048)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(ts)
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict, device: str, warmup: int, repeats: int) -> dict:
+    """Median seconds per call of each function, round-robin after ``warmup`` calls each."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            times[k].append(timed(f, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_memory(impl: str, wl_name: str, device: str, threads: int) -> float | None:
+    """MiB; CPU: maxrss growth of a fresh child over two steps; CUDA: max_memory_allocated."""
+    if device == "cuda":
+        wl = WORKLOADS[wl_name]
+        model, loss_fn = build(impl, wl, device)
+        step = make_step(model, loss_fn)
+        x = torch.randn(wl["B"], wl["T"], wl["x_dim"], device=device)
+        step(x)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(x)
+        torch.cuda.synchronize()
+        out = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        del model, step
+        torch.cuda.empty_cache()
+        return out
+    cmd = [sys.executable, __file__, "--mem-child", f"{impl}:{wl_name}", "--threads", str(threads)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+        return float(res.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as e:
+        print(f"  (memory of {impl} on {wl_name} not measured: {e})", file=sys.stderr)
+        return None
+
+
+def mem_child(spec: str) -> None:
+    impl, wl_name = spec.split(":")
+    wl = WORKLOADS[wl_name]
+    model, loss_fn = build(impl, wl, "cpu")
+    step = make_step(model, loss_fn)
+    x = torch.randn(wl["B"], wl["T"], wl["x_dim"])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    step(x)
+    step(x)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) / 1024.0)
+
+
+# ---------------------------------------------------------------------------- benchmarks
+def bench_training(wl_name: str, impls: list[str], device: str, warmup: int, repeats: int,
+                   peak: float, memory: bool, threads: int) -> list[dict]:
+    wl = WORKLOADS[wl_name]
+    B, T = wl["B"], wl["T"]
+    torch.manual_seed(1)
+    x = torch.randn(B, T, wl["x_dim"], device=device)
+    steps, flops = {}, {}
+    for impl in impls:
+        model, loss_fn = build(impl, wl, device)
+        steps[impl] = (lambda s: (lambda: s(x)))(make_step(model, loss_fn))
+        flops[impl] = 3 * forward_flops(model, B, T)
+    med = interleaved(steps, device, warmup, repeats)
+    ref = med.get("reference")
+    rows = []
+    for impl in impls:
+        t = med[impl]
+        rows.append(dict(workload=wl_name, impl=impl, ms=1e3 * t, seq_per_s=B / t,
+                         vs_reference=(ref / t) if ref else None,
+                         gflop_per_step=flops[impl] / 1e9,
+                         frac_peak=flops[impl] / t / peak,
+                         peak_mem_mib=peak_memory(impl, wl_name, device, threads) if memory else None))
+    return rows
+
+
+def bench_is(device: str, warmup: int, repeats: int, K: int = 40) -> dict:
+    """Batched importance sampling (K samples in one pass) vs K single-sample passes."""
+    wl = WORKLOADS["handwriting"]
+    model, _ = build("autograd", wl, device)
+    model.eval()
+    torch.manual_seed(2)
+    x = torch.randn(wl["B"], wl["T"], wl["x_dim"], device=device)
+
+    @torch.no_grad()
+    def looped():
+        lw = torch.stack([log_weights(model, x) for _ in range(K)])
+        return torch.logsumexp(lw, 0) - math.log(K)
+
+    fns = {"batched": lambda: log_likelihood(model, x, num_samples=K), "looped": looped}
+    med = interleaved(fns, device, max(1, warmup // 2), max(3, repeats // 2))
+    return dict(workload="handwriting", K=K, batched_ms=1e3 * med["batched"],
+                looped_ms=1e3 * med["looped"], ratio=med["looped"] / med["batched"])
+
+
+def bench_sample(device: str, warmup: int, repeats: int) -> list[dict]:
+    out = []
+    for wl_name in ("handwriting", "speech"):
+        wl = WORKLOADS[wl_name]
+        model, _ = build("autograd", wl, device)
+        model.eval()
+        med = interleaved({"s": lambda: model.sample(wl["B"], wl["T"])}, device, 1, max(3, repeats // 2))
+        t = med["s"]
+        out.append(dict(workload=wl_name, num=wl["B"], steps=wl["T"], ms=1e3 * t,
+                        steps_per_s=wl["T"] / t, seq_per_s=wl["B"] / t))
+    return out
+
+
+def thread_study(wl_names: list[str], impls: list[str], warmup: int, repeats: int) -> list[dict]:
+    """The same training step with 1 and 2 intra-op threads, interleaved in one process."""
+    rows = []
+    for wl_name in wl_names:
+        wl = WORKLOADS[wl_name]
+        x = torch.randn(wl["B"], wl["T"], wl["x_dim"])
+        fns = {}
+        for impl in impls:
+            step = make_step(*build(impl, wl, "cpu"))
+            for n in (1, 2):
+                fns[(impl, n)] = (lambda s, n: (lambda: (torch.set_num_threads(n), s(x))))(step, n)
+        med = interleaved(fns, "cpu", warmup, repeats)
+        for impl in impls:
+            t1, t2 = med[(impl, 1)], med[(impl, 2)]
+            rows.append(dict(workload=wl_name, impl=impl, ms_1thread=1e3 * t1, ms_2threads=1e3 * t2,
+                             speedup_2_over_1=t1 / t2))
+    return rows
+
+
+# ---------------------------------------------------------------------------- main
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--workloads", default="speech,handwriting,paper")
+    ap.add_argument("--impl", default=",".join(IMPLS))
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    ap.add_argument("--no-extras", action="store_true", help="skip IS evaluation and sampling")
+    ap.add_argument("--threads-study", action="store_true",
+                    help="only compare 1 vs 2 intra-op threads on the CPU workloads")
+    ap.add_argument("--json", default=None, help="write all results to this file")
+    ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    if args.mem_child:
+        mem_child(args.mem_child)
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but CUDA is not available")
+    impls = [i for i in args.impl.split(",") if i]
+    if "fused" in impls and not fast_available():
+        print("note: vrnn.fast not importable; skipping the fused implementation")
+        impls.remove("fused")
+    wls = [w for w in args.workloads.split(",") if w]
+    dev = args.device
+    name = torch.cuda.get_device_name() if dev == "cuda" else f"{os.cpu_count()}-core CPU"
+    print(f"vrnn {vrnn.__version__}, torch {torch.__version__}, device {dev} ({name}), "
+          f"torch.get_num_threads() = {torch.get_num_threads()}, "
+          f"load average at start {os.getloadavg()[0]:.2f}")
+    results: dict = dict(device=dev, device_name=name, torch=torch.__version__,
+                         threads=torch.get_num_threads())
+
+    if args.threads_study:
+        cpu_wls = [w for w in wls if not WORKLOADS[w]["gpu_only"]]
+        rows = thread_study(cpu_wls, impls, args.warmup, args.repeats)
+        print("\nTraining step, 1 vs 2 intra-op threads (interleaved; median of "
+              f"{args.repeats}; load average now {os.getloadavg()[0]:.2f})")
+        print(f"{'workload':<12} {'impl':<10} {'1 thread ms':>12} {'2 threads ms':>13} {'2t speedup':>11}")
+        for r in rows:
+            print(f"{r['workload']:<12} {r['impl']:<10} {r['ms_1thread']:>12.1f} "
+                  f"{r['ms_2threads']:>13.1f} {r['speedup_2_over_1']:>10.2f}x")
+        results["threads_study"] = rows
+    else:
+        peak = matmul_peak(dev)
+        print(f"float32 matmul peak (large square matmul, same run): {peak / 1e9:.1f} GFLOP/s")
+        results["matmul_peak_gflops"] = peak / 1e9
+        rows = []
+        for w in wls:
+            if WORKLOADS[w]["gpu_only"] and dev != "cuda":
+                print(f"note: workload {w!r} (paper scale, h 2000) is GPU-only; skipped on CPU")
+                continue
+            rows += bench_training(w, impls, dev, args.warmup, args.repeats, peak,
+                                   not args.no_memory, args.threads)
+        mem_kind = ("CUDA max_memory_allocated over a step" if dev == "cuda"
+                    else "CPU maxrss growth of a fresh process over 2 steps")
+        print(f"\nTraining step (forward + ELBO + backward + clip + Adam), median of "
+              f"{args.repeats} interleaved repeats after {args.warmup} warm-up")
+        print(f"{'workload':<12} {'impl':<10} {'step ms':>9} {'seq/s':>8} {'vs ref':>7} "
+              f"{'GFLOP':>7} {'% peak':>7} {'peak MiB':>9}")
+        for r in rows:
+            print(f"{r['workload']:<12} {r['impl']:<10} {r['ms']:>9.1f} {r['seq_per_s']:>8.1f} "
+                  f"{fmt(r['vs_reference'], '>6.2f')}x {r['gflop_per_step']:>7.1f} "
+                  f"{100 * r['frac_peak']:>6.1f}% {fmt(r['peak_mem_mib'], '>9.0f')}")
+        print(f"(peak memory: {mem_kind}; GFLOP = 3 x forward matmul FLOPs per step)")
+        results["training"] = rows
+        if not args.no_extras:
+            r = bench_is(dev, args.warmup, args.repeats)
+            print(f"\nImportance-sampled log-likelihood, handwriting-like, K={r['K']}: batched "
+                  f"{r['batched_ms']:.0f} ms, {r['K']} single-sample passes {r['looped_ms']:.0f} ms, "
+                  f"ratio {r['ratio']:.2f}x")
+            results["is_eval"] = r
+            print("\nGeneration (model.sample, prior sampling, no prefix)")
+            for g in bench_sample(dev, args.warmup, args.repeats):
+                print(f"  {g['workload']:<12} {g['num']} x {g['steps']} steps: {g['ms']:.0f} ms, "
+                      f"{g['steps_per_s']:.0f} steps/s, {g['seq_per_s']:.1f} seq/s")
+                results.setdefault("sampling", []).append(g)
+        print(f"load average at end {os.getloadavg()[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Checkpoints: what a trained model needs besides its weights, loaded without unpickling code.
+
+A vrnn checkpoint is a Lightning checkpoint with one extra entry, ``"vrnn"``::
+
+    {"format": 1, "config": VRNNConfig.to_dict(), "normalizer": Normalizer.state_dict(),
+     "data": {"name", "kind", "meta", "dim", "split_seed", "fractions"}}
+
+Every value in it is a plain type or a tensor, so ``torch.load(path, weights_only=True)``
+reads it; nothing in a file a user was handed can run code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import VRNNConfig
+from .errors import CheckpointError, ConfigError
+from .model import VRNN
+
+FORMAT = 1
+
+
+def read(path) -> dict:
+    """The raw checkpoint dict, checked to be a vrnn checkpoint; CheckpointError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, random bytes, a pickle with code in it, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:120]})") from None
+    if not isinstance(ckpt, dict) or "vrnn" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a vrnn checkpoint (no vrnn model description in it)")
+    meta = ckpt["vrnn"]
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unsupported vrnn checkpoint format {meta.get('format')!r}")
+    return ckpt
+
+
+def model_weights(state_dict: dict) -> dict:
+    """The model's own weights from a LightningModule state dict (prefix ``model.``)."""
+    return {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+
+
+def load(path, device="cpu"):
+    """(model in eval mode, normalizer, data description) from a checkpoint file."""
+    from .data import Normalizer
+
+    ckpt = read(path)
+    meta = ckpt["vrnn"]
+    try:
+        cfg = VRNNConfig.from_dict(meta["config"])
+        model = VRNN(cfg)
+        model.load_state_dict(model_weights(ckpt["state_dict"]))
+        normalizer = Normalizer.from_state(meta["normalizer"])
+    except (ConfigError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160]
+        raise CheckpointError(f"{path}: weights do not match the model it describes ({reason})") from None
+    return model.to(device).eval(), normalizer, meta["data"]
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
