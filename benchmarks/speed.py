@@ -22,8 +22,9 @@ run with a large square matmul. Step FLOPs = 3 x forward matmul FLOPs, counted
 analytically: every Linear weight is applied once per (sequence, step) row, so forward
 matmul FLOPs = 2 * B * T * (sum of weight-matrix sizes); the same for all implementations.
 
-Peak memory: on CPU, the resident-set high-water mark (getrusage ru_maxrss) of a fresh
-child process after two training steps minus that before the first step; on CUDA,
+Peak memory: on CPU, the resident-set high-water mark (VmHWM, i.e. the peak RSS; getrusage
+ru_maxrss is inherited across fork+exec on Linux) of a fresh child process after two
+training steps minus its RSS just before the first step (model and optimiser built); on CUDA,
 torch.cuda.max_memory_allocated over a step.
 """
 
@@ -180,11 +181,20 @@ def mem_child(spec: str) -> None:
     model, loss_fn = build(impl, wl, "cpu")
     step = make_step(model, loss_fn)
     x = torch.randn(wl["B"], wl["T"], wl["x_dim"])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    before = _proc_status_kib("VmRSS")
     step(x)
     step(x)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _proc_status_kib("VmHWM")
     print((after - before) / 1024.0)
+
+
+def _proc_status_kib(key: str) -> int:
+    """VmRSS / VmHWM of this process (KiB). ru_maxrss would not do: Linux carries it over
+    from the parent across fork+exec, while VmHWM belongs to the fresh address space."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 # ---------------------------------------------------------------------------- benchmarks
@@ -212,8 +222,13 @@ def bench_training(wl_name: str, impls: list[str], device: str, warmup: int, rep
     return rows
 
 
-def bench_is(device: str, warmup: int, repeats: int, K: int = 40) -> dict:
-    """Batched importance sampling (K samples in one pass) vs K single-sample passes."""
+def bench_is(device: str, repeats: int, K: int = 40, small_rows: int = 512) -> dict:
+    """Batched importance sampling (K samples as K*B rows) vs K single-sample passes.
+
+    Batched runs twice: with the library's default ``max_rows`` (4096: all K*B = 1280 rows
+    in one pass) and with ``max_rows=small_rows`` (passes of 512 rows, 16 samples each).
+    No warm-up: each call runs for seconds on CPU.
+    """
     wl = WORKLOADS["handwriting"]
     model, _ = build("autograd", wl, device)
     model.eval()
@@ -225,10 +240,14 @@ def bench_is(device: str, warmup: int, repeats: int, K: int = 40) -> dict:
         lw = torch.stack([log_weights(model, x) for _ in range(K)])
         return torch.logsumexp(lw, 0) - math.log(K)
 
-    fns = {"batched": lambda: log_likelihood(model, x, num_samples=K), "looped": looped}
-    med = interleaved(fns, device, max(1, warmup // 2), max(3, repeats // 2))
+    fns = {"batched": lambda: log_likelihood(model, x, num_samples=K),
+           "batched_small": lambda: log_likelihood(model, x, num_samples=K, max_rows=small_rows),
+           "looped": looped}
+    med = interleaved(fns, device, 1 if device == "cuda" else 0, repeats)
     return dict(workload="handwriting", K=K, batched_ms=1e3 * med["batched"],
-                looped_ms=1e3 * med["looped"], ratio=med["looped"] / med["batched"])
+                batched_small_ms=1e3 * med["batched_small"], small_rows=small_rows,
+                looped_ms=1e3 * med["looped"], ratio=med["looped"] / med["batched"],
+                ratio_small=med["looped"] / med["batched_small"])
 
 
 def bench_sample(device: str, warmup: int, repeats: int) -> list[dict]:
@@ -274,6 +293,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--is-repeats", type=int, default=2, help="repeats of the IS comparison")
     ap.add_argument("--workloads", default="speech,handwriting,paper")
     ap.add_argument("--impl", default=",".join(IMPLS))
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
@@ -325,7 +345,7 @@ def main(argv=None) -> int:
             rows += bench_training(w, impls, dev, args.warmup, args.repeats, peak,
                                    not args.no_memory, args.threads)
         mem_kind = ("CUDA max_memory_allocated over a step" if dev == "cuda"
-                    else "CPU maxrss growth of a fresh process over 2 steps")
+                    else "CPU peak-RSS (VmHWM) growth of a fresh process over 2 steps")
         print(f"\nTraining step (forward + ELBO + backward + clip + Adam), median of "
               f"{args.repeats} interleaved repeats after {args.warmup} warm-up")
         print(f"{'workload':<12} {'impl':<10} {'step ms':>9} {'seq/s':>8} {'vs ref':>7} "
@@ -337,10 +357,14 @@ def main(argv=None) -> int:
         print(f"(peak memory: {mem_kind}; GFLOP = 3 x forward matmul FLOPs per step)")
         results["training"] = rows
         if not args.no_extras:
-            r = bench_is(dev, args.warmup, args.repeats)
-            print(f"\nImportance-sampled log-likelihood, handwriting-like, K={r['K']}: batched "
-                  f"{r['batched_ms']:.0f} ms, {r['K']} single-sample passes {r['looped_ms']:.0f} ms, "
-                  f"ratio {r['ratio']:.2f}x")
+            r = bench_is(dev, args.is_repeats)
+            print(f"\nImportance-sampled log-likelihood, handwriting-like (B 32, T 300), K={r['K']}, "
+                  f"median of {args.is_repeats}:\n"
+                  f"  batched, max_rows 4096 (one pass of 1280 rows) {r['batched_ms']:.0f} ms "
+                  f"-> {r['ratio']:.2f}x vs looped\n"
+                  f"  batched, max_rows {r['small_rows']} {r['batched_small_ms']:.0f} ms "
+                  f"-> {r['ratio_small']:.2f}x vs looped\n"
+                  f"  looped, {r['K']} single-sample passes {r['looped_ms']:.0f} ms")
             results["is_eval"] = r
             print("\nGeneration (model.sample, prior sampling, no prefix)")
             for g in bench_sample(dev, args.warmup, args.repeats):

@@ -94,14 +94,15 @@ def test_sequenceset_summary_and_subset():
 # --------------------------------------------------------------------------- audio
 
 
-@pytest.mark.parametrize("suffix, rate, channels", [(".wav", 16000, 1), (".flac", 8000, 2), (".ogg", 22050, 1)])
+@pytest.mark.parametrize("suffix, rate, channels", [(".wav", 16000, 1), (".flac", 8000, 2), (".ogg", 22050, 1),
+                                                     (".mp3", 44100, 1)])
 def test_audio_formats_resampled_and_framed(tmp_path, suffix, rate, channels):
     f = write_audio(tmp_path / f"a{suffix}", 1.3, rate, channels)
     d = load(str(f))  # a path: whole utterances by default
     assert d.kind == "speech" and d.dim == 200 and len(d) == 1
     assert d.meta["sample_rate"] == 16000 and d.meta["frame_size"] == 200
     n = int(1.3 * 16000) // 200
-    assert abs(d.lengths[0] - n) <= 1
+    assert abs(d.lengths[0] - n) <= (10 if suffix == ".mp3" else 1)  # mp3: encoder padding
     assert np.abs(d.sequences[0]).max() <= 1.0 + 1e-3
     assert 0.15 < np.abs(d.sequences[0]).max()
 

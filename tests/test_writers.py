@@ -36,6 +36,13 @@ def test_write_wav(tmp_path):
     assert no_temp_files(tmp_path / "out")
 
 
+def test_write_npz(tmp_path):
+    p = writers.write_npz(tmp_path / "lat.npz", {"z": torch.ones(2, 3, 4), "lengths": np.array([3, 2])})
+    with np.load(p) as z:
+        assert z["z"].shape == (2, 3, 4) and z["lengths"].tolist() == [3, 2]
+    assert no_temp_files(tmp_path)
+
+
 def test_plot_waveform_and_sequence(tmp_path):
     w = np.sin(np.linspace(0, 100, 4000))
     assert is_png(writers.plot_waveform(tmp_path / "w.png", w, 8000, title="tone"))

@@ -113,7 +113,11 @@ class SequenceDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """A permutation drawn from (seed, epoch): the same order after a resume."""
+    """A permutation drawn from (seed, epoch), so the order is the same after a resume.
+
+    Under torch.distributed each process takes every world-th index of the (padded) order,
+    as DistributedSampler does; Lightning calls ``set_epoch`` on it directly.
+    """
 
     def __init__(self, n: int, seed: int, shuffle: bool = True):
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
@@ -121,14 +125,24 @@ class EpochSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
     def __len__(self):
-        return self.n
+        return -(-self.n // self._world()[1])
 
     def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = list(range(self.n))
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        rank, world = self._world()
+        order += order[: len(self) * world - self.n]  # every process gets as many batches
+        return iter(order[rank::world])
 
 
 def loader(sequences, batch_size: int, seed: int = 0, shuffle: bool = False) -> DataLoader:
@@ -292,7 +306,7 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
         logger=[CSVLogger(logs, name="csv", version=""), TensorBoardLogger(logs, name="tb", version="")],
         callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=1,
-        limit_train_batches=tc.limit_train_batches, deterministic=False,
+        limit_train_batches=tc.limit_train_batches, use_distributed_sampler=False,
     )
     trainer.fit(module, train_dl, valid_dl, ckpt_path=str(last) if resume else None)
     return trainer, module, prepared

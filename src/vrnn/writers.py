@@ -229,6 +229,16 @@ def write_npy(path, array) -> Path:
     return path
 
 
+def write_npz(path, arrays: dict) -> Path:
+    """Write a dict of arrays (numpy or torch) as one compressed .npz file."""
+    path = Path(path)
+    with _atomic(path, ".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **{str(k): (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
+                                      for k, v in arrays.items()})
+    return path
+
+
 def write_samples(out_dir, samples, kind: str, meta: dict | None = None, prefix: str = "sample") -> list[Path]:
     """Write generated sequences (original scale) for a person to check; return the paths.
 

@@ -7,7 +7,7 @@ names win over a file or folder of the same name in the working directory; write
 A path may be one file or a folder (searched recursively). It is recognised by what it
 holds:
 
-* audio: ``.wav .flac .ogg .sph .nist`` (any case, so TIMIT's NIST SPHERE ``.WAV`` too)
+* audio: ``.wav .flac .ogg .mp3 .sph .nist .aiff .aif`` (any case, so TIMIT's NIST SPHERE ``.WAV`` too)
 * IAM-OnDB-style pen strokes: ``.xml`` files holding ``Stroke``/``Point`` elements
 * arrays: ``.npy``, ``.npz`` (each array one sequence), ``.csv`` (one sequence per file)
 
@@ -39,7 +39,7 @@ DATASETS: dict[str, str] = {
            "of this name",
 }
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".sph", ".nist")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".sph", ".nist", ".aiff", ".aif")
 ARRAY_SUFFIXES = (".npy", ".npz", ".csv")
 XML_SUFFIXES = (".xml",)
 
