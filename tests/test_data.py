@@ -14,7 +14,6 @@ import pytest
 import soundfile as sf
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # without an installed vrnn
 
 from vrnn.data import (DATASETS, Normalizer, SequenceSet, cache_dir, describe, fetch, load,  # noqa: E402
                        pad_batch, split, tbptt_chunks)

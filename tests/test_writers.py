@@ -11,7 +11,6 @@ import pytest
 import soundfile as sf
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # without an installed vrnn
 
 from vrnn import writers  # noqa: E402
 

@@ -32,6 +32,10 @@ EXAMPLES = {
   vrnn data info lasa
   vrnn data info ~/corpora/TIMIT/
   vrnn data fetch asterisk-en""",
+    "reproduce": """examples:
+  vrnn reproduce --setup cpu --out results
+  vrnn reproduce --setup cpu --datasets lasa,chorales --out /tmp/quick
+  vrnn reproduce --setup paper --accelerator gpu --jobs 1 --out results-paper""",
     "demo": """examples:
   vrnn demo --out runs/demo""",
 }
@@ -115,6 +119,16 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("spec")
     df = dsub.add_parser("fetch", help="download a speech corpus from Debian's archive into the cache")
     df.add_argument("name", choices=["asterisk-en", "fillets-cs"])
+
+    r = cmd("reproduce", "train and evaluate the paper's five rows on four datasets (Table 1), "
+            "write the table, the analysis figure and samples")
+    r.add_argument("--setup", default="cpu", choices=["cpu", "paper"],
+                   help="cpu: sized for 2 cores, about 1.5 h; paper: the paper's sizes, for a GPU")
+    r.add_argument("--out", default="results")
+    r.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    r.add_argument("--datasets", default=None, help="comma-separated subset of "
+                   "asterisk-en,fillets-cs,lasa,chorales")
+    r.add_argument("--accelerator", default=None, help="passed to every `vrnn train` (e.g. gpu)")
 
     m = cmd("demo", "the main job: train a VRNN on LASA handwriting, evaluate, draw samples and curves")
     m.add_argument("--out", default="runs/demo")
@@ -203,7 +217,8 @@ def cmd_train(a) -> int:
 def _checked_data(spec: str, model, data_desc: dict, ckpt: str):
     from .data import load
     from .errors import DataError
-    data = load(spec)
+    # the training data's own options (e.g. subsampling) apply when it is the same data
+    data = load(spec, **(data_desc.get("load_opts") or {})) if spec == data_desc.get("spec") else load(spec)
     if data.dim != model.cfg.x_dim:
         raise DataError(f"{spec}: sequences have dimension {data.dim} but the model in {ckpt} "
                         f"expects {model.cfg.x_dim}")
@@ -365,10 +380,10 @@ def cmd_demo(a) -> int:
     out = Path(a.out)
     t0 = time.time()
     run = out / "train"
-    tc = TrainConfig(max_epochs=a.max_epochs or 60, batch_size=16, lr=2e-3, patience=15, seed=0)
+    tc = TrainConfig(max_epochs=a.max_epochs or 120, batch_size=16, lr=1e-3, patience=30, seed=0)
     resume = (run / "last.ckpt").exists()
     print(f"[demo] training {a.model} on LASA handwriting into {run}" + (" (resuming)" if resume else ""))
-    trainer, module, prepared = fit("lasa", a.model, run, tc, resume=resume)
+    trainer, module, prepared = fit("lasa", a.model, run, tc, data_opts={"subsample": 8}, resume=resume)
     model, normalizer, desc = checkpoint.load(best_checkpoint(run))
     torch.manual_seed(0)
     res = evaluate(model, prepared.sequences("test"), 40, progress=False)
@@ -392,7 +407,14 @@ def cmd_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
+def cmd_reproduce(a) -> int:
+    from .reproduce import reproduce
+    datasets = a.datasets.split(",") if a.datasets else None
+    reproduce(a.setup, a.out, a.jobs, datasets, a.accelerator, log=print)
+    return 0
+
+
+COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
             "latents": cmd_latents, "data": cmd_data, "demo": cmd_demo}
 
 

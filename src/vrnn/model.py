@@ -177,6 +177,8 @@ class VRNN(nn.Module):
     >>> model.elbo(x, mask)            # Tensor[B], nats per sequence
     """
 
+    scan_impl = "autograd"  # or "fused": vrnn.fast, set per model with vrnn.fast.set_scan
+
     def __init__(self, cfg: VRNNConfig):
         super().__init__()
         self.cfg = cfg
@@ -248,6 +250,11 @@ class VRNN(nn.Module):
         with ``unbind`` (slicing a tensor that needs grad per step costs a full-size
         gradient buffer per step in backward).
         """
+        if self.scan_impl == "fused":  # vrnn.fast; None where unsupported or without grad
+            from .fast import scan
+            out = scan(self, ax, gx, eps, keep, state)
+            if out is not None:
+                return out
         enc, cell = self.encoder, self.cell
         hs, cs = list(state[0].unbind(0)), list(state[1].unbind(0))
         single = cell.layers == 1
@@ -291,6 +298,9 @@ class VRNN(nn.Module):
             out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True,
                                                       total_length=x.shape[1])
         final = last if self.cfg.cell == "lstm" else (last, state[1])
+        if mask is not None:  # rows with no real step (packed as one) keep their state
+            empty = (lengths == 0).to(x.device).view(1, -1, 1)
+            final = tuple(torch.where(empty, s0, s1) for s0, s1 in zip(state, final))
         h_prev = torch.cat([state[0][-1].unsqueeze(1), out[:, :-1]], dim=1)
         params = self.head(self.decoder(h_prev))
         log_px = self.head.log_prob(params, x)

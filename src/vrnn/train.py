@@ -10,7 +10,7 @@ atomically (temporary file, then rename), TensorBoard + CSV logs, resume, DDP.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
@@ -58,6 +58,7 @@ class TrainConfig:
     free_bits: float = 0.0          # nats per latent dimension per step
     tbptt: int | None = None        # chunk length for truncated BPTT (state carried)
     patience: int = 10              # early stopping on the validation bound
+    bucket: bool | None = None      # length-bucketed batches (None: when lengths vary a lot)
     fractions: tuple = (0.8, 0.1, 0.1)
     devices: int | str = 1
     accelerator: str = "cpu"
@@ -65,7 +66,6 @@ class TrainConfig:
     num_nodes: int = 1
     precision: str = "32-true"
     limit_train_batches: int | float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- data
@@ -81,8 +81,8 @@ class Prepared:
         idx = range(len(self.data)) if which == "all" else self.splits[which]
         return [self.normalizer.apply(self.data.sequences[i]) for i in idx]
 
-    def description(self, spec: str, seed: int, fractions) -> dict:
-        return {"spec": spec, "name": self.data.name, "kind": self.data.kind,
+    def description(self, spec: str, seed: int, fractions, load_opts: dict | None = None) -> dict:
+        return {"spec": spec, "load_opts": dict(load_opts or {}), "name": self.data.name, "kind": self.data.kind,
                 "meta": _plain(self.data.meta), "dim": self.data.dim, "split_seed": seed,
                 "median_length": int(np.median(self.data.lengths)),
                 "fractions": [float(f) for f in fractions]}
@@ -112,15 +112,23 @@ class SequenceDataset(Dataset):
         return self.sequences[i]
 
 
-class EpochSampler(Sampler):
-    """A permutation drawn from (seed, epoch), so the order is the same after a resume.
+class EpochBatches(Sampler):
+    """Batches of indices drawn from (seed, epoch), so the order is the same after a resume.
 
-    Under torch.distributed each process takes every world-th index of the (padded) order,
-    as DistributedSampler does; Lightning calls ``set_epoch`` on it directly.
+    With ``bucket`` the shuffled order is cut into windows of 1024 sequences, each sorted
+    by length before it is cut into batches, and the batches are shuffled: little padding
+    for variable-length data such as whole utterances. Under torch.distributed each process
+    takes every world-th batch (the list padded so that all get as many); Lightning calls
+    ``set_epoch`` on it directly.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    WINDOW = 1024
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 bucket: bool = False):
+        self.lengths = list(lengths)
+        self.batch_size, self.seed, self.shuffle, self.bucket = batch_size, seed, shuffle, bucket
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -132,22 +140,37 @@ class EpochSampler(Sampler):
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
+    def _batches(self) -> list[list[int]]:
+        n, g = len(self.lengths), torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        if not self.bucket:
+            return [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+        batches = []
+        for w in range(0, n, self.WINDOW):
+            window = sorted(order[w:w + self.WINDOW], key=self.lengths.__getitem__)
+            batches += [window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return batches
+
     def __len__(self):
-        return -(-self.n // self._world()[1])
+        return -(-len(self._batches()) // self._world()[1])
 
     def __iter__(self):
-        order = list(range(self.n))
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
+        batches = self._batches()
         rank, world = self._world()
-        order += order[: len(self) * world - self.n]  # every process gets as many batches
-        return iter(order[rank::world])
+        batches += batches[: -(-len(batches) // world) * world - len(batches)]
+        return iter(batches[rank::world])
 
 
-def loader(sequences, batch_size: int, seed: int = 0, shuffle: bool = False) -> DataLoader:
-    return DataLoader(SequenceDataset(sequences), batch_size=batch_size, collate_fn=pad_batch,
-                      sampler=EpochSampler(len(sequences), seed, shuffle))
+def loader(sequences, batch_size: int, seed: int = 0, shuffle: bool = False,
+           bucket: bool | None = None) -> DataLoader:
+    """Padded batches with masks; ``bucket=None`` buckets by length when lengths vary a lot."""
+    lengths = [len(s) for s in sequences]
+    if bucket is None:
+        bucket = max(lengths) > 2 * float(np.median(lengths))
+    return DataLoader(SequenceDataset(sequences), collate_fn=pad_batch,
+                      batch_sampler=EpochBatches(lengths, batch_size, seed, shuffle, bucket))
 
 
 def model_config(model_name: str, data: SequenceSet, overrides: dict | None = None) -> VRNNConfig:
@@ -285,18 +308,18 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
                           "or choose another --out")
     meta = {"format": checkpoint.FORMAT, "config": cfg.to_dict(),
             "normalizer": prepared.normalizer.state_dict(),
-            "data": prepared.description(spec, tc.seed, tc.fractions),
-            "train": {k: v for k, v in asdict(tc).items() if k != "extra"}}
+            "data": prepared.description(spec, tc.seed, tc.fractions, data_opts),
+            "train": asdict(tc)}
     meta["train"]["fractions"] = list(tc.fractions)
     module = VRNNModule(cfg.to_dict(), meta["train"], {"ckpt": meta, "out": str(out)})
-    train_dl = loader(prepared.sequences("train"), tc.batch_size, tc.seed, shuffle=True)
-    valid_dl = loader(prepared.sequences("valid"), tc.batch_size)
-    callbacks = [
+    train_dl = loader(prepared.sequences("train"), tc.batch_size, tc.seed, shuffle=True, bucket=tc.bucket)
+    valid_dl = loader(prepared.sequences("valid"), tc.batch_size, bucket=tc.bucket)
+    callbacks = [  # best on the validation bound; last after every epoch, for --resume
         ModelCheckpoint(dirpath=out, filename="best", monitor="valid/elbo", mode="max",
-                        save_last=True, save_top_k=1, enable_version_counter=False),
+                        save_top_k=1, enable_version_counter=False),
+        ModelCheckpoint(dirpath=out, filename="last", save_top_k=1, enable_version_counter=False),
         EarlyStopping(monitor="valid/elbo", mode="max", patience=tc.patience),
     ]
-    callbacks[0].CHECKPOINT_NAME_LAST = "last"
     logs = out / "logs"
     trainer = L.Trainer(
         max_epochs=tc.max_epochs,

@@ -1,0 +1,128 @@
+"""The fused scan (vrnn.fast) against the autograd loop: same outputs, same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vrnn import VRNN, VRNNConfig
+from vrnn.fast import FusedScan, scan, scan_args, set_scan, supports
+
+CASES = [(cell, enc, masked) for cell in ("lstm", "gru") for enc in (1, 2) for masked in (False, True)]
+
+
+def make(cell="lstm", enc_layers=1, phi_z_layers=1, rnn_layers=1, x_dim=4, h=8, z=3, seed=0):
+    torch.manual_seed(seed)
+    cfg = VRNNConfig.preset("vrnn-gauss", x_dim=x_dim, h_dim=h, z_dim=z, cell=cell,
+                            enc_layers=enc_layers, phi_z_layers=phi_z_layers,
+                            rnn_layers=rnn_layers, enc_dim=h + 2, phi_z_dim=h - 1)
+    return VRNN(cfg).double()
+
+
+def prefix_mask(lengths, T):
+    return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).double()
+
+
+def scan_inputs(model, B, T, masked, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    E, G = model.encoder.in_x.out_features, model.cell.w_x.out_features
+    ax = torch.randn(B, T, E, generator=g, dtype=torch.double, requires_grad=True)
+    gx = torch.randn(B, T, G, generator=g, dtype=torch.double, requires_grad=True)
+    eps = torch.randn(B, T, cfg.z_dim, generator=g, dtype=torch.double, requires_grad=True)
+    h0 = (0.5 * torch.randn(1, B, cfg.h_dim, generator=g, dtype=torch.double)).requires_grad_()
+    c0 = (0.5 * torch.randn(1, B, cfg.h_dim, generator=g, dtype=torch.double)).requires_grad_()
+    keep = None
+    if masked:
+        keep = prefix_mask([T, T - 2, 1][:B], T).unsqueeze(-1) > 0
+    return ax, gx, eps, keep, (h0, c0)
+
+
+@pytest.mark.parametrize("cell,enc_layers,masked", CASES)
+def test_gradcheck_float64(cell, enc_layers, masked):
+    model = make(cell, enc_layers, phi_z_layers=2 if enc_layers == 2 else 1, h=4, z=2, x_dim=2)
+    ax, gx, eps, keep, (h0, c0) = scan_inputs(model, 3, 4, masked)
+    meta, params = scan_args(model)
+    params = [p.detach().clone().requires_grad_() for p in params]
+
+    def f(ax, gx, eps, h0, c0, *ps):
+        return FusedScan.apply(meta, ax, gx, eps, keep, h0, c0, *ps)
+
+    assert torch.autograd.gradcheck(f, (ax, gx, eps, h0, c0, *params), eps=1e-6, atol=1e-6)
+
+
+def _scan_outputs_equal(a, b):
+    for x, y in zip(a[:5], b[:5]):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    for x, y in zip(a[5], b[5]):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell,enc_layers,masked", CASES)
+def test_same_outputs_and_parameter_grads(cell, enc_layers, masked):
+    B, T = 3, 6
+    grads, traces = {}, {}
+    for impl in ("autograd", "fused"):
+        model = set_scan(make(cell, enc_layers, phi_z_layers=enc_layers), impl)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(B, T, model.cfg.x_dim, generator=g, dtype=torch.double)
+        noise = torch.randn(B, T, model.cfg.z_dim, generator=g, dtype=torch.double)
+        mask = prefix_mask([T, 4, 1], T) if masked else None
+        h0 = (0.3 * torch.randn(1, B, model.cfg.h_dim, generator=g, dtype=torch.double)).requires_grad_()
+        c0 = (0.3 * torch.randn(1, B, model.cfg.h_dim, generator=g, dtype=torch.double)).requires_grad_()
+        tr = model(x, mask, state=(h0, c0), noise=noise)
+        assert (type(tr.z.grad_fn).__name__ == "FusedScanBackward") == (impl == "fused")
+        loss = (tr.log_px - tr.kl).sum() + tr.state[0].pow(2).sum() + tr.state[1].sum()
+        loss.backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters()}
+        grads[impl]["h0"], grads[impl]["c0"] = h0.grad, c0.grad
+        traces[impl] = tr
+        # elbo().sum().backward() too (the brief's form), on fresh grads
+        model.zero_grad()
+        model.elbo(x, mask, noise=noise).sum().backward()
+        grads[impl + "_elbo"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    a, f = traces["autograd"], traces["fused"]
+    for name in ("log_px", "kl", "params", "h_prev", "h", "z", "mu_q", "std_q", "mu_p", "std_p"):
+        torch.testing.assert_close(getattr(f, name), getattr(a, name), rtol=1e-10, atol=1e-12)
+    for i in range(2):
+        torch.testing.assert_close(f.state[i], a.state[i], rtol=1e-10, atol=1e-12)
+    for key in ("", "_elbo"):
+        ga, gf = grads["autograd" + key], grads["fused" + key]
+        assert ga.keys() == gf.keys()
+        for n in ga:
+            assert gf[n] is not None and ga[n] is not None, n
+            torch.testing.assert_close(gf[n], ga[n], rtol=1e-9, atol=1e-11, msg=n)
+
+
+def test_float32_close():
+    torch.manual_seed(0)
+    outs = {}
+    for impl in ("autograd", "fused"):
+        torch.manual_seed(0)
+        model = set_scan(VRNN(VRNNConfig.preset("vrnn-gauss", x_dim=3, h_dim=32, z_dim=4)), impl)
+        x = torch.randn(4, 20, 3, generator=torch.Generator().manual_seed(1))
+        noise = torch.randn(4, 20, 4, generator=torch.Generator().manual_seed(2))
+        model.elbo(x, noise=noise).sum().backward()
+        outs[impl] = [p.grad for p in model.parameters()]
+    for a, b in zip(outs["autograd"], outs["fused"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_falls_back():
+    model = set_scan(make(rnn_layers=2), "fused")
+    assert not supports(model)
+    ax, gx, eps, keep, state = scan_inputs(model, 2, 3, False)
+    state = tuple(s.detach().expand(2, -1, -1).contiguous() for s in state)
+    assert scan(model, ax, gx, eps, keep, state) is None
+    x = torch.randn(2, 3, model.cfg.x_dim, dtype=torch.double)
+    model.elbo(x).sum().backward()  # the autograd loop runs
+    model1 = set_scan(make(), "fused")
+    assert supports(model1)
+    ax, gx, eps, keep, state = scan_inputs(model1, 2, 3, False)
+    with torch.no_grad():
+        assert scan(model1, ax, gx, eps, keep, state) is None
+        model1.elbo(torch.randn(2, 3, 4, dtype=torch.double))
+    assert scan(model1, ax, gx, eps, keep, state) is not None
+    assert not supports(make(phi_z_layers=0))
+    with pytest.raises(ValueError):
+        set_scan(model1, "compiled")
