@@ -9,8 +9,9 @@ the same weights and noise, the same ELBO (``load_from`` copies the weights; run
 to check both).
 
 The one liberty taken: ``nn.LSTMCell`` carries two gate biases (b_ih + b_hh), which are
-redundant; ``vrnn`` keeps one. The reference drops ``bias_hh`` so the parameter counts
-match exactly (the cost of one extra bias add per step is negligible either way).
+redundant; ``vrnn`` keeps one. The reference turns ``bias_hh`` into a zero buffer (CUDA's
+fused cell wants a tensor there), so the parameter counts match exactly; the extra add of
+a zero bias per step costs next to nothing.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class ReferenceVRNN(nn.Module):
         self.dec_mean = nn.Linear(h_dim, x_dim)
         self.dec_std = nn.Linear(h_dim, x_dim)
         self.rnn = nn.LSTMCell(h_dim + h_dim, h_dim)
-        del self.rnn.bias_hh  # one gate bias, as in vrnn (see module docstring)
-        self.rnn.register_parameter("bias_hh", None)
+        del self.rnn.bias_hh  # one gate bias, as in vrnn (see module docstring); a zero
+        self.rnn.register_buffer("bias_hh", torch.zeros(4 * h_dim))  # buffer: CUDA needs one
 
     def _std(self, pre: Tensor) -> Tensor:
         return F.softplus(pre) + self.floor

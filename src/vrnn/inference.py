@@ -44,12 +44,13 @@ def log_weights(model, x: Tensor, mask: Tensor | None = None) -> Tensor:
 
 @torch.no_grad()
 def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: int = 40,
-                   max_rows: int = 4096) -> Tensor:
+                   max_rows: int = 4096, max_steps: int = 2 ** 18) -> Tensor:
     """Importance-sampled estimate of log p(x) per sequence, Tensor[B].
 
     log p(x) ~= log (1/K) sum_k p(x, z_k) / q(z_k | x),  z_k ~ q. The K samples run as one
-    batch of K*B rows, split into passes of at most ``max_rows`` rows to bound memory (no
-    Python loop over single samples). Exact for the RNN rows, which have no latent. The
+    batch of K*B rows, split into passes of at most ``max_rows`` rows and ``max_steps``
+    row-steps (rows x T) to bound memory (no Python loop over single samples; one sample
+    per pass at least). Exact for the RNN rows, which have no latent. The
     estimate is a lower bound in expectation that tightens as K grows; K=1 is the ELBO's
     single-sample estimate.
     """
@@ -57,8 +58,8 @@ def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: in
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if not model.cfg.latent:
         return log_weights(model, x, mask)
-    B = x.shape[0]
-    per_pass = max(1, max_rows // max(B, 1))
+    B, T = x.shape[0], x.shape[1]
+    per_pass = max(1, min(max_rows // max(B, 1), max_steps // max(B * T, 1)))
     chunks = []
     for start in range(0, num_samples, per_pass):
         k = min(per_pass, num_samples - start)

@@ -177,7 +177,7 @@ class VRNN(nn.Module):
     >>> model.elbo(x, mask)            # Tensor[B], nats per sequence
     """
 
-    scan_impl = "autograd"  # or "fused": vrnn.fast, set per model with vrnn.fast.set_scan
+    scan_impl = "fused"  # or "autograd"; vrnn.fast.set_scan(model, ...) sets it per model
 
     def __init__(self, cfg: VRNNConfig):
         super().__init__()
@@ -314,10 +314,10 @@ class VRNN(nn.Module):
         return (tr.log_px - tr.kl).sum(1)
 
     def log_likelihood(self, x: Tensor, mask: Tensor | None = None, num_samples: int = 40,
-                       max_rows: int = 4096) -> Tensor:
+                       max_rows: int = 4096, max_steps: int = 2 ** 18) -> Tensor:
         """Importance-sampled log p(x) per sequence (exact for RNN rows); see inference.py."""
         from .inference import log_likelihood
-        return log_likelihood(self, x, mask, num_samples, max_rows)
+        return log_likelihood(self, x, mask, num_samples, max_rows, max_steps)
 
     def latents(self, x: Tensor, mask: Tensor | None = None, sample: bool = False) -> dict:
         """Per-step posterior/prior mean and std, KL, log p(x_t), hidden states; see inference.py."""

@@ -51,13 +51,13 @@ def _speech(h, z, width, layers):
 # count), training options, seeds, and the budget of every row.
 SETUPS = {
     "cpu": {
-        "asterisk-en": dict(model=_speech(256, 64, 256, 2), seeds=[0, 1], minutes=4.0,
+        "asterisk-en": dict(model=_speech(256, 64, 256, 2), seeds=[0, 1], minutes=6.0,
                             train=dict(batch_size=32, lr=1e-3, patience=1000)),
-        "fillets-cs": dict(model=_speech(256, 64, 256, 2), seeds=[0, 1], minutes=4.0,
+        "fillets-cs": dict(model=_speech(256, 64, 256, 2), seeds=[0, 1], minutes=6.0,
                            train=dict(batch_size=16, lr=1e-3, tbptt=100, patience=1000)),
-        "lasa": dict(model=_speech(128, 16, 64, 1), seeds=[0], minutes=4.0, data=dict(subsample=8),
+        "lasa": dict(model=_speech(128, 16, 64, 1), seeds=[0], minutes=5.0, data=dict(subsample=8),
                      train=dict(batch_size=16, lr=1e-3, patience=1000)),
-        "chorales": dict(model=_speech(128, 16, 64, 1), seeds=[0], minutes=2.0,
+        "chorales": dict(model=_speech(128, 16, 64, 1), seeds=[0], minutes=3.0,
                          train=dict(batch_size=16, lr=1e-3, patience=1000)),
     },
     # The paper's sizes (docs/paper.md); meant for a GPU: --accelerator gpu.
@@ -151,7 +151,8 @@ def _run_one(job: dict, log=print) -> dict:
     return rec
 
 
-def plan(setup: str, out: Path, datasets, x_dims: dict, accelerator: str | None) -> list[dict]:
+def plan(setup: str, out: Path, datasets, x_dims: dict, accelerator: str | None,
+         budget_scale: float = 1.0) -> list[dict]:
     jobs = []
     for ds in datasets:
         s = SETUPS[setup][ds]
@@ -162,7 +163,7 @@ def plan(setup: str, out: Path, datasets, x_dims: dict, accelerator: str | None)
             config = {"model": model, "train": dict(s["train"]), "data": dict(s.get("data", {}))}
             for seed in s["seeds"]:
                 jobs.append({"dataset": ds, "row": row, "seed": seed, "params": params,
-                             "minutes": s["minutes"], "config": config,
+                             "minutes": s["minutes"] * budget_scale, "config": config,
                              "dir": str(out / "runs" / ds / f"{row}-seed{seed}"),
                              "train_args": ["--accelerator", accelerator] if accelerator else []})
     return jobs
@@ -195,8 +196,9 @@ def table(records: list[dict], setup: str, command: str, datasets) -> tuple[str,
                 el = np.array([r["elbo"] for r in recs])
                 cells.append(f">= {_fmt(el.mean(), digits[ds])} ~ {_fmt(ll.mean(), digits[ds])}{spread}")
         lines.append(f"| {row} | {' / '.join(params)} | " + " | ".join(cells) + " |")
-    budget = ", ".join(f"{d}: {SETUPS[setup][d]['minutes']:g} min per row, seeds "
-                       f"{SETUPS[setup][d]['seeds']}" for d in cols)
+    minutes = {r["dataset"]: r["budget_minutes"] for r in records}
+    budget = ", ".join(f"{d}: {minutes[d]:g} min per row, seeds {SETUPS[setup][d]['seeds']}"
+                       for d in cols)
     hw = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     units = "; ".join(f"{d}: {DATASETS[d]['unit']}" for d in cols)
     md = "\n".join(lines) + (
@@ -268,7 +270,7 @@ def write_samples(out: Path, records_dirs: dict) -> list[Path]:
 
 
 def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
-              accelerator: str | None = None, log=print) -> dict:
+              accelerator: str | None = None, budget_scale: float = 1.0, log=print) -> dict:
     from .data import fetch, load
     if setup not in SETUPS:
         raise ConfigError(f"unknown setup {setup!r}; choose {' or '.join(SETUPS)}")
@@ -279,13 +281,14 @@ def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
         raise ConfigError(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
     command = "vrnn reproduce --setup " + setup + (f" --datasets {','.join(datasets)}"
                                                   if set(datasets) != set(DATASETS) else "")
+    command += f" --budget-scale {budget_scale:g}" if budget_scale != 1.0 else ""
     t0 = time.time()
     x_dims = {}
     for ds in datasets:  # fetch and cache once, before the parallel jobs
         if ds in ("asterisk-en", "fillets-cs"):
             fetch(ds, progress=log)
         x_dims[ds] = load(ds, **SETUPS[setup][ds].get("data", {})).dim
-    todo = plan(setup, out, datasets, x_dims, accelerator)
+    todo = plan(setup, out, datasets, x_dims, accelerator, budget_scale)
     for ds in datasets:
         counts = {j["row"]: j["params"] for j in todo if j["dataset"] == ds}
         log(f"[reproduce] {ds}: parameters " + ", ".join(f"{r} {n:,}" for r, n in counts.items()))

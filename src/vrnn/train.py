@@ -25,6 +25,7 @@ from . import checkpoint
 from .config import VRNNConfig
 from .data import Normalizer, SequenceSet, load, pad_batch, split, tbptt_chunks
 from .errors import ConfigError, VRNNError
+from .fast import set_scan
 from .inference import objective
 from .model import VRNN
 
@@ -59,6 +60,7 @@ class TrainConfig:
     tbptt: int | None = None        # chunk length for truncated BPTT (state carried)
     patience: int = 10              # early stopping on the validation bound
     bucket: bool | None = None      # length-bucketed batches (None: when lengths vary a lot)
+    scan: str = "fused"             # the VRNN's time loop: "fused" (vrnn.fast) or "autograd"
     fractions: tuple = (0.8, 0.1, 0.1)
     devices: int | str = 1
     accelerator: str = "cpu"
@@ -202,7 +204,7 @@ class VRNNModule(L.LightningModule):
     def __init__(self, config: dict, train: dict, vrnn_meta: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
-        self.model = VRNN(VRNNConfig.from_dict(config))
+        self.model = set_scan(VRNN(VRNNConfig.from_dict(config)), train.get("scan", "fused"))
         self.tc = train
         self.vrnn_meta = vrnn_meta or {}
         self.automatic_optimization = False
