@@ -4,8 +4,9 @@
 every step is recorded, and backward replays them one by one, including one small weight
 gradient matmul per weight per step. ``FusedScan`` does what cuDNN does for an LSTM:
 
-* forward runs the loop without autograd, writing each step's pre-activations and
-  activations into preallocated (T, B, .) buffers;
+* forward runs the loop without autograd, keeping each step's activations (it repeats
+  ``_scan``'s arithmetic op for op, so its outputs are bit-identical to the autograd
+  loop's and to the no-grad path's);
 * backward runs the reverse loop computing only the per-step gradients of the
   pre-activations and the state (what the recurrence needs), then every weight gradient
   afterwards as ONE matmul over T*B rows per weight, plus the gradients of the loop inputs
@@ -14,7 +15,8 @@ gradient matmul per weight per step. ``FusedScan`` does what cuDNN does for an L
 Supported: a latent VRNN with a 1-layer LSTM or GRU recurrence (``rnn_layers == 1``), an
 encoder of any depth, a phi_z of depth >= 1, std = softplus + floor. Anything else, and
 any call without grad (evaluation, sampling: the plain loop is fastest there), falls back
-to the autograd loop. Select it per model with ``set_scan(model, "fused")``.
+to the autograd loop. It is ``VRNN``'s default (``VRNN.scan_impl = "fused"``); choose per
+model with ``set_scan(model, "autograd" | "fused")``.
 
 The outputs are those of ``VRNN._scan``: (h_prev, mu_q, std_q, z, fz, (h_final, c_final)),
 with the same masking semantics (rows whose ``keep`` is False keep their state).
@@ -128,79 +130,74 @@ class FusedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, ax, gx, eps, keep, h0, c0, *params):
+        # The forward repeats VRNN._scan's arithmetic op for op (same calls, same order,
+        # fresh outputs), so that its values are bit-identical to the autograd loop's and
+        # to the no-grad path's; only what backward needs is kept, per step.
         kind, n_body, n_phiz, floor = meta
         w_eh, w_hh, b_hh, body, w_g, b_g, phiz, w_z = _unpack(meta, params)
         B, T, E = ax.shape
         H, Z = h0.shape[-1], eps.shape[-1]
         lstm = kind == "lstm"
-        axT, gxT, epsT = ax.transpose(0, 1), gx.transpose(0, 1), eps.transpose(0, 1)
-        keepT = None if keep is None else keep.transpose(0, 1)
-        new = ax.new_empty
-        Hs = new(T + 1, B, H)
-        Hs[0] = h0[0]
-        if lstm:
-            Cs = new(T + 1, B, H)
-            Cs[0] = c0[0]
-            gates = new(T, B, 4 * H)  # sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)
-            tcs = new(T, B, H)        # tanh(c_t) before masking
-        else:
-            gates = new(T, B, 3 * H)  # r, u, n
-            ghs = new(T, B, 3 * H)    # w_h h + b_h
-        U = [new(T, B, E) for _ in range(1 + n_body)]  # encoder activations (after ReLU)
-        O = new(T, B, 2 * Z)                           # [mu, pre-std]
-        STD, Zs = new(T, B, Z), new(T, B, Z)
-        Q = [new(T, B, lin[0].shape[0]) for lin in phiz]  # phi_z activations
-        w_ehT, w_hhT, w_gT, w_zT = w_eh.t(), w_hh.t(), w_g.t(), w_z.t()
-        bodyT = [(w.t(), b) for w, b in body]
-        phizT = [(w.t(), b) for w, b in phiz]
-        for t in range(T):
-            h = Hs[t]
-            u = torch.addmm(axT[t], h, w_ehT, out=U[0][t]).relu_()
+        w = torch.cat([w_eh, w_hh], dim=0)
+        b = None if lstm else torch.cat([b_hh.new_zeros(E), b_hh])
+        split = [E, w_hh.shape[0]]
+        keeps = [None] * T if keep is None else keep.unbind(1)
+        h, c = h0[0], c0[0]
+        hs, cs = [h], [c]
+        U = [[] for _ in range(1 + n_body)]  # encoder activations (after ReLU), per layer
+        Q = [[] for _ in range(n_phiz)]      # phi_z activations, per layer
+        mus, pres, stds, zs, acts = [], [], [], [], []
+        for ax_t, gx_t, eps_t, keep_t in zip(ax.unbind(1), gx.unbind(1), eps.unbind(1), keeps):
+            e_h, g_h = F.linear(h, w, b).split(split, dim=-1)
+            u = F.relu(ax_t + e_h)
+            U[0].append(u)
+            for k, (wk, bk) in enumerate(body):
+                u = F.relu(F.linear(u, wk, bk))
+                U[k + 1].append(u)
+            mu, pre = F.linear(u, w_g, b_g).chunk(2, dim=-1)
+            std = F.softplus(pre) + floor
+            z = mu + std * eps_t
+            q = z
+            for k, (wk, bk) in enumerate(phiz):
+                q = F.relu(F.linear(q, wk, bk))
+                Q[k].append(q)
+            gi = gx_t + F.linear(q, w_z)
             if lstm:
-                s = torch.addmm(gxT[t], h, w_hhT)
+                i, f, g, o = (gi + g_h).chunk(4, dim=-1)
+                si, sf, tg, so = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+                cn = sf * c + si * tg
+                tc = torch.tanh(cn)
+                hn = so * tc
+                acts.append((si, sf, tg, so, tc))
             else:
-                gh = torch.addmm(b_hh, h, w_hhT, out=ghs[t])
-            for k, (w, b) in enumerate(bodyT):
-                u = torch.addmm(b, u, w, out=U[k + 1][t]).relu_()
-            o = torch.addmm(b_g, u, w_gT, out=O[t])
-            std = torch.add(F.softplus(o[:, Z:]), floor, out=STD[t])
-            q = torch.addcmul(o[:, :Z], std, epsT[t], out=Zs[t])
-            for k, (w, b) in enumerate(phizT):
-                q = torch.addmm(b, q, w, out=Q[k][t]).relu_()
-            if lstm:
-                s.addmm_(q, w_zT)
-                g = torch.sigmoid(s, out=gates[t])
-                torch.tanh(s[:, 2 * H:3 * H], out=g[:, 2 * H:3 * H])
-                c = Cs[t]
-                if keepT is None:
-                    cn = torch.mul(g[:, H:2 * H], c, out=Cs[t + 1])
-                else:
-                    cn = g[:, H:2 * H] * c
-                cn.addcmul_(g[:, :H], g[:, 2 * H:3 * H])
-                tc = torch.tanh(cn, out=tcs[t])
-                if keepT is None:
-                    torch.mul(g[:, 3 * H:], tc, out=Hs[t + 1])
-                else:
-                    torch.where(keepT[t], g[:, 3 * H:] * tc, h, out=Hs[t + 1])
-                    torch.where(keepT[t], cn, c, out=Cs[t + 1])
-            else:
-                gi = torch.addmm(gxT[t], q, w_zT)
-                g = gates[t]
-                ru = torch.add(gi[:, :2 * H], gh[:, :2 * H], out=g[:, :2 * H]).sigmoid_()
-                n = torch.addcmul(gi[:, 2 * H:], ru[:, :H], gh[:, 2 * H:], out=g[:, 2 * H:]).tanh_()
-                if keepT is None:
-                    torch.lerp(n, h, ru[:, H:], out=Hs[t + 1])
-                else:
-                    torch.where(keepT[t], torch.lerp(n, h, ru[:, H:]), h, out=Hs[t + 1])
-        # Buffers go on ctx, not through save_for_backward: several outputs are views of
-        # them, and nothing in the model writes to its outputs in place.
+                ir, iz, in_ = gi.chunk(3, dim=-1)
+                hr, hz, hn_ = g_h.chunk(3, dim=-1)
+                r, uu = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+                n = torch.tanh(in_ + r * hn_)
+                hn, cn = (1.0 - uu) * n + uu * h, c
+                acts.append((r, uu, n, hn_))
+            if keep_t is not None:
+                hn, cn = torch.where(keep_t, hn, h), torch.where(keep_t, cn, c)
+            mus.append(mu)
+            pres.append(pre)
+            stds.append(std)
+            zs.append(z)
+            h, c = hn, cn
+            hs.append(h)
+            cs.append(c)
+        st = lambda xs: torch.stack(xs, dim=1)  # noqa: E731
+        h_prev, std_s, z_s, fz_s = st(hs[:-1]), st(stds), st(zs), st(Q[-1])
+        del hs, stds, zs
+        # (T, B, .) stacks of the layer inputs that the weight gradients need
+        U = [torch.stack(u) for u in U]
+        Q = [torch.stack(q) for q in Q[:-1]] + [fz_s.transpose(0, 1)]
+        # Saved on ctx rather than through save_for_backward (lists of per-step tensors);
+        # nothing in the model writes to the outputs in place. They stay until the graph
+        # is freed, so that backward can run again (retain_graph=True, gradcheck).
         ctx.meta, ctx.shape = meta, (B, T, E, H, Z)
-        ctx.bufs = (Hs, Cs if lstm else None, gates, tcs if lstm else ghs, U, O, STD, Zs, Q,
-                    epsT, keepT)
+        ctx.saved = (cs[:-1], U, Q, pres, acts, h_prev, std_s, z_s, fz_s, eps, keep)
         ctx.params = params
-        c_fin = Cs[T].unsqueeze(0) if lstm else c0.clone()
-        return (Hs[:T].transpose(0, 1), O[:, :, :Z].transpose(0, 1), STD.transpose(0, 1),
-                Zs.transpose(0, 1), Q[-1].transpose(0, 1), Hs[T].unsqueeze(0), c_fin)
+        return (h_prev, st(mus), std_s, z_s, fz_s, torch.stack([h]), torch.stack([c]))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -208,27 +205,27 @@ class FusedScan(torch.autograd.Function):
         meta, params = ctx.meta, ctx.params
         kind, n_body, n_phiz, _ = meta
         w_eh, w_hh, b_hh, body, w_g, b_g, phiz, w_z = _unpack(meta, params)
-        Hs, Cs, gates, aux, U, O, STD, Zs, Q, epsT, keepT = ctx.bufs
+        cs, U, Q, pres, acts, h_prev, std_s, z_s, fz_s, eps, keep = ctx.saved
         B, T, E, H, Z = ctx.shape
         lstm = kind == "lstm"
         G = w_hh.shape[0]
-        gHp, gMu, gStd, gZ, gFz = (g.transpose(0, 1) for g in (gHp, gMu, gStd, gZ, gFz))
-        new = Hs.new_empty
+        gHp, gMu, gStd, gZ, gFz, epsT, hpT = (x.transpose(0, 1) for x in
+                                              (gHp, gMu, gStd, gZ, gFz, eps, h_prev))
+        new = h_prev.new_empty
         DEG = new(T, B, E + G)  # [d pre-act of the encoder's first layer | d (w_h h)]
         DGI = DEG[:, :, E:] if lstm else new(T, B, G)  # d input gates (= d (w_h h) for LSTM)
         DA = [DEG[:, :, :E]] + [new(T, B, E) for _ in range(n_body)]
         DO, DZ = new(T, B, 2 * Z), new(T, B, Z)
         DP = [new(T, B, q.shape[-1]) for q in Q]
         w_cat = torch.cat([w_eh, w_hh], 0)  # (E+G, H): one matmul back into h_{t-1}
-        one = Hs.new_ones(())
-        up = new(B, 4 * H if lstm else 2 * H)  # upstream grads of the gate nonlinearities
+        one = h_prev.new_ones(())
         dh = gh_fin[0].clone()
         dc = gc_fin[0].clone()
-        if keepT is not None:
-            kf = keepT.to(Hs.dtype)
+        if keep is not None:
+            kf = keep.transpose(0, 1).to(h_prev.dtype)
             nk = 1.0 - kf
         for t in range(T - 1, -1, -1):
-            if keepT is not None:
+            if keep is not None:
                 dhn = dh * kf[t]
                 ch = dh * nk[t]
                 if lstm:
@@ -236,42 +233,34 @@ class FusedScan(torch.autograd.Function):
                     cc = dc * nk[t]
             else:
                 dhn, dcn = dh, dc
+            ds = DGI[t]
             if lstm:
-                g = gates[t]
-                gi_, gf, gg, go = g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H], g[:, 3 * H:]
-                tc = aux[t]
-                dct = torch.addcmul(dcn, dhn * go, torch.addcmul(one, tc, tc, value=-1))
-                sd = torch.addcmul(g, g, g, value=-1)  # s(1-s); the g slice is fixed below
-                torch.addcmul(one, gg, gg, value=-1, out=sd[:, 2 * H:3 * H])
-                torch.mul(dct, gg, out=up[:, :H])
-                torch.mul(dct, Cs[t], out=up[:, H:2 * H])
-                torch.mul(dct, gi_, out=up[:, 2 * H:3 * H])
-                torch.mul(dhn, tc, out=up[:, 3 * H:])
-                ds = torch.mul(up, sd, out=DGI[t])
-                dc = dct * gf
-                if keepT is not None:
+                si, sf, tg, so, tc = acts[t]
+                dct = torch.addcmul(dcn, dhn * so, torch.addcmul(one, tc, tc, value=-1))
+                torch.mul(dct * tg, torch.addcmul(si, si, si, value=-1), out=ds[:, :H])
+                torch.mul(dct * cs[t], torch.addcmul(sf, sf, sf, value=-1), out=ds[:, H:2 * H])
+                torch.mul(dct * si, torch.addcmul(one, tg, tg, value=-1), out=ds[:, 2 * H:3 * H])
+                torch.mul(dhn * tc, torch.addcmul(so, so, so, value=-1), out=ds[:, 3 * H:])
+                dc = dct * sf
+                if keep is not None:
                     dc.add_(cc)
             else:
-                g, gh = gates[t], aux[t]
-                r, u, n = g[:, :H], g[:, H:2 * H], g[:, 2 * H:]
+                r, u, n, ghn = acts[t]
                 dn = torch.addcmul(dhn, dhn, u, value=-1)  # dh (1 - u)
-                dnp = torch.mul(dn, torch.addcmul(one, n, n, value=-1), out=DGI[t][:, 2 * H:])
-                torch.mul(dnp, gh[:, 2 * H:], out=up[:, :H])              # d r
-                torch.mul(dhn, Hs[t] - n, out=up[:, H:])                   # d u
-                torch.mul(up, torch.addcmul(g[:, :2 * H], g[:, :2 * H], g[:, :2 * H], value=-1),
-                          out=DGI[t][:, :2 * H])
-                DEG[t][:, E:E + 2 * H] = DGI[t][:, :2 * H]
+                dnp = torch.mul(dn, torch.addcmul(one, n, n, value=-1), out=ds[:, 2 * H:])
+                torch.mul(dnp * ghn, torch.addcmul(r, r, r, value=-1), out=ds[:, :H])
+                torch.mul(dhn * (hpT[t] - n), torch.addcmul(u, u, u, value=-1), out=ds[:, H:2 * H])
+                DEG[t][:, E:E + 2 * H] = ds[:, :2 * H]
                 torch.mul(dnp, r, out=DEG[t][:, E + 2 * H:])
-                ds = DGI[t]
             # phi_z, then z = mu + std * eps
             dq = torch.addmm(gFz[t], ds, w_z)
             for k in range(n_phiz - 1, -1, -1):
                 dp = _tb(dq, Q[k][t], 0, grad_input=DP[k][t])
-                w = phiz[k][0]
-                dq = torch.addmm(gZ[t], dp, w, out=DZ[t]) if k == 0 else dp @ w
+                wk = phiz[k][0]
+                dq = torch.addmm(gZ[t], dp, wk, out=DZ[t]) if k == 0 else dp @ wk
             dz = DZ[t]
             torch.add(dz, gMu[t], out=DO[t][:, :Z])
-            torch.mul(torch.addcmul(gStd[t], dz, epsT[t]), torch.sigmoid(O[t][:, Z:]),
+            torch.mul(torch.addcmul(gStd[t], dz, epsT[t]), torch.sigmoid(pres[t]),
                       out=DO[t][:, Z:])
             # encoder, top down to its first layer's pre-activation
             du = DO[t] @ w_g
@@ -282,27 +271,28 @@ class FusedScan(torch.autograd.Function):
             # back into h_{t-1}: encoder's first layer and w_h together, plus h_prev's grad
             dh = torch.addmm(gHp[t], DEG[t], w_cat)
             if not lstm:
-                dh.addcmul_(dhn, g[:, H:2 * H])  # the u * h_{t-1} path
-            if keepT is not None:
+                dh.addcmul_(dhn, u)  # the u * h_{t-1} path
+            if keep is not None:
                 dh.add_(ch)
         # every weight gradient: one matmul over the T*B rows
         TB = T * B
         rows = lambda x: x.reshape(TB, x.shape[-1])  # noqa: E731
         need = ctx.needs_input_grad
-        d_wcat = rows(DEG).t() @ rows(Hs[:T])
+        d_wcat = rows(DEG).t() @ rows(hpT)
         grads = [d_wcat[:E], d_wcat[E:]]
         if not lstm:
             grads.append(rows(DEG[:, :, E:]).sum(0))
+        Us = [rows(u) for u in U]
         for k in range(n_body):
-            grads += [rows(DA[k + 1]).t() @ rows(U[k]), rows(DA[k + 1]).sum(0)]
-        grads += [rows(DO).t() @ rows(U[-1]), rows(DO).sum(0)]
+            grads += [rows(DA[k + 1]).t() @ Us[k], rows(DA[k + 1]).sum(0)]
+        grads += [rows(DO).t() @ Us[-1], rows(DO).sum(0)]
         for k in range(n_phiz):
-            inp = Zs if k == 0 else Q[k - 1]
-            grads += [rows(DP[k]).t() @ rows(inp), rows(DP[k]).sum(0)]
-        grads.append(rows(DGI).t() @ rows(Q[-1]))
+            inp = rows(z_s.transpose(0, 1)) if k == 0 else rows(Q[k - 1])
+            grads += [rows(DP[k]).t() @ inp, rows(DP[k]).sum(0)]
+        grads.append(rows(DGI).t() @ rows(fz_s.transpose(0, 1)))
         dax = DA[0].transpose(0, 1) if need[1] else None
         dgx = DGI.transpose(0, 1) if need[2] else None
-        deps = (DZ * STD).transpose(0, 1) if need[3] else None
+        deps = DZ.transpose(0, 1) * std_s if need[3] else None
         dh0 = dh.unsqueeze(0) if need[5] else None
         dc0 = (dc.unsqueeze(0) if lstm else gc_fin.clone()) if need[6] else None
         grads = [gr if need[7 + i] else None for i, gr in enumerate(grads)]

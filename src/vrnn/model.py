@@ -233,8 +233,11 @@ class VRNN(nn.Module):
         h_prev, mu_q, std_q, z, fz, state = self._scan(
             self.encoder.in_x(fx), self.cell.w_x(fx), noise, keep, state)
         mu_p, std_p = self.prior_params(h_prev)
-        kl_dims = gaussian_kl(mu_q, std_q, mu_p, std_p)
         params = self.head(self.decoder(torch.cat([fz, h_prev], dim=-1)))
+        # under autocast (bf16) the networks run in low precision; the KL and the
+        # log-probabilities are computed in the input's precision (float32)
+        z, mu_q, std_q, mu_p, std_p, params = (t.to(x.dtype) for t in (z, mu_q, std_q, mu_p, std_p, params))
+        kl_dims = gaussian_kl(mu_q, std_q, mu_p, std_p)
         log_px = self.head.log_prob(params, x)
         kl = kl_dims.sum(-1)
         h = torch.cat([h_prev[:, 1:], state[0][-1].unsqueeze(1)], dim=1)
@@ -302,7 +305,7 @@ class VRNN(nn.Module):
             empty = (lengths == 0).to(x.device).view(1, -1, 1)
             final = tuple(torch.where(empty, s0, s1) for s0, s1 in zip(state, final))
         h_prev = torch.cat([state[0][-1].unsqueeze(1), out[:, :-1]], dim=1)
-        params = self.head(self.decoder(h_prev))
+        params = self.head(self.decoder(h_prev)).to(x.dtype)  # log-probs in x's precision
         log_px = self.head.log_prob(params, x)
         m = torch.ones_like(log_px) if mask is None else mask
         return Trace(log_px * m, torch.zeros_like(log_px), params, h_prev, out, final, m)
