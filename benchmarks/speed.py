@@ -57,6 +57,9 @@ WORKLOADS = {
     "paper": dict(x_dim=200, T=40, B=128, h=2000, z=200, gpu_only=True),
 }
 IMPLS = ("reference", "autograd", "fused")
+# CUDA only: the fused model with its whole training step replayed from a CUDA graph
+# (vrnn.graphs.GraphedTrainStep), and both in bf16 autocast (scores kept in float32).
+GPU_IMPLS = ("graphed", "bf16", "bf16-graphed")
 CLIP = 10.0
 
 
@@ -85,19 +88,30 @@ def build(impl: str, wl: dict, device: str, seed: int = 0):
                                    z_dim=wl["z"])).to(device)
     if fast_available():
         from vrnn.fast import set_scan
-        set_scan(model, "fused" if impl == "fused" else "autograd")
+        set_scan(model, "autograd" if impl == "autograd" else "fused")
     elif impl == "fused":
         raise RuntimeError("vrnn.fast is not available")
     loss_fn = lambda x: -model.elbo(x).sum() / (x.shape[0] * x.shape[1])  # noqa: E731
     return model, loss_fn
 
 
-def make_step(model: nn.Module, loss_fn):
+def make_step(model: nn.Module, loss_fn, impl: str = "fused"):
+    if impl.endswith("graphed"):
+        from vrnn.graphs import GraphedTrainStep
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, capturable=True)
+        graphed = GraphedTrainStep(model, opt, grad_clip=CLIP)
+        if impl.startswith("bf16"):
+            def step(x):
+                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                    return graphed(x)
+            return step
+        return graphed
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step(x):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=impl == "bf16"):
+            loss = loss_fn(x)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # before the step (emited #3)
         opt.step()
@@ -111,12 +125,12 @@ def forward_flops(model: nn.Module, B: int, T: int) -> int:
     return 2 * B * T * n
 
 
-def peak_matmul(device: str):
-    """(fn, flops): one large float32 square matmul, timed in the same round-robin as the
+def peak_matmul(device: str, dtype=torch.float32):
+    """(fn, flops): one large square matmul, timed in the same round-robin as the
     training steps so that the peak sees the same machine load."""
     n = 8192 if device == "cuda" else 2048
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     return (lambda: a @ b), 2 * n ** 3
 
 
@@ -152,7 +166,7 @@ def peak_memory(impl: str, wl_name: str, device: str, threads: int) -> float | N
     if device == "cuda":
         wl = WORKLOADS[wl_name]
         model, loss_fn = build(impl, wl, device)
-        step = make_step(model, loss_fn)
+        step = make_step(model, loss_fn, impl)
         x = torch.randn(wl["B"], wl["T"], wl["x_dim"], device=device)
         step(x)
         torch.cuda.synchronize()
@@ -197,7 +211,7 @@ def _proc_status_kib(key: str) -> int:
 
 # ---------------------------------------------------------------------------- benchmarks
 def bench_training(wl_name: str, impls: list[str], device: str, warmup: int, repeats: int,
-                   peak: float, memory: bool, threads: int) -> list[dict]:
+                   memory: bool, threads: int) -> list[dict]:
     wl = WORKLOADS[wl_name]
     B, T = wl["B"], wl["T"]
     torch.manual_seed(1)
@@ -205,20 +219,24 @@ def bench_training(wl_name: str, impls: list[str], device: str, warmup: int, rep
     steps, flops = {}, {}
     for impl in impls:
         model, loss_fn = build(impl, wl, device)
-        steps[impl] = (lambda s: (lambda: s(x)))(make_step(model, loss_fn))
+        steps[impl] = (lambda s: (lambda: s(x)))(make_step(model, loss_fn, impl))
         flops[impl] = 3 * forward_flops(model, B, T)
     steps["__peak"], peak_flops = peak_matmul(device)
+    if any(i.startswith("bf16") for i in impls):
+        steps["__peak_bf16"], _ = peak_matmul(device, torch.bfloat16)
     med = interleaved(steps, device, warmup, repeats)
     peak = peak_flops / med.pop("__peak")
+    peak_bf16 = peak_flops / med.pop("__peak_bf16") if "__peak_bf16" in med else None
     ref = med.get("reference")
     rows = []
     for impl in impls:
         t = med[impl]
+        p = peak_bf16 if impl.startswith("bf16") else peak  # each against its own dtype's peak
         rows.append(dict(workload=wl_name, impl=impl, ms=1e3 * t, seq_per_s=B / t,
-                         peak_gflops=peak / 1e9,
+                         peak_gflops=p / 1e9,
                          vs_reference=(ref / t) if ref else None,
                          gflop_per_step=flops[impl] / 1e9,
-                         frac_peak=flops[impl] / t / peak,
+                         frac_peak=flops[impl] / t / p,
                          peak_mem_mib=peak_memory(impl, wl_name, device, threads) if memory else None))
     return rows
 
@@ -343,6 +361,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but CUDA is not available")
     impls = [i for i in args.impl.split(",") if i]
+    unknown = [i for i in impls if i not in IMPLS + GPU_IMPLS]
+    if unknown or (args.device != "cuda" and any(i in GPU_IMPLS for i in impls)):
+        ap.error(f"--impl: {unknown or 'graphed/bf16 need --device cuda'}; choose from "
+                 f"{', '.join(IMPLS)} (and on cuda {', '.join(GPU_IMPLS)})")
     if "fused" in impls and not fast_available():
         print("note: vrnn.fast not importable; skipping the fused implementation")
         impls.remove("fused")
@@ -378,16 +400,17 @@ def main(argv=None) -> int:
             if WORKLOADS[w]["gpu_only"] and dev != "cuda":
                 print(f"note: workload {w!r} (paper scale, h 2000) is GPU-only; skipped on CPU")
                 continue
-            rows += bench_training(w, impls, dev, args.warmup, args.repeats, peak,
+            rows += bench_training(w, impls, dev, args.warmup, args.repeats,
                                    not args.no_memory, args.threads)
         mem_kind = ("CUDA max_memory_allocated over a step" if dev == "cuda"
                     else "CPU peak-RSS (VmHWM) growth of a fresh process over 2 steps")
         print(f"\nTraining step (forward + ELBO + backward + clip + Adam), median of "
               f"{args.repeats} interleaved repeats after {args.warmup} warm-up")
-        print(f"{'workload':<12} {'impl':<10} {'step ms':>9} {'seq/s':>8} {'vs ref':>7} "
+        print("('% peak': of the float32 matmul peak, of the bf16 one for bf16 rows)")
+        print(f"{'workload':<12} {'impl':<12} {'step ms':>9} {'seq/s':>8} {'vs ref':>7} "
               f"{'GFLOP':>7} {'GFLOP/s':>8} {'% peak':>7} {'peak MiB':>9}")
         for r in rows:
-            print(f"{r['workload']:<12} {r['impl']:<10} {r['ms']:>9.1f} {r['seq_per_s']:>8.1f} "
+            print(f"{r['workload']:<12} {r['impl']:<12} {r['ms']:>9.1f} {r['seq_per_s']:>8.1f} "
                   f"{fmt(r['vs_reference'], '>6.2f')}x {r['gflop_per_step']:>7.1f} "
                   f"{r['gflop_per_step'] / r['ms'] * 1e3:>8.1f} "
                   f"{100 * r['frac_peak']:>6.1f}% {fmt(r['peak_mem_mib'], '>9.0f')}")
