@@ -227,3 +227,45 @@ def test_console_script_help_and_error():
     r = subprocess.run([str(exe), "data", "info", "/no/such/place"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "/no/such/place" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nan_stops_with_term_and_step_and_saves_weights(arrays, tiny_config, tmp_path, capsys,
+                                                        monkeypatch):
+    import vrnn.train as train_mod
+    real = train_mod.objective
+    calls = {"n": 0}
+
+    def poisoned(model, x, mask=None, state=None, **kw):
+        loss, tr = real(model, x, mask, state, **kw)
+        calls["n"] += 1
+        if calls["n"] == 3:  # third optimiser step: a NaN in log p(x_t) at time step 4 of row 1
+            tr.log_px = tr.log_px.clone()
+            tr.log_px[1, 4] = float("nan")
+            loss = loss + tr.log_px.sum()
+        return loss, tr
+
+    monkeypatch.setattr(train_mod, "objective", poisoned)
+    out = tmp_path / "nan"
+    line = _one_line_error(capsys, train(arrays, out, tiny_config, "vrnn-gauss", 3),
+                           "non-finite log p(x_t)", "optimiser step 2", "time step 4",
+                           "sequence 1", "nonfinite-stop.ckpt")
+    model, _, _ = checkpoint.load(out / "nonfinite-stop.ckpt")  # finite, loadable weights
+    assert all(torch.isfinite(p).all() for p in model.parameters()), line
+
+
+def test_lasa_and_chorales_train_and_sample(tmp_path, tiny_config, monkeypatch):
+    from vrnn.data import pianoroll
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VRNN_CACHE", str(cache))
+    # the chorale cache, built by the real parser from six chorales (the full corpus: ~60 s)
+    rolls, names, lowest = pianoroll.parse_chorales(paths=pianoroll.chorale_paths()[:6])
+    pianoroll._write_cache(cache / pianoroll.CACHE_NAME, rolls, names, lowest)
+    for name, suffix in (("lasa", ".png"), ("chorales", ".mid")):
+        out = tmp_path / name
+        assert train(name, out, tiny_config, "vrnn-gauss", 1, "--limit-train-batches", 3) == 0
+        assert run("sample", out / "last.ckpt", "--num", 2, "--steps", 8, "--out", out / "s") == 0
+        assert list((out / "s").glob(f"*{suffix}")), name
+        model, _, desc = checkpoint.load(out / "last.ckpt")
+        assert model.cfg.output == ("bernoulli" if name == "chorales" else "gauss")
+    roll = np.load(sorted((tmp_path / "chorales" / "s").glob("*.npy"))[0])
+    assert set(np.unique(roll)) <= {0.0, 1.0}  # piano-roll samples are binary

@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", default=None, help="auto, ddp, ddp_spawn, ...")
     t.add_argument("--num-nodes", type=int, default=None)
     t.add_argument("--precision", default=None, help="32-true, bf16-mixed, ...")
+    t.add_argument("--limit-train-batches", type=int, default=None,
+                   help="at most this many batches per epoch (quick checks)")
     t.add_argument("--no-progress", action="store_true")
 
     e = cmd("evaluate", "ELBO and importance-sampled log-likelihood of a checkpoint on data")
@@ -190,7 +192,8 @@ def cmd_train(a) -> int:
                      ("tbptt", a.tbptt), ("kl_warmup_steps", a.kl_warmup),
                      ("free_bits", a.free_bits), ("patience", a.patience),
                      ("accelerator", a.accelerator), ("strategy", a.strategy),
-                     ("num_nodes", a.num_nodes), ("precision", a.precision)):
+                     ("num_nodes", a.num_nodes), ("precision", a.precision),
+                     ("limit_train_batches", a.limit_train_batches)):
         if val is not None:
             tdict[key] = val
     if a.devices is not None:

@@ -193,7 +193,7 @@ def nonfinite_report(tr, step: int) -> str | None:
         bad = ~torch.isfinite(values)
         if bad.any():
             b, t = (int(v) for v in bad.nonzero()[0])
-            return (f"non-finite {term} ({float(values[b, t])}) at optimiser step {step}, "
+            return (f"non-finite {term} ({float(values[b, t].detach())}) at optimiser step {step}, "
                     f"time step {t} of sequence {b} in the batch")
     return None
 
