@@ -13,7 +13,6 @@ env: $(VENV)/.installed
 # torch is pinned first so that pip takes the CPU build on disk instead of a CUDA one.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@

@@ -221,67 +221,14 @@ def cmd_train(a) -> int:
     return 0
 
 
-def _checked_data(spec: str, model, data_desc: dict, ckpt: str):
-    from .data import load
-    from .errors import DataError
-    # the training data's own options (e.g. subsampling) apply when it is the same data
-    data = load(spec, **(data_desc.get("load_opts") or {})) if spec == data_desc.get("spec") else load(spec)
-    if data.dim != model.cfg.x_dim:
-        raise DataError(f"{spec}: sequences have dimension {data.dim} but the model in {ckpt} "
-                        f"expects {model.cfg.x_dim}")
-    return data
-
-
-def _split_sequences(data, normalizer, data_desc: dict, which: str):
-    from .train import Prepared
-    from .data import split
-    splits = split(len(data), tuple(data_desc.get("fractions", (0.8, 0.1, 0.1))),
-                   data_desc.get("split_seed", 0)) if which != "all" else {}
-    idx = list(range(len(data))) if which == "all" else splits[which]
-    prep = Prepared(data, splits, normalizer)
-    return idx, prep.sequences(which)
-
-
-def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max_steps=2 ** 18,
-             progress=True) -> dict:
-    """ELBO and IS log-likelihood summed per sequence over ``sequences`` (normalised arrays)."""
-    import torch
-    from .data import pad_batch
-    from .inference import bits_per_dim
-    elbos, lls, steps = [], [], 0
-    n = len(sequences)
-    by_length = sorted(sequences, key=len)  # little padding; the results are means
-    for start in range(0, n, batch_size):
-        x, mask = pad_batch(by_length[start:start + batch_size])
-        with torch.no_grad():
-            elbos.append(model.elbo(x, mask))
-            lls.append(model.log_likelihood(x, mask, num_samples=num_samples, max_rows=max_rows,
-                                             max_steps=max_steps))
-        steps += int(mask.sum())
-        if progress:
-            _err(f"  evaluated {min(start + batch_size, n)}/{n} sequences")
-    elbo, ll = torch.cat(elbos), torch.cat(lls)
-    latent = model.cfg.latent
-    return {
-        "elbo": float(elbo.mean()) if latent else None,
-        "log_likelihood": float(ll.mean()),
-        "exact": not latent,
-        "num_samples": num_samples if latent else 0,
-        "num_sequences": n,
-        "num_steps": steps,
-        "nats_per_step": float(ll.sum()) / steps,
-        "elbo_nats_per_step": float(elbo.sum()) / steps,
-        "bits_per_dim": bits_per_dim(ll.sum(), torch.tensor(float(steps)), model.cfg.x_dim),
-    }
-
-
 def cmd_evaluate(a) -> int:
     import torch
     from . import checkpoint
+    from .evaluate import checked_data, evaluate, split_sequences
     torch.manual_seed(a.seed)
     model, normalizer, desc = checkpoint.load(a.checkpoint)
-    data = _checked_data(a.data, model, desc, a.checkpoint)
-    _, seqs = _split_sequences(data, normalizer, desc, a.split)
+    data = checked_data(a.data, model, desc, a.checkpoint)
+    _, seqs = split_sequences(data, normalizer, desc, a.split)
     res = evaluate(model, seqs, a.samples, a.batch_size, a.max_rows, a.max_steps, progress=not a.json)
     res.update(split=a.split, model=model.cfg.name, data=data.name, unit="nats per sequence",
                normalised=True)
@@ -335,11 +282,12 @@ def cmd_latents(a) -> int:
     import torch
     from . import checkpoint
     from .data import pad_batch
+    from .evaluate import checked_data, split_sequences
     from .writers import write_npz
     torch.manual_seed(a.seed)
     model, normalizer, desc = checkpoint.load(a.checkpoint)
-    data = _checked_data(a.data, model, desc, a.checkpoint)
-    idx, seqs = _split_sequences(data, normalizer, desc, a.split)
+    data = checked_data(a.data, model, desc, a.checkpoint)
+    idx, seqs = split_sequences(data, normalizer, desc, a.split)
     T = max(len(s) for s in seqs)
     parts: dict[str, list] = {}
     for start in range(0, len(seqs), a.batch_size):
@@ -385,6 +333,7 @@ def cmd_demo(a) -> int:
     """Train on LASA, evaluate on the test split, write samples and a training-curve plot."""
     import torch
     from . import checkpoint
+    from .evaluate import evaluate
     from .train import TrainConfig, best_checkpoint, fit
     from .writers import plot_curves, plot_handwriting
     out = Path(a.out)
@@ -424,8 +373,8 @@ def cmd_reproduce(a) -> int:
     return 0
 
 
-COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
-            "latents": cmd_latents, "data": cmd_data, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
+            "latents": cmd_latents, "data": cmd_data, "demo": cmd_demo, "reproduce": cmd_reproduce}
 
 
 def main(argv=None) -> int:

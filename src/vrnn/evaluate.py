@@ -1,0 +1,62 @@
+"""Scoring a trained model on a dataset: the split it was not trained on, the paper's units."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .data import load, pad_batch, split
+from .errors import DataError
+from .inference import bits_per_dim
+from .train import Prepared
+
+
+def checked_data(spec: str, model, data_desc: dict, ckpt: str):
+    """Load ``spec`` for a model; the training data's own options (e.g. subsampling) apply
+    when it is the same data. DataError if its dimension is not the model's."""
+    data = load(spec, **(data_desc.get("load_opts") or {})) if spec == data_desc.get("spec") else load(spec)
+    if data.dim != model.cfg.x_dim:
+        raise DataError(f"{spec}: sequences have dimension {data.dim} but the model in {ckpt} "
+                        f"expects {model.cfg.x_dim}")
+    return data
+
+
+def split_sequences(data, normalizer, data_desc: dict, which: str):
+    """(indices, normalised sequences) of one split (``all``: every sequence), re-drawn with
+    the seed and fractions the model was trained with."""
+    splits = split(len(data), tuple(data_desc.get("fractions", (0.8, 0.1, 0.1))),
+                   data_desc.get("split_seed", 0)) if which != "all" else {}
+    idx = list(range(len(data))) if which == "all" else splits[which]
+    prep = Prepared(data, splits, normalizer)
+    return idx, prep.sequences(which)
+
+
+def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max_steps=2 ** 18,
+             progress=True) -> dict:
+    """ELBO and IS log-likelihood summed per sequence over ``sequences`` (normalised arrays)."""
+    elbos, lls, steps = [], [], 0
+    n = len(sequences)
+    by_length = sorted(sequences, key=len)  # little padding; the results are means
+    for start in range(0, n, batch_size):
+        x, mask = pad_batch(by_length[start:start + batch_size])
+        with torch.no_grad():
+            elbos.append(model.elbo(x, mask))
+            lls.append(model.log_likelihood(x, mask, num_samples=num_samples, max_rows=max_rows,
+                                             max_steps=max_steps))
+        steps += int(mask.sum())
+        if progress:
+            print(f"  evaluated {min(start + batch_size, n)}/{n} sequences", file=sys.stderr, flush=True)
+    elbo, ll = torch.cat(elbos), torch.cat(lls)
+    latent = model.cfg.latent
+    return {
+        "elbo": float(elbo.mean()) if latent else None,
+        "log_likelihood": float(ll.mean()),
+        "exact": not latent,
+        "num_samples": num_samples if latent else 0,
+        "num_sequences": n,
+        "num_steps": steps,
+        "nats_per_step": float(ll.sum()) / steps,
+        "elbo_nats_per_step": float(elbo.sum()) / steps,
+        "bits_per_dim": bits_per_dim(ll.sum(), torch.tensor(float(steps)), model.cfg.x_dim),
+    }
