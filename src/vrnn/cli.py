@@ -93,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-rows", type=int, default=4096,
                    help="memory cap: sequences x samples in one pass (default 4096)")
-    e.add_argument("--max-steps", type=int, default=2 ** 18,
-                   help="memory cap: sequences x samples x steps in one pass (default 262144)")
+    e.add_argument("--max-memory", type=float, default=1024,
+                   help="memory cap of one scoring pass in MiB (default 1024)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -229,7 +229,8 @@ def cmd_evaluate(a) -> int:
     model, normalizer, desc = checkpoint.load(a.checkpoint)
     data = checked_data(a.data, model, desc, a.checkpoint)
     _, seqs = split_sequences(data, normalizer, desc, a.split)
-    res = evaluate(model, seqs, a.samples, a.batch_size, a.max_rows, a.max_steps, progress=not a.json)
+    res = evaluate(model, seqs, a.samples, a.batch_size, a.max_rows, int(a.max_memory * 2 ** 20),
+                   progress=not a.json)
     res.update(split=a.split, model=model.cfg.name, data=data.name, unit="nats per sequence",
                normalised=True)
     if a.json:

@@ -8,7 +8,7 @@ import torch
 
 from .data import load, pad_batch, split
 from .errors import DataError
-from .inference import bits_per_dim
+from .inference import bits_per_dim, row_step_bytes
 from .train import Prepared
 
 
@@ -32,21 +32,35 @@ def split_sequences(data, normalizer, data_desc: dict, which: str):
     return idx, prep.sequences(which)
 
 
-def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max_steps=2 ** 18,
+def batches_within(sequences, batch_size: int, max_bytes: int, row_bytes: int):
+    """Length-sorted batches of at most ``batch_size`` sequences whose padded size stays
+    within ``max_bytes`` (a single long sequence still makes a batch of one)."""
+    batch: list = []
+    for seq in sorted(sequences, key=len):  # little padding; the results are means
+        if batch and ((len(batch) + 1) * len(seq) * row_bytes > max_bytes or len(batch) == batch_size):
+            yield batch
+            batch = []
+        batch.append(seq)
+    if batch:
+        yield batch
+
+
+def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max_bytes=2 ** 30,
              progress=True) -> dict:
-    """ELBO and IS log-likelihood summed per sequence over ``sequences`` (normalised arrays)."""
-    elbos, lls, steps = [], [], 0
+    """ELBO and IS log-likelihood summed per sequence over ``sequences`` (normalised arrays),
+    in passes that stay within about ``max_bytes`` of memory."""
+    elbos, lls, steps, done = [], [], 0, 0
     n = len(sequences)
-    by_length = sorted(sequences, key=len)  # little padding; the results are means
-    for start in range(0, n, batch_size):
-        x, mask = pad_batch(by_length[start:start + batch_size])
+    for batch in batches_within(sequences, batch_size, max_bytes, row_step_bytes(model)):
+        x, mask = pad_batch(batch)
         with torch.no_grad():
             elbos.append(model.elbo(x, mask))
             lls.append(model.log_likelihood(x, mask, num_samples=num_samples, max_rows=max_rows,
-                                             max_steps=max_steps))
+                                             max_bytes=max_bytes))
         steps += int(mask.sum())
+        done += len(batch)
         if progress:
-            print(f"  evaluated {min(start + batch_size, n)}/{n} sequences", file=sys.stderr, flush=True)
+            print(f"  evaluated {done}/{n} sequences", file=sys.stderr, flush=True)
     elbo, ll = torch.cat(elbos), torch.cat(lls)
     latent = model.cfg.latent
     return {

@@ -42,15 +42,27 @@ def log_weights(model, x: Tensor, mask: Tensor | None = None) -> Tensor:
     return (tr.log_px + (log_pz - log_qz) * tr.mask).sum(1)
 
 
+def row_step_bytes(model) -> int:
+    """A generous estimate of the memory one (sequence, step) row takes in a scoring pass:
+    the output parameters and a mixture's per-component terms dominate for wide outputs,
+    the states and MLP activations otherwise. Used to size passes under a memory cap."""
+    cfg = model.cfg
+    k = cfg.n_components if cfg.output in ("gmm", "strokes") else 1
+    widths = max(cfg.phi_x_dim, cfg.phi_z_dim, cfg.enc_dim, cfg.prior_dim, cfg.dec_dim)
+    floats = (3 * model.head.param_dim + 3 * k * cfg.x_dim + 12 * cfg.h_dim * cfg.rnn_layers
+              + 10 * cfg.z_dim + 4 * widths + 2 * cfg.x_dim)
+    return 4 * floats
+
+
 @torch.no_grad()
 def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: int = 40,
-                   max_rows: int = 4096, max_steps: int = 2 ** 18) -> Tensor:
+                   max_rows: int = 4096, max_bytes: int = 2 ** 30) -> Tensor:
     """Importance-sampled estimate of log p(x) per sequence, Tensor[B].
 
     log p(x) ~= log (1/K) sum_k p(x, z_k) / q(z_k | x),  z_k ~ q. The K samples run as one
-    batch of K*B rows, split into passes of at most ``max_rows`` rows and ``max_steps``
-    row-steps (rows x T) to bound memory (no Python loop over single samples; one sample
-    per pass at least). Exact for the RNN rows, which have no latent. The
+    batch of K*B rows, split into passes of at most ``max_rows`` rows and about
+    ``max_bytes`` of memory (``row_step_bytes`` per row and step; no Python loop over
+    single samples; one sample per pass at least: split the batch for less). Exact for the RNN rows, which have no latent. The
     estimate is a lower bound in expectation that tightens as K grows; K=1 is the ELBO's
     single-sample estimate.
     """
@@ -59,7 +71,7 @@ def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: in
     if not model.cfg.latent:
         return log_weights(model, x, mask)
     B, T = x.shape[0], x.shape[1]
-    per_pass = max(1, min(max_rows // max(B, 1), max_steps // max(B * T, 1)))
+    per_pass = max(1, min(max_rows // max(B, 1), max_bytes // (max(B * T, 1) * row_step_bytes(model))))
     chunks = []
     for start in range(0, num_samples, per_pass):
         k = min(per_pass, num_samples - start)

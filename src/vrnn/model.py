@@ -317,10 +317,10 @@ class VRNN(nn.Module):
         return (tr.log_px - tr.kl).sum(1)
 
     def log_likelihood(self, x: Tensor, mask: Tensor | None = None, num_samples: int = 40,
-                       max_rows: int = 4096, max_steps: int = 2 ** 18) -> Tensor:
+                       max_rows: int = 4096, max_bytes: int = 2 ** 30) -> Tensor:
         """Importance-sampled log p(x) per sequence (exact for RNN rows); see inference.py."""
         from .inference import log_likelihood
-        return log_likelihood(self, x, mask, num_samples, max_rows, max_steps)
+        return log_likelihood(self, x, mask, num_samples, max_rows, max_bytes)
 
     def latents(self, x: Tensor, mask: Tensor | None = None, sample: bool = False) -> dict:
         """Per-step posterior/prior mean and std, KL, log p(x_t), hidden states; see inference.py."""

@@ -114,17 +114,20 @@ def _run_one(job: dict, log=print) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(job["config"], indent=1))
     t0 = time.time()
+    trained = run / "trained.json"  # training finished: never train a run twice
     with open(run / "train.log", "a") as f:
         train = _vrnn_cmd("train", "--data", job["dataset"], "--model", job["row"], "--out", run / "ckpt",
                           "--seed", job["seed"], "--max-time", job["minutes"], "--max-epochs", 100000,
                           "--config", run / "config.json", "--no-progress",
                           *(["--resume"] if (run / "ckpt" / "last.ckpt").exists() else []),
                           *job.get("train_args", []))
-        f.write("$ " + shlex.join(train) + "\n")
-        f.flush()
-        if subprocess.run(train, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
-            raise VRNNError(f"{run / 'train.log'}: training {job['row']} on {job['dataset']} failed")
-    train_s = time.time() - t0
+        if not trained.exists():
+            f.write("$ " + shlex.join(train) + "\n")
+            f.flush()
+            if subprocess.run(train, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+                raise VRNNError(f"{run / 'train.log'}: training {job['row']} on {job['dataset']} failed")
+            trained.write_text(json.dumps({"train_seconds": round(time.time() - t0, 1)}))
+    train_s = json.loads(trained.read_text())["train_seconds"]
     ev = subprocess.run(_vrnn_cmd("evaluate", run / "ckpt" / "best.ckpt", "--data", job["dataset"],
                                   "--split", "test", "--samples", 40, "--json", "--seed", job["seed"]),
                         capture_output=True, text=True)
@@ -293,8 +296,20 @@ def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
         counts = {j["row"]: j["params"] for j in todo if j["dataset"] == ds}
         log(f"[reproduce] {ds}: parameters " + ", ".join(f"{r} {n:,}" for r, n in counts.items()))
     log(f"[reproduce] {len(todo)} runs, {jobs} at a time")
+    def attempt(job):  # one failed run must not cancel the others
+        try:
+            return _run_one(job, log)
+        except (VRNNError, OSError, ValueError) as exc:
+            log(f"[reproduce] {job['dataset']} {job['row']} seed {job['seed']} FAILED: {exc}")
+            return None
+
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        records = list(pool.map(lambda j: _run_one(j, log), todo))
+        outcomes = list(pool.map(attempt, todo))
+    failed = [j["dir"] for j, r in zip(todo, outcomes) if r is None]
+    if failed:
+        raise VRNNError(f"{len(failed)} run(s) failed ({', '.join(failed)}); see their train.log, "
+                        "fix and run the same command again: finished runs are kept")
+    records = outcomes
     md, js = table(records, setup, command, datasets)
     js["wall_minutes"] = round((time.time() - t0) / 60, 1)
     from .writers import _atomic
