@@ -6,7 +6,6 @@ import importlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -332,12 +332,3 @@ def plot_curves(path, source, title: str | None = None) -> Path:
         fig.suptitle(title)
     fig.tight_layout()
     return _save_png(fig, path)
-
-
-def write_npz(path, arrays: dict) -> Path:
-    """Several named arrays in one .npz file (e.g. per-step latents and scores)."""
-    path = Path(path)
-    with _atomic(path, ".npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-    return path
