@@ -49,6 +49,7 @@ from reference import ReferenceVRNN  # noqa: E402
 
 import vrnn  # noqa: E402
 from vrnn import VRNN, VRNNConfig  # noqa: E402
+from vrnn.fast import set_scan  # noqa: E402
 from vrnn.inference import log_likelihood, log_weights  # noqa: E402
 
 WORKLOADS = {
@@ -69,14 +70,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def fast_available() -> bool:
-    try:
-        import vrnn.fast  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def build(impl: str, wl: dict, device: str, seed: int = 0):
     """(model, loss_fn(x) -> scalar) for one implementation."""
     torch.manual_seed(seed)
@@ -86,11 +79,7 @@ def build(impl: str, wl: dict, device: str, seed: int = 0):
         return model, loss_fn
     model = VRNN(VRNNConfig.preset("vrnn-gauss", x_dim=wl["x_dim"], h_dim=wl["h"],
                                    z_dim=wl["z"])).to(device)
-    if fast_available():
-        from vrnn.fast import set_scan
-        set_scan(model, "autograd" if impl == "autograd" else "fused")
-    elif impl == "fused":
-        raise RuntimeError("vrnn.fast is not available")
+    set_scan(model, "autograd" if impl == "autograd" else "fused")
     loss_fn = lambda x: -model.elbo(x).sum() / (x.shape[0] * x.shape[1])  # noqa: E731
     return model, loss_fn
 
@@ -304,7 +293,6 @@ def thread_study(wl_names: list[str], impls: list[str], warmup: int, repeats: in
 def verify(device: str) -> list[str]:
     """Fused vs autograd on ``device``: max |difference| of outputs and all gradients
     (float64, small models, LSTM/GRU, with and without a mask)."""
-    from vrnn.fast import set_scan
     lines = []
     for cell in ("lstm", "gru"):
         for masked in (False, True):
@@ -365,9 +353,6 @@ def main(argv=None) -> int:
     if unknown or (args.device != "cuda" and any(i in GPU_IMPLS for i in impls)):
         ap.error(f"--impl: {unknown or 'graphed/bf16 need --device cuda'}; choose from "
                  f"{', '.join(IMPLS)} (and on cuda {', '.join(GPU_IMPLS)})")
-    if "fused" in impls and not fast_available():
-        print("note: vrnn.fast not importable; skipping the fused implementation")
-        impls.remove("fused")
     wls = [w for w in args.workloads.split(",") if w]
     dev = args.device
     name = torch.cuda.get_device_name() if dev == "cuda" else f"{os.cpu_count()}-core CPU"
@@ -377,7 +362,7 @@ def main(argv=None) -> int:
     results: dict = dict(device=dev, device_name=name, torch=torch.__version__,
                          threads=torch.get_num_threads())
 
-    if args.verify and fast_available():
+    if args.verify:
         for line in verify(dev):
             print(line)
     if args.threads_study:

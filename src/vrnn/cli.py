@@ -223,12 +223,9 @@ def cmd_train(a) -> int:
 
 def cmd_evaluate(a) -> int:
     import torch
-    from . import checkpoint
-    from .evaluate import checked_data, evaluate, split_sequences
+    from .evaluate import evaluate, load_for_scoring
     torch.manual_seed(a.seed)
-    model, normalizer, desc = checkpoint.load(a.checkpoint)
-    data = checked_data(a.data, model, desc, a.checkpoint)
-    _, seqs = split_sequences(data, normalizer, desc, a.split)
+    model, _, _, data, _, seqs = load_for_scoring(a.checkpoint, a.data, a.split)
     res = evaluate(model, seqs, a.samples, a.batch_size, a.max_rows, int(a.max_memory * 2 ** 20),
                    progress=not a.json)
     res.update(split=a.split, model=model.cfg.name, data=data.name, unit="nats per sequence",
@@ -281,14 +278,11 @@ def cmd_sample(a) -> int:
 def cmd_latents(a) -> int:
     import numpy as np
     import torch
-    from . import checkpoint
     from .data import pad_batch
-    from .evaluate import checked_data, split_sequences
+    from .evaluate import load_for_scoring
     from .writers import write_npz
     torch.manual_seed(a.seed)
-    model, normalizer, desc = checkpoint.load(a.checkpoint)
-    data = checked_data(a.data, model, desc, a.checkpoint)
-    idx, seqs = split_sequences(data, normalizer, desc, a.split)
+    model, _, _, _, idx, seqs = load_for_scoring(a.checkpoint, a.data, a.split)
     T = max(len(s) for s in seqs)
     parts: dict[str, list] = {}
     for start in range(0, len(seqs), a.batch_size):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 import torch
 
+from . import checkpoint
 from .data import load, pad_batch, split
 from .errors import DataError
 from .inference import bits_per_dim, row_step_bytes
@@ -30,6 +32,25 @@ def split_sequences(data, normalizer, data_desc: dict, which: str):
     idx = list(range(len(data))) if which == "all" else splits[which]
     prep = Prepared(data, splits, normalizer)
     return idx, prep.sequences(which)
+
+
+class Scored(NamedTuple):
+    """A checkpoint's model with the data it is to score."""
+
+    model: object
+    normalizer: object
+    desc: dict          # the checkpoint's data description
+    data: object        # the loaded SequenceSet
+    index: list         # positions of the split's sequences in ``data``
+    sequences: list     # those sequences, normalised
+
+
+def load_for_scoring(ckpt, spec: str, which: str) -> Scored:
+    """Load a checkpoint and the split ``which`` of ``spec`` (checked, normalised)."""
+    model, normalizer, desc = checkpoint.load(ckpt)
+    data = checked_data(spec, model, desc, str(ckpt))
+    index, sequences = split_sequences(data, normalizer, desc, which)
+    return Scored(model, normalizer, desc, data, index, sequences)
 
 
 def batches_within(sequences, batch_size: int, max_bytes: int, row_bytes: int):

@@ -219,12 +219,9 @@ def table(records: list[dict], setup: str, command: str, datasets) -> tuple[str,
 def analysis_figure(run_dir: Path, dataset: str, path: Path) -> Path:
     """The paper's figure: a test utterance's waveform, and under it the KL per step and
     ||h_t - h_{t-1}||, aligned in time."""
-    from . import checkpoint
-    from .evaluate import checked_data, split_sequences
+    from .evaluate import load_for_scoring
     from .writers import _figure, _save_png
-    model, normalizer, desc = checkpoint.load(run_dir / "ckpt" / "best.ckpt")
-    data = checked_data(dataset, model, desc, str(run_dir))
-    idx, seqs = split_sequences(data, normalizer, desc, "test")
+    model, _, _, data, idx, seqs = load_for_scoring(run_dir / "ckpt" / "best.ckpt", dataset, "test")
     i = int(np.argsort([len(s) for s in seqs])[len(seqs) // 2])  # a median-length one
     x = torch.as_tensor(seqs[i]).unsqueeze(0)
     lat = model.latents(x)

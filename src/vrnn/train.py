@@ -300,8 +300,7 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
         raise ConfigError(f"bad model option: {exc}") from None
     last = out / "last.ckpt"
     if resume:
-        checkpoint.read(last)  # one-line error if it is missing or broken
-        old = checkpoint.read(last)["vrnn"]["config"]
+        old = checkpoint.read(last)["vrnn"]["config"]  # one-line error if missing or broken
         if old != cfg.to_dict():
             raise ConfigError(f"{last}: was trained with another model configuration; "
                               "use a new --out or the same options")
