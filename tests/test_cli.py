@@ -89,6 +89,13 @@ def test_train_evaluate_sample_latents(arrays, tiny_config, tmp_path, capsys):
     lengths = lat["lengths"]
     assert (lat["mask"].sum(1) == lengths).all()
     assert (lat["kl"][lat["mask"] == 0] == 0).all()
+    # a memory cap that allows one sequence per pass: the same arrays, in the same order
+    assert run("latents", out / "best.ckpt", "--data", arrays, "--out", tmp_path / "lat1.npz",
+               "--max-memory", 1e-6) == 0
+    lat1 = np.load(tmp_path / "lat1.npz")
+    assert lat1.files == lat.files
+    for k in lat.files:
+        np.testing.assert_allclose(lat1[k], lat[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
 def test_normalisation_from_train_split_kept_in_checkpoint(arrays, tiny_config, tmp_path):

@@ -46,7 +46,7 @@ def test_gradcheck_float64(cell, enc_layers, masked):
     params = [p.detach().clone().requires_grad_() for p in params]
 
     def f(ax, gx, eps, h0, c0, *ps):
-        return FusedScan.apply(meta, ax, gx, eps, keep, h0, c0, *ps)
+        return FusedScan.apply(meta + (torch.double,), ax, gx, eps, keep, h0, c0, *ps)
 
     assert torch.autograd.gradcheck(f, (ax, gx, eps, h0, c0, *params), eps=1e-6, atol=1e-6)
 
@@ -112,6 +112,63 @@ def test_float32_close():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cell,masked", [("lstm", False), ("lstm", True), ("gru", True)])
+def test_mixed_precision_path_against_full_precision(cell, masked):
+    """The mixed-precision arithmetic (matmul operands in a lower compute dtype, state and
+    its gradients in the weights' dtype), exercised with compute float32 under float64
+    weights, so that the tolerance can be tight: any operand in the wrong dtype, or any
+    gradient lost in a cast, shows up far above float32 rounding."""
+    model = make(cell, enc_layers=2, phi_z_layers=2, h=16, z=3)
+    meta, params = scan_args(model)
+    out, grads = {}, {}
+    for cd in (torch.double, torch.float32):
+        ax, gx, eps, keep, (h0, c0) = scan_inputs(model, 3, 7, masked)
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        res = FusedScan.apply(meta + (cd,), ax, gx, eps, keep, h0, c0, *ps)
+        h_prev, mu, std, z, fz, h_fin, c_fin = res
+        assert mu.dtype == std.dtype == z.dtype == fz.dtype == cd
+        assert h_prev.dtype == h_fin.dtype == c_fin.dtype == torch.double  # state stays
+        g = torch.Generator().manual_seed(5)
+        loss = sum((r.double() * torch.randn(r.shape, generator=g, dtype=torch.double)).sum()
+                   for r in res)
+        loss.backward()
+        out[cd] = [r.double() for r in res]
+        grads[cd] = [t.grad for t in (ax, gx, eps, h0, c0, *ps)]
+        assert all(gr.dtype == torch.double for gr in grads[cd])
+    for a, b in zip(out[torch.double], out[torch.float32]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[torch.double], grads[torch.float32]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bf16_autocast_runs_fused(cell):
+    """Under CPU bf16 autocast the fused scan runs (not the fallback), the weight
+    gradients come back in float32, and they agree with the float32 ones as well as the
+    autograd loop's under the same autocast do."""
+    grads = {}
+    for impl, bf16 in (("fused", False), ("autograd", True), ("fused", True)):
+        torch.manual_seed(0)
+        cfg = VRNNConfig.preset("vrnn-gauss", x_dim=3, h_dim=64, z_dim=8, cell=cell)
+        model = set_scan(VRNN(cfg), impl)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(4, 30, 3, generator=g)
+        noise = torch.randn(4, 30, 8, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            tr = model(x, prefix_mask([30, 20, 30, 7], 30).float(), noise=noise)
+            loss = -(tr.log_px - tr.kl).sum()
+        assert tr.kl.dtype == tr.log_px.dtype == tr.h_prev.dtype == torch.float32
+        fused_ran = type(tr.h_prev.grad_fn).__name__ == "FusedScanBackward"
+        assert fused_ran == (impl == "fused") and tr.state[1].dtype == torch.float32
+        loss.backward()
+        grads[(impl, bf16)] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    ref = grads[("fused", False)]
+    err = {k: float((v - ref).norm() / ref.norm()) for k, v in grads.items()}
+    assert 0 < err[("fused", True)] < 0.05, err
+    assert err[("fused", True)] < 3 * err[("autograd", True)], err
+
+
 def test_falls_back():
     model = set_scan(make(rnn_layers=2), "fused")
     assert not supports(model)
@@ -142,3 +199,20 @@ def test_backward_twice_with_retain_graph():
     loss.backward()
     for a, p in zip(first, model.parameters()):
         torch.testing.assert_close(p.grad, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_graph_and_activations_freed_after_a_step(bf16):
+    """Nothing keeps a step's graph alive once the caller drops it: outputs kept on the
+    autograd context as attributes form a cycle the garbage collector cannot see, and every
+    training step would leak its activations (this happened)."""
+    import weakref
+    model = set_scan(VRNN(VRNNConfig.preset("vrnn-gauss", x_dim=3, h_dim=16, z_dim=4)), "fused")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        tr = model(torch.randn(2, 7, 3))
+        loss = -(tr.log_px - tr.kl).sum()
+    assert type(tr.h_prev.grad_fn).__name__ == "FusedScanBackward"
+    loss.backward()
+    refs = [weakref.ref(t) for t in (tr.h_prev, tr.z, tr.std_q, tr.state[0])]
+    del tr, loss
+    assert all(r() is None for r in refs)  # freed by reference counting, no gc needed

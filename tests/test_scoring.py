@@ -464,3 +464,44 @@ def test_bits_per_dim_by_hand():
     # one bit per dim: log p = -ln 2 per dim per step
     assert bits_per_dim(torch.tensor([-4 * 2 * math.log(2.0)]), torch.ones(1, 4), 2) == \
         pytest.approx(1.0, rel=1e-12)
+
+
+def test_batches_within_caps_size_and_covers_every_index():
+    from vrnn.evaluate import batches_within
+    lengths = [5, 100, 3, 40, 40, 7, 1000, 2]
+    batches = list(batches_within(lengths, batch_size=3, max_bytes=100 * 8, row_bytes=4))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # each once
+    for b in batches:
+        assert len(b) <= 3
+        padded = len(b) * max(lengths[i] for i in b) * 4
+        assert padded <= 800 or len(b) == 1  # a single long sequence still gets a pass
+    assert [6] in batches  # 1000 steps: alone
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat)  # shortest first: little padding
+
+
+@pytest.mark.parametrize("preset", ["vrnn-gauss", "vrnn-i-gauss", "vrnn-gmm"])
+def test_samples_share_features_and_equal_repeated_rows(preset):
+    """forward(x, samples=k) is forward on x repeated k times (sample-major) with the same
+    noise; IS built on it is unchanged."""
+    model = make_model(preset, x_dim=3, h_dim=8, z_dim=2)
+    x = make_x(4, 6, 3)
+    mask = torch.ones(4, 6, dtype=DT)
+    mask[2, 3:] = 0
+    noise = torch.randn(3 * 4, 6, 2, dtype=DT, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for tr in (model(x, mask, noise=noise, samples=3),
+               model(x.repeat(3, 1, 1), mask.repeat(3, 1), noise=noise)):
+        model.zero_grad()
+        (tr.log_px - tr.kl).sum().backward()  # with grad: the loop broadcasts, autograd sums
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if len(grads) == 1:
+            a = tr
+    for name in ("log_px", "kl", "params", "h_prev", "z", "mu_q", "std_q"):
+        torch.testing.assert_close(getattr(a, name), getattr(tr, name), rtol=1e-12, atol=1e-12)
+    for ga, gb in zip(*grads):
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="samples"):
+        model(x, samples=0)
+    with pytest.raises(ValueError, match="no latent"):
+        make_model("rnn-gauss", x_dim=3)(x, samples=2)

@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--split", default="all", choices=["train", "valid", "test", "all"])
     la.add_argument("--sample", action="store_true", help="use a posterior draw, not the mean")
     la.add_argument("--batch-size", type=int, default=32)
+    la.add_argument("--max-memory", type=float, default=1024,
+                    help="memory cap of one pass in MiB (default 1024): long sequences "
+                         "go in smaller batches")
     la.add_argument("--seed", type=int, default=0)
 
     d = cmd("data", "list, inspect and fetch datasets")
@@ -279,23 +282,28 @@ def cmd_latents(a) -> int:
     import numpy as np
     import torch
     from .data import pad_batch
-    from .evaluate import load_for_scoring
+    from .evaluate import batches_within, load_for_scoring
+    from .inference import row_step_bytes
     from .writers import write_npz
     torch.manual_seed(a.seed)
     model, _, _, _, idx, seqs = load_for_scoring(a.checkpoint, a.data, a.split)
-    T = max(len(s) for s in seqs)
-    parts: dict[str, list] = {}
-    for start in range(0, len(seqs), a.batch_size):
-        x, mask = pad_batch(seqs[start:start + a.batch_size])
-        lat = model.latents(x, mask, sample=a.sample)
-        for k, v in lat.items():
+    lengths = [len(s) for s in seqs]
+    T = max(lengths)
+    arrays: dict[str, np.ndarray] = {}  # (N, T, ...) in the split's order, zero-padded
+    for batch in batches_within(lengths, a.batch_size, int(a.max_memory * 2 ** 20),
+                                row_step_bytes(model)):
+        x, mask = pad_batch([seqs[i] for i in batch])
+        for k, v in model.latents(x, mask, sample=a.sample).items():
             if k == "h":
                 continue
             v = v.numpy()
-            pad = [(0, 0), (0, T - v.shape[1])] + [(0, 0)] * (v.ndim - 2)
-            parts.setdefault(k, []).append(np.pad(v, pad))
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    arrays["lengths"] = np.asarray([len(s) for s in seqs])
+            if k not in arrays:
+                arrays[k] = np.zeros((len(seqs), T) + v.shape[2:], dtype=v.dtype)
+            arrays[k][batch, :v.shape[1]] = v
+    padded = np.arange(T)[None, :] >= np.asarray(lengths)[:, None]
+    for v in arrays.values():
+        v[padded] = 0  # whatever the batching, steps past a sequence's end read 0
+    arrays["lengths"] = np.asarray(lengths)
     arrays["index"] = np.asarray(idx)
     write_npz(a.out, arrays)
     print(f"wrote per-step {', '.join(sorted(k for k in arrays if k not in ('lengths', 'index')))} "

@@ -53,15 +53,16 @@ def load_for_scoring(ckpt, spec: str, which: str) -> Scored:
     return Scored(model, normalizer, desc, data, index, sequences)
 
 
-def batches_within(sequences, batch_size: int, max_bytes: int, row_bytes: int):
-    """Length-sorted batches of at most ``batch_size`` sequences whose padded size stays
-    within ``max_bytes`` (a single long sequence still makes a batch of one)."""
+def batches_within(lengths, batch_size: int, max_bytes: int, row_bytes: int):
+    """Lists of indices into ``lengths``, shortest sequences first, of at most ``batch_size``
+    sequences whose padded size stays within ``max_bytes`` (a single long sequence still
+    makes a batch of one)."""
     batch: list = []
-    for seq in sorted(sequences, key=len):  # little padding; the results are means
-        if batch and ((len(batch) + 1) * len(seq) * row_bytes > max_bytes or len(batch) == batch_size):
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):  # little padding
+        if batch and ((len(batch) + 1) * lengths[i] * row_bytes > max_bytes or len(batch) == batch_size):
             yield batch
             batch = []
-        batch.append(seq)
+        batch.append(i)
     if batch:
         yield batch
 
@@ -72,8 +73,9 @@ def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max
     in passes that stay within about ``max_bytes`` of memory."""
     elbos, lls, steps, done = [], [], 0, 0
     n = len(sequences)
-    for batch in batches_within(sequences, batch_size, max_bytes, row_step_bytes(model)):
-        x, mask = pad_batch(batch)
+    lengths = [len(q) for q in sequences]
+    for batch in batches_within(lengths, batch_size, max_bytes, row_step_bytes(model)):
+        x, mask = pad_batch([sequences[i] for i in batch])  # the results are means
         with torch.no_grad():
             elbos.append(model.elbo(x, mask))
             lls.append(model.log_likelihood(x, mask, num_samples=num_samples, max_rows=max_rows,

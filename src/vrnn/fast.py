@@ -12,6 +12,13 @@ gradient matmul per weight per step. ``FusedScan`` does what cuDNN does for an L
   afterwards as ONE matmul over T*B rows per weight, plus the gradients of the loop inputs
   ``ax`` and ``gx`` (per step, stacked), the noise and the initial state.
 
+Mixed precision: under ``torch.autocast`` (bf16 or fp16) every matmul of the scan, forward
+and backward, runs in the autocast dtype with the weights cast once per call; the cell's
+gate arithmetic, the state (h, c) and their gradients through time stay in the weights'
+precision (float32), so the LSTM's memory does not lose bits step after step, and the
+weight gradients come back in float32. Outputs mu, std, z, fz are in the autocast dtype (``VRNN.forward`` computes the
+KL in float32 from them), h_prev and the final state in float32.
+
 Supported: a latent VRNN with a 1-layer LSTM or GRU recurrence (``rnn_layers == 1``), an
 encoder of any depth, a phi_z of depth >= 1, std = softplus + floor. Anything else, and
 any call without grad (evaluation, sampling: the plain loop is fastest there), falls back
@@ -92,23 +99,36 @@ def scan_args(model) -> tuple[tuple, list[Tensor]]:
     return (cell.kind, len(body), len(phiz), float(enc.gauss.std_floor)), params
 
 
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the scan's matmuls run in: autocast's where it is on, else ``dtype``."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
 def scan(model, ax: Tensor, gx: Tensor, eps: Tensor, keep: Tensor | None, state):
     """The fused scan of ``model``, or None where the autograd loop should run instead."""
-    if not torch.is_grad_enabled() or not supports(model):
-        return None
+    if not torch.is_grad_enabled() or not supports(model) or ax.shape[0] != eps.shape[0]:
+        return None  # (several samples per sequence share ax, gx: the plain loop broadcasts)
     meta, params = scan_args(model)
     tensors = [ax, gx, eps, state[0], state[1], *params]
     if not any(t.requires_grad for t in tensors):
         return None  # nothing to differentiate: the plain loop is as fast
-    if len({(t.device, t.dtype) for t in tensors}) != 1:
+    sd = params[0].dtype  # the master precision: weights and state
+    cd = compute_dtype(ax.device, sd)
+    if len({t.device for t in tensors}) != 1 or not sd.is_floating_point:
         return None
-    h_prev, mu, std, z, fz, h_fin, c_fin = FusedScan.apply(meta, ax, gx, eps, keep,
+    if any(t.dtype != sd for t in (state[0], state[1], *params)):
+        return None
+    if any(t.dtype not in (sd, cd) for t in (ax, gx, eps)):
+        return None
+    h_prev, mu, std, z, fz, h_fin, c_fin = FusedScan.apply(meta + (cd,), ax, gx, eps, keep,
                                                            state[0], state[1], *params)
     return h_prev, mu, std, z, fz, (h_fin, c_fin)
 
 
 def _unpack(meta, params):
-    kind, n_body, n_phiz, _ = meta
+    kind, n_body, n_phiz = meta[:3]
     it = iter(params)
     w_eh, w_hh = next(it), next(it)
     b_hh = next(it) if kind == "gru" else None
@@ -122,7 +142,8 @@ def _unpack(meta, params):
 class FusedScan(torch.autograd.Function):
     """The whole scan as one autograd node; see the module docstring.
 
-    Inputs: meta = (cell kind, encoder body depth, phi_z depth, std floor), ax (B,T,E),
+    Inputs: meta = (cell kind, encoder body depth, phi_z depth, std floor, compute dtype),
+    ax (B,T,E),
     gx (B,T,G), eps (B,T,Z), keep (B,T,1) bool or None, h0 and c0 (1,B,H), then the
     weights in ``scan``'s order. Outputs: h_prev (B,T,H), mu, std, z (B,T,Z), fz (B,T,F),
     h_final, c_final (1,B,H).
@@ -130,10 +151,21 @@ class FusedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, ax, gx, eps, keep, h0, c0, *params):
-        # The forward repeats VRNN._scan's arithmetic op for op (same calls, same order,
-        # fresh outputs), so that its values are bit-identical to the autograd loop's and
-        # to the no-grad path's; only what backward needs is kept, per step.
-        kind, n_body, n_phiz, floor = meta
+        # autocast off inside: the dtypes below are chosen explicitly (meta's compute dtype)
+        with torch.autocast(ax.device.type, enabled=False):
+            return FusedScan._forward(ctx, meta, ax, gx, eps, keep, h0, c0, *params)
+
+    @staticmethod
+    def _forward(ctx, meta, ax, gx, eps, keep, h0, c0, *params):
+        # In full precision the forward repeats VRNN._scan's arithmetic op for op (same
+        # calls, same order, fresh outputs), so that its values are bit-identical to the
+        # autograd loop's and to the no-grad path's; only what backward needs is kept.
+        kind, n_body, n_phiz, floor, cd = meta
+        sd = h0.dtype
+        lo = cd != sd  # mixed precision: matmul operands in cd, state in sd
+        ctx.dtypes = (ax.dtype, gx.dtype, eps.dtype)
+        params = tuple(p.to(cd) for p in params)  # no-ops in full precision
+        ax, gx, eps = ax.to(cd), gx.to(cd), eps.to(cd)
         w_eh, w_hh, b_hh, body, w_g, b_g, phiz, w_z = _unpack(meta, params)
         B, T, E = ax.shape
         H, Z = h0.shape[-1], eps.shape[-1]
@@ -148,7 +180,7 @@ class FusedScan(torch.autograd.Function):
         Q = [[] for _ in range(n_phiz)]      # phi_z activations, per layer
         mus, pres, stds, zs, acts = [], [], [], [], []
         for ax_t, gx_t, eps_t, keep_t in zip(ax.unbind(1), gx.unbind(1), eps.unbind(1), keeps):
-            e_h, g_h = F.linear(h, w, b).split(split, dim=-1)
+            e_h, g_h = F.linear(h.to(cd) if lo else h, w, b).split(split, dim=-1)
             u = F.relu(ax_t + e_h)
             U[0].append(u)
             for k, (wk, bk) in enumerate(body):
@@ -162,16 +194,17 @@ class FusedScan(torch.autograd.Function):
                 q = F.relu(F.linear(q, wk, bk))
                 Q[k].append(q)
             gi = gx_t + F.linear(q, w_z)
+            # the cell's gate arithmetic in sd, from the gates' pre-activations on
             if lstm:
-                i, f, g, o = (gi + g_h).chunk(4, dim=-1)
+                i, f, g, o = (gi + g_h).to(sd).chunk(4, dim=-1)
                 si, sf, tg, so = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
                 cn = sf * c + si * tg
                 tc = torch.tanh(cn)
                 hn = so * tc
                 acts.append((si, sf, tg, so, tc))
             else:
-                ir, iz, in_ = gi.chunk(3, dim=-1)
-                hr, hz, hn_ = g_h.chunk(3, dim=-1)
+                ir, iz, in_ = gi.to(sd).chunk(3, dim=-1)
+                hr, hz, hn_ = g_h.to(sd).chunk(3, dim=-1)
                 r, uu = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
                 n = torch.tanh(in_ + r * hn_)
                 hn, cn = (1.0 - uu) * n + uu * h, c
@@ -190,28 +223,42 @@ class FusedScan(torch.autograd.Function):
         del hs, stds, zs
         # (T, B, .) stacks of the layer inputs that the weight gradients need
         U = [torch.stack(u) for u in U]
-        Q = [torch.stack(q) for q in Q[:-1]] + [fz_s.transpose(0, 1)]
-        # Saved on ctx rather than through save_for_backward (lists of per-step tensors);
-        # nothing in the model writes to the outputs in place. They stay until the graph
-        # is freed, so that backward can run again (retain_graph=True, gradcheck).
+        Q = [torch.stack(q) for q in Q[:-1]]  # the last layer's is the output fz
+        # Outputs are saved through save_for_backward: kept on ctx as attributes they would
+        # close a reference cycle (output -> grad_fn -> ctx -> output) that Python's garbage
+        # collector cannot see, leaking every step's activations. The intermediates (lists
+        # of per-step tensors) are plain attributes; nothing in the model writes to the
+        # outputs in place. All stay until the graph is freed, so that backward can run
+        # again (retain_graph=True, gradcheck).
         ctx.meta, ctx.shape = meta, (B, T, E, H, Z)
-        ctx.saved = (cs[:-1], U, Q, pres, acts, h_prev, std_s, z_s, fz_s, eps, keep)
+        ctx.save_for_backward(h_prev, std_s, z_s, fz_s)
+        ctx.saved = (cs[:-1], U, Q, pres, acts, eps, keep)
         ctx.params = params
         return (h_prev, st(mus), std_s, z_s, fz_s, torch.stack([h]), torch.stack([c]))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gHp, gMu, gStd, gZ, gFz, gh_fin, gc_fin):
+    def backward(ctx, *grads):
+        with torch.autocast(grads[0].device.type, enabled=False):
+            return FusedScan._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, gHp, gMu, gStd, gZ, gFz, gh_fin, gc_fin):
         meta, params = ctx.meta, ctx.params
-        kind, n_body, n_phiz, _ = meta
+        kind, n_body, n_phiz, _, cd = meta
         w_eh, w_hh, b_hh, body, w_g, b_g, phiz, w_z = _unpack(meta, params)
-        cs, U, Q, pres, acts, h_prev, std_s, z_s, fz_s, eps, keep = ctx.saved
+        h_prev, std_s, z_s, fz_s = ctx.saved_tensors
+        cs, U, Q, pres, acts, eps, keep = ctx.saved
+        Q = Q + [fz_s.transpose(0, 1)]
         B, T, E, H, Z = ctx.shape
         lstm = kind == "lstm"
+        sd = h_prev.dtype
+        lo = cd != sd  # per-step gradients of matmul operands in cd; dh, dc in sd
         G = w_hh.shape[0]
         gHp, gMu, gStd, gZ, gFz, epsT, hpT = (x.transpose(0, 1) for x in
                                               (gHp, gMu, gStd, gZ, gFz, eps, h_prev))
-        new = h_prev.new_empty
+        gMu, gStd, gZ, gFz = (x.to(cd) for x in (gMu, gStd, gZ, gFz))
+        new = lambda *shape: torch.empty(shape, dtype=cd, device=h_prev.device)  # noqa: E731
         DEG = new(T, B, E + G)  # [d pre-act of the encoder's first layer | d (w_h h)]
         DGI = DEG[:, :, E:] if lstm else new(T, B, G)  # d input gates (= d (w_h h) for LSTM)
         DA = [DEG[:, :, :E]] + [new(T, B, E) for _ in range(n_body)]
@@ -219,6 +266,7 @@ class FusedScan(torch.autograd.Function):
         DP = [new(T, B, q.shape[-1]) for q in Q]
         w_cat = torch.cat([w_eh, w_hh], 0)  # (E+G, H): one matmul back into h_{t-1}
         one = h_prev.new_ones(())
+        dsf = h_prev.new_empty(B, G) if lo else None
         dh = gh_fin[0].clone()
         dc = gc_fin[0].clone()
         if keep is not None:
@@ -233,7 +281,7 @@ class FusedScan(torch.autograd.Function):
                     cc = dc * nk[t]
             else:
                 dhn, dcn = dh, dc
-            ds = DGI[t]
+            ds = dsf if lo else DGI[t]  # gate gradients, in sd
             if lstm:
                 si, sf, tg, so, tc = acts[t]
                 dct = torch.addcmul(dcn, dhn * so, torch.addcmul(one, tc, tc, value=-1))
@@ -252,8 +300,10 @@ class FusedScan(torch.autograd.Function):
                 torch.mul(dhn * (hpT[t] - n), torch.addcmul(u, u, u, value=-1), out=ds[:, H:2 * H])
                 DEG[t][:, E:E + 2 * H] = ds[:, :2 * H]
                 torch.mul(dnp, r, out=DEG[t][:, E + 2 * H:])
+            if lo:
+                DGI[t].copy_(ds)
             # phi_z, then z = mu + std * eps
-            dq = torch.addmm(gFz[t], ds, w_z)
+            dq = torch.addmm(gFz[t], DGI[t], w_z)
             for k in range(n_phiz - 1, -1, -1):
                 dp = _tb(dq, Q[k][t], 0, grad_input=DP[k][t])
                 wk = phiz[k][0]
@@ -269,7 +319,7 @@ class FusedScan(torch.autograd.Function):
                 du = da @ body[k][0]
             _tb(du, U[0][t], 0, grad_input=DA[0][t])
             # back into h_{t-1}: encoder's first layer and w_h together, plus h_prev's grad
-            dh = torch.addmm(gHp[t], DEG[t], w_cat)
+            dh = gHp[t] + DEG[t] @ w_cat if lo else torch.addmm(gHp[t], DEG[t], w_cat)
             if not lstm:
                 dh.addcmul_(dhn, u)  # the u * h_{t-1} path
             if keep is not None:
@@ -278,22 +328,24 @@ class FusedScan(torch.autograd.Function):
         TB = T * B
         rows = lambda x: x.reshape(TB, x.shape[-1])  # noqa: E731
         need = ctx.needs_input_grad
-        d_wcat = rows(DEG).t() @ rows(hpT)
+        bsum = lambda x: rows(x).sum(0, dtype=sd)  # noqa: E731  (bias gradients)
+        d_wcat = rows(DEG).t() @ rows(hpT.to(cd))
         grads = [d_wcat[:E], d_wcat[E:]]
         if not lstm:
-            grads.append(rows(DEG[:, :, E:]).sum(0))
+            grads.append(bsum(DEG[:, :, E:]))
         Us = [rows(u) for u in U]
         for k in range(n_body):
-            grads += [rows(DA[k + 1]).t() @ Us[k], rows(DA[k + 1]).sum(0)]
-        grads += [rows(DO).t() @ Us[-1], rows(DO).sum(0)]
+            grads += [rows(DA[k + 1]).t() @ Us[k], bsum(DA[k + 1])]
+        grads += [rows(DO).t() @ Us[-1], bsum(DO)]
         for k in range(n_phiz):
             inp = rows(z_s.transpose(0, 1)) if k == 0 else rows(Q[k - 1])
-            grads += [rows(DP[k]).t() @ inp, rows(DP[k]).sum(0)]
+            grads += [rows(DP[k]).t() @ inp, bsum(DP[k])]
         grads.append(rows(DGI).t() @ rows(fz_s.transpose(0, 1)))
-        dax = DA[0].transpose(0, 1) if need[1] else None
-        dgx = DGI.transpose(0, 1) if need[2] else None
-        deps = DZ.transpose(0, 1) * std_s if need[3] else None
+        dt_ax, dt_gx, dt_eps = ctx.dtypes
+        dax = DA[0].transpose(0, 1).to(dt_ax) if need[1] else None
+        dgx = DGI.transpose(0, 1).to(dt_gx) if need[2] else None
+        deps = (DZ.transpose(0, 1) * std_s).to(dt_eps) if need[3] else None
         dh0 = dh.unsqueeze(0) if need[5] else None
         dc0 = (dc.unsqueeze(0) if lstm else gc_fin.clone()) if need[6] else None
-        grads = [gr if need[7 + i] else None for i, gr in enumerate(grads)]
+        grads = [gr.to(sd) if need[7 + i] else None for i, gr in enumerate(grads)]
         return (None, dax, dgx, deps, None, dh0, dc0, *grads)

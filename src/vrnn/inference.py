@@ -32,9 +32,10 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None,
     return loss, tr
 
 
-def log_weights(model, x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """log p(x, z) - log q(z | x) per sequence for one posterior sample per row, Tensor[B]."""
-    tr = model(x, mask)
+def log_weights(model, x: Tensor, mask: Tensor | None = None, samples: int = 1) -> Tensor:
+    """log p(x, z) - log q(z | x) per sequence and posterior sample, Tensor[samples*B]
+    (sample-major: entry k*B + b is sample k of sequence b)."""
+    tr = model(x, mask, samples=samples)
     if tr.z is None:
         return tr.log_px.sum(1)
     log_pz = gaussian_log_prob(tr.z, tr.mu_p, tr.std_p)
@@ -62,7 +63,9 @@ def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: in
     log p(x) ~= log (1/K) sum_k p(x, z_k) / q(z_k | x),  z_k ~ q. The K samples run as one
     batch of K*B rows, split into passes of at most ``max_rows`` rows and about
     ``max_bytes`` of memory (``row_step_bytes`` per row and step; no Python loop over
-    single samples; one sample per pass at least: split the batch for less). Exact for the RNN rows, which have no latent. The
+    single samples; one sample per pass at least: split the batch for less). What does not
+    depend on z (phi_x, the x-parts of the first layers) is computed once per pass and
+    shared by its samples. Exact for the RNN rows, which have no latent. The
     estimate is a lower bound in expectation that tightens as K grows; K=1 is the ELBO's
     single-sample estimate.
     """
@@ -75,9 +78,7 @@ def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: in
     chunks = []
     for start in range(0, num_samples, per_pass):
         k = min(per_pass, num_samples - start)
-        xr = x.repeat(k, 1, 1)
-        mr = None if mask is None else mask.repeat(k, 1)
-        chunks.append(log_weights(model, xr, mr).view(k, B))
+        chunks.append(log_weights(model, x, mask, samples=k).view(k, B))
     lw = torch.cat(chunks, dim=0)
     return torch.logsumexp(lw, dim=0) - math.log(num_samples)
 

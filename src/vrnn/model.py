@@ -161,6 +161,13 @@ class Trace:
     kl_dims: Tensor | None = None  # (B, T, Z) KL per latent dimension
 
 
+def _add_shared(shared: Tensor, rows: Tensor) -> Tensor:
+    """shared (B, D) + rows (k*B, D), row k*B + b getting shared[b]; k = 1 is a plain sum."""
+    if shared.shape[0] == rows.shape[0]:
+        return shared + rows
+    return (rows.view(-1, *shared.shape) + shared).view(rows.shape)
+
+
 def _check_mask(x: Tensor, mask: Tensor | None) -> Tensor | None:
     if mask is None:
         return None
@@ -210,28 +217,42 @@ class VRNN(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor, mask: Tensor | None = None, state: State | None = None,
-                noise: Tensor | None = None) -> Trace:
+                noise: Tensor | None = None, samples: int = 1) -> Trace:
         """One pass over a batch: every per-step term, batched over time where possible.
 
-        ``noise`` (B, T, z_dim) fixes the reparameterisation noise (standard normal draws
-        by default); ``state`` continues from a previous chunk (truncated BPTT).
+        ``noise`` (samples*B, T, z_dim) fixes the reparameterisation noise (standard normal
+        draws by default); ``state`` continues from a previous chunk (truncated BPTT).
+        ``samples`` > 1 draws that many posterior samples per sequence in one pass: the
+        Trace has samples*B rows, sample-major (row k*B + b is sample k of sequence b), and
+        what does not depend on z (phi_x and the x-parts of the encoder's and the cell's
+        first layers) is computed once per sequence, not once per sample.
         """
         if x.dim() != 3 or x.shape[-1] != self.cfg.x_dim:
             raise ValueError(f"x must be (B, T, {self.cfg.x_dim}), got {tuple(x.shape)}")
         mask = _check_mask(x, mask)
         if mask is not None:  # padded values never reach any network
             x = x.masked_fill(mask.unsqueeze(-1) == 0, 0.0)  # not x * mask: NaN * 0 = NaN
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        if samples > 1 and not self.cfg.latent:
+            raise ValueError(f"samples={samples}: an RNN row has no latent to sample")
+        fx = self.phi_x(x)
+        if not self.cfg.latent:
+            if state is None:
+                state = self.initial_state(x.shape[0], x.device, x.dtype)
+            return self._forward_rnn(x, fx, mask, state)
+        ax, gx = self.encoder.in_x(fx), self.cell.w_x(fx)  # (B, T, .): shared by the samples
+        if samples > 1:
+            x = x.repeat(samples, 1, 1)
+            mask = None if mask is None else mask.repeat(samples, 1)
+            state = None if state is None else tuple(s.repeat(1, samples, 1) for s in state)
         B, T, _ = x.shape
         if state is None:
             state = self.initial_state(B, x.device, x.dtype)
-        fx = self.phi_x(x)
-        if not self.cfg.latent:
-            return self._forward_rnn(x, fx, mask, state)
         if noise is None:
             noise = torch.randn(B, T, self.cfg.z_dim, device=x.device, dtype=x.dtype)
         keep = None if mask is None else mask.unsqueeze(-1) > 0
-        h_prev, mu_q, std_q, z, fz, state = self._scan(
-            self.encoder.in_x(fx), self.cell.w_x(fx), noise, keep, state)
+        h_prev, mu_q, std_q, z, fz, state = self._scan(ax, gx, noise, keep, state)
         mu_p, std_p = self.prior_params(h_prev)
         params = self.head(self.decoder(torch.cat([fz, h_prev], dim=-1)))
         # under autocast (bf16) the networks run in low precision; the KL and the
@@ -249,7 +270,9 @@ class VRNN(nn.Module):
         """The sequential chain: encoder -> sample z_t -> phi_z -> cell, with plain autograd.
 
         ``ax`` (B, T, E) and ``gx`` (B, T, G) are the x-parts of the encoder's first layer
-        and the cell's input gates, computed for all steps before the loop. Time is indexed
+        and the cell's input gates, computed for all steps before the loop; with k samples
+        per sequence, ``eps`` and the state have k*B rows and ``ax``/``gx`` are broadcast
+        to them (``_add_shared``) rather than copied k times. Time is indexed
         with ``unbind`` (slicing a tensor that needs grad per step costs a full-size
         gradient buffer per step in backward).
         """
@@ -275,10 +298,10 @@ class VRNN(nn.Module):
                 e_h, g_h = F.linear(top, w, b).split(split, dim=-1)
             else:
                 e_h, g_h = enc.in_h(top), cell.w_h(hs[0])
-            mu, std = enc.from_first_layer(ax_t + e_h)
+            mu, std = enc.from_first_layer(_add_shared(ax_t, e_h))
             z = mu + std * eps_t
             fz = self.phi_z(z)
-            hs, cs = cell.step(gx_t + cell.w_z(fz), g_h, hs, cs, keep_t)
+            hs, cs = cell.step(_add_shared(gx_t, cell.w_z(fz)), g_h, hs, cs, keep_t)
             out_h.append(top)
             out_mu.append(mu)
             out_std.append(std)
