@@ -16,8 +16,9 @@ Mixed precision: under ``torch.autocast`` (bf16 or fp16) every matmul of the sca
 and backward, runs in the autocast dtype with the weights cast once per call; the cell's
 gate arithmetic, the state (h, c) and their gradients through time stay in the weights'
 precision (float32), so the LSTM's memory does not lose bits step after step, and the
-weight gradients come back in float32. Outputs mu, std, z, fz are in the autocast dtype (``VRNN.forward`` computes the
-KL in float32 from them), h_prev and the final state in float32.
+weight gradients come back in float32. Outputs mu, std, z, fz are in the autocast dtype
+(``VRNN.forward`` computes the KL in float32 from them), h_prev and the final state in
+float32.
 
 Supported: a latent VRNN with a 1-layer LSTM or GRU recurrence (``rnn_layers == 1``), an
 encoder of any depth, a phi_z of depth >= 1, std = softplus + floor. Anything else, and
@@ -143,9 +144,8 @@ class FusedScan(torch.autograd.Function):
     """The whole scan as one autograd node; see the module docstring.
 
     Inputs: meta = (cell kind, encoder body depth, phi_z depth, std floor, compute dtype),
-    ax (B,T,E),
-    gx (B,T,G), eps (B,T,Z), keep (B,T,1) bool or None, h0 and c0 (1,B,H), then the
-    weights in ``scan``'s order. Outputs: h_prev (B,T,H), mu, std, z (B,T,Z), fz (B,T,F),
+    ax (B,T,E), gx (B,T,G), eps (B,T,Z), keep (B,T,1) bool or None, h0 and c0 (1,B,H),
+    then the weights in ``scan``'s order. Outputs: h_prev (B,T,H), mu, std, z (B,T,Z), fz (B,T,F),
     h_final, c_final (1,B,H).
     """
 
@@ -194,7 +194,7 @@ class FusedScan(torch.autograd.Function):
                 q = F.relu(F.linear(q, wk, bk))
                 Q[k].append(q)
             gi = gx_t + F.linear(q, w_z)
-            # the cell's gate arithmetic in sd, from the gates' pre-activations on
+            # the cell's arithmetic in sd from the gates' pre-activations on
             if lstm:
                 i, f, g, o = (gi + g_h).to(sd).chunk(4, dim=-1)
                 si, sf, tg, so = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
