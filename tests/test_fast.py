@@ -114,10 +114,11 @@ def test_float32_close():
 
 @pytest.mark.parametrize("cell,masked", [("lstm", False), ("lstm", True), ("gru", True)])
 def test_mixed_precision_path_against_full_precision(cell, masked):
-    """The mixed-precision arithmetic (matmul operands in a lower compute dtype, state and
+    """The mixed-precision code path (matmul operands in a lower compute dtype, state and
     its gradients in the weights' dtype), exercised with compute float32 under float64
-    weights, so that the tolerance can be tight: any operand in the wrong dtype, or any
-    gradient lost in a cast, shows up far above float32 rounding."""
+    weights so that the tolerance can be tight: a gradient lost, mis-routed or mis-cast
+    between the two dtypes shows up far above float32 rounding. Which dtype each op runs
+    in is test_mixed_precision_dtypes_of_every_op's business."""
     model = make(cell, enc_layers=2, phi_z_layers=2, h=16, z=3)
     meta, params = scan_args(model)
     out, grads = {}, {}
@@ -216,3 +217,65 @@ def test_graph_and_activations_freed_after_a_step(bf16):
     refs = [weakref.ref(t) for t in (tr.h_prev, tr.z, tr.std_q, tr.state[0])]
     del tr, loss
     assert all(r() is None for r in refs)  # freed by reference counting, no gc needed
+
+
+def test_float64_model_under_autocast_stays_float64():
+    """Autocast leaves float64 alone; so does the fused scan (it must not drop to bf16)."""
+    grads = {}
+    for impl in ("autograd", "fused"):
+        model = set_scan(make(h=8), impl)
+        x = torch.randn(2, 5, 4, dtype=torch.double, generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(2, 5, 3, dtype=torch.double, generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tr = model(x, noise=noise)
+        assert (type(tr.h_prev.grad_fn).__name__ == "FusedScanBackward") == (impl == "fused")
+        (tr.log_px - tr.kl).sum().backward()
+        grads[impl] = [p.grad for p in model.parameters()]
+    for a, b in zip(grads["autograd"], grads["fused"]):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_mixed_precision_dtypes_of_every_op(cell):
+    """Which precision each op of the mixed-precision scan runs in, op by op (recorded with
+    a dispatch mode; compute float32 under float64 weights): every matmul in the compute
+    dtype, and all of the cell's arithmetic on (B, H) and (B, gates) tensors, forward and
+    backward, on float64 inputs only, so that neither the saved activations nor the
+    gradients through time are ever rounded to the compute dtype."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            ins = [a for a in tree_leaves(args) if isinstance(a, torch.Tensor)]
+            outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
+            self.ops.append((func.overloadpacket.__name__, ins, outs, "out" in kwargs))
+            return out
+
+    H, Z, B = 16, 3, 2
+    model = make(cell, enc_layers=2, phi_z_layers=2, h=H, z=Z)
+    meta, params = scan_args(model)
+    ax, gx, eps, keep, (h0, c0) = scan_inputs(model, B, 6, True)
+    G = gx.shape[-1]
+    ps = [p.detach().clone().requires_grad_() for p in params]
+    with Record() as rec:
+        res = FusedScan.apply(meta + (torch.float32,), ax, gx, eps, keep, h0, c0, *ps)
+        sum(r.double().sum() for r in res).backward()
+    cell_ops = {"sigmoid", "tanh", "mul", "addcmul", "rsub", "sub", "where"}
+    checked = 0
+    for name, ins, outs, has_out in rec.ops:
+        if name in ("mm", "addmm"):
+            assert all(t.dtype == torch.float32 for t in ins), (name, [t.dtype for t in ins])
+        elif name in cell_ops and any(t.dim() == 2 and t.shape[-1] in (H, G) for t in ins):
+            assert all(t.dtype == torch.double for t in ins if t.dim() > 0 and t.is_floating_point()), \
+                (name, [(t.dtype, tuple(t.shape)) for t in ins])
+            if cell == "lstm" and not has_out:
+                assert all(t.dtype == torch.double for t in outs), name
+            checked += 1
+    assert checked > 6 * 10  # the cell's ops, every step, were seen

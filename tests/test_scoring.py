@@ -503,5 +503,7 @@ def test_samples_share_features_and_equal_repeated_rows(preset):
         torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="samples"):
         model(x, samples=0)
+    with pytest.raises(ValueError, match="noise must have shape"):  # one row per sample
+        model(x, samples=3, noise=noise[:4])
     with pytest.raises(ValueError, match="no latent"):
         make_model("rnn-gauss", x_dim=3)(x, samples=2)

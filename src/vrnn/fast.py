@@ -101,15 +101,16 @@ def scan_args(model) -> tuple[tuple, list[Tensor]]:
 
 
 def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the scan's matmuls run in: autocast's where it is on, else ``dtype``."""
-    if torch.is_autocast_enabled(device.type):
+    """The dtype the scan's matmuls run in: autocast's where it is on and would cast
+    weights of ``dtype`` (float32; it leaves float64 alone), else ``dtype``."""
+    if dtype == torch.float32 and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return dtype
 
 
 def scan(model, ax: Tensor, gx: Tensor, eps: Tensor, keep: Tensor | None, state):
     """The fused scan of ``model``, or None where the autograd loop should run instead."""
-    if not torch.is_grad_enabled() or not supports(model) or ax.shape[0] != eps.shape[0]:
+    if not torch.is_grad_enabled() or not supports(model) or ax.shape[0] != state[0].shape[1]:
         return None  # (several samples per sequence share ax, gx: the plain loop broadcasts)
     meta, params = scan_args(model)
     tensors = [ax, gx, eps, state[0], state[1], *params]

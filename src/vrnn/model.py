@@ -251,6 +251,9 @@ class VRNN(nn.Module):
             state = self.initial_state(B, x.device, x.dtype)
         if noise is None:
             noise = torch.randn(B, T, self.cfg.z_dim, device=x.device, dtype=x.dtype)
+        elif noise.shape != (B, T, self.cfg.z_dim):
+            raise ValueError(f"noise must have shape {(B, T, self.cfg.z_dim)} (samples*B, T, z_dim), "
+                             f"got {tuple(noise.shape)}")
         keep = None if mask is None else mask.unsqueeze(-1) > 0
         h_prev, mu_q, std_q, z, fz, state = self._scan(ax, gx, noise, keep, state)
         mu_p, std_p = self.prior_params(h_prev)
