@@ -276,3 +276,24 @@ def test_lasa_and_chorales_train_and_sample(tmp_path, tiny_config, monkeypatch):
         assert model.cfg.output == ("bernoulli" if name == "chorales" else "gauss")
     roll = np.load(sorted((tmp_path / "chorales" / "s").glob("*.npy"))[0])
     assert set(np.unique(roll)) <= {0.0, 1.0}  # piano-roll samples are binary
+
+
+def test_bf16_mixed_training_on_cpu_runs_the_fused_scan(arrays, tiny_config, tmp_path, monkeypatch):
+    """--precision bf16-mixed on CPU: the fused scan runs in bf16 (chunks of truncated BPTT
+    carrying the float32 state), the checkpoint holds finite float32 weights."""
+    from vrnn import fast
+    seen = []
+    apply = fast.FusedScan.apply
+
+    def spy(meta, *args):
+        seen.append(meta[-1])
+        return apply(meta, *args)
+
+    monkeypatch.setattr(fast.FusedScan, "apply", spy)
+    out = tmp_path / "bf16"
+    assert train(arrays, out, tiny_config, "vrnn-gauss", 1, "--precision", "bf16-mixed",
+                 "--tbptt", 5) == 0
+    assert seen and set(seen) == {torch.bfloat16}
+    state = torch.load(out / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all()
+               for v in state.values() if v.is_floating_point())
