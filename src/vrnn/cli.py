@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", default=None, help="auto, ddp, ddp_spawn, ...")
     t.add_argument("--num-nodes", type=int, default=None)
     t.add_argument("--precision", default=None,
-                   help="32-true (default) or bf16-mixed: bf16 matmuls, float32 state, KL and "
+                   help="32-true (default) or bf16-mixed: bf16 matmuls, float32 weights, KL and "
                         "log-probabilities; faster at speech sizes on GPUs and AVX512-BF16/AMX "
                         "CPUs, slower for small models (see README, Mixed precision)")
     t.add_argument("--limit-train-batches", type=int, default=None,
