@@ -70,9 +70,11 @@ IMPLS = ("reference", "autograd", "fused", "bf16", "reference-bf16")
 GPU_IMPLS = ("graphed", "bf16-graphed")  # CUDA only
 
 
+CLIP = 10.0
+
+
 def is_bf16(impl: str) -> bool:
     return "bf16" in impl
-CLIP = 10.0
 
 
 # ---------------------------------------------------------------------------- helpers
