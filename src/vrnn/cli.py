@@ -284,18 +284,14 @@ def cmd_sample(a) -> int:
 def cmd_latents(a) -> int:
     import numpy as np
     import torch
-    from .data import pad_batch
-    from .evaluate import batches_within, load_for_scoring
-    from .inference import row_step_bytes
+    from .evaluate import load_for_scoring, padded_batches
     from .writers import write_npz
     torch.manual_seed(a.seed)
     model, _, _, _, idx, seqs = load_for_scoring(a.checkpoint, a.data, a.split)
     lengths = [len(s) for s in seqs]
     T = max(lengths)
     arrays: dict[str, np.ndarray] = {}  # (N, T, ...) in the split's order, zero-padded
-    for batch in batches_within(lengths, a.batch_size, int(a.max_memory * 2 ** 20),
-                                row_step_bytes(model)):
-        x, mask = pad_batch([seqs[i] for i in batch])
+    for batch, x, mask in padded_batches(model, seqs, a.batch_size, int(a.max_memory * 2 ** 20)):
         for k, v in model.latents(x, mask, sample=a.sample).items():
             if k == "h":
                 continue

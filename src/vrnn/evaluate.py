@@ -67,15 +67,21 @@ def batches_within(lengths, batch_size: int, max_bytes: int, row_bytes: int):
         yield batch
 
 
+def padded_batches(model, sequences, batch_size: int, max_bytes: int):
+    """(indices, x, mask) for the passes ``batches_within`` cuts from ``sequences``, sized
+    by ``model``'s per-row-step memory estimate."""
+    lengths = [len(q) for q in sequences]
+    for batch in batches_within(lengths, batch_size, max_bytes, row_step_bytes(model)):
+        yield (batch, *pad_batch([sequences[i] for i in batch]))
+
+
 def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max_bytes=2 ** 30,
              progress=True) -> dict:
     """ELBO and IS log-likelihood summed per sequence over ``sequences`` (normalised arrays),
     in passes that stay within about ``max_bytes`` of memory."""
     elbos, lls, steps, done = [], [], 0, 0
     n = len(sequences)
-    lengths = [len(q) for q in sequences]
-    for batch in batches_within(lengths, batch_size, max_bytes, row_step_bytes(model)):
-        x, mask = pad_batch([sequences[i] for i in batch])  # the results are means
+    for batch, x, mask in padded_batches(model, sequences, batch_size, max_bytes):
         with torch.no_grad():
             elbos.append(model.elbo(x, mask))
             lls.append(model.log_likelihood(x, mask, num_samples=num_samples, max_rows=max_rows,
