@@ -3,7 +3,7 @@
 Modelled on emited/VariationalRecurrentNeuralNetwork: every network runs inside the Python
 loop over time -- phi_x, encoder, prior, decoder, phi_z, an ``nn.LSTMCell``, and the KL and
 Gaussian log-likelihood terms per step. Sizes and maths are those of
-``vrnn.VRNN(VRNNConfig.preset("vrnn-gauss", ...))`` with 1-layer MLPs of width h_dim, a
+``vrnn.build(VRNNConfig.preset("vrnn-gauss", ...))`` with 1-layer MLPs of width h_dim, a
 1-layer LSTM and std = softplus + 1e-4, so the two have the same parameter count and, with
 the same weights and noise, the same ELBO (``load_from`` copies the weights; run this file
 to check both).
@@ -102,11 +102,11 @@ class ReferenceVRNN(nn.Module):
 
 
 def _check() -> None:
-    from vrnn import VRNN, VRNNConfig
+    from vrnn import VRNNConfig, build
 
     torch.manual_seed(0)
     for x_dim, h, z in ((200, 512, 128), (3, 256, 32)):
-        model = VRNN(VRNNConfig.preset("vrnn-gauss", x_dim=x_dim, h_dim=h, z_dim=z)).double()
+        model = build(VRNNConfig.preset("vrnn-gauss", x_dim=x_dim, h_dim=h, z_dim=z)).double()
         ref = ReferenceVRNN(x_dim, h, z).double()
         print(f"x_dim {x_dim} h {h} z {z}: parameters vrnn {model.num_parameters():,} "
               f"reference {ref.num_parameters():,}")

@@ -4,6 +4,8 @@
     python benchmarks/speed.py --device cuda            # adds the paper-scale workload
     python benchmarks/speed.py --threads-study          # 1 vs 2 intra-op threads
     python benchmarks/speed.py --workloads handwriting --impl reference,fused --repeats 5
+    python benchmarks/speed.py --family --smc --heads  # SRNN, IWAE/FIVO and SMC, the ar head
+                                                        # (benchmarks/successors.py), only those
 
 Implementations (``--impl``):
   reference  benchmarks/reference.py: every network and loss term inside the time loop
@@ -57,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import ReferenceVRNN  # noqa: E402
 
 import vrnn  # noqa: E402
-from vrnn import VRNN, VRNNConfig  # noqa: E402
+from vrnn import VRNNConfig, build  # noqa: E402
 from vrnn.fast import set_scan  # noqa: E402
 from vrnn.inference import log_likelihood, log_weights  # noqa: E402
 
@@ -90,8 +92,8 @@ def build(impl: str, wl: dict, device: str, seed: int = 0):
         model = ReferenceVRNN(wl["x_dim"], wl["h"], wl["z"]).to(device)
         loss_fn = lambda x: -model(x).sum() / (x.shape[0] * x.shape[1])  # noqa: E731
         return model, loss_fn
-    model = VRNN(VRNNConfig.preset("vrnn-gauss", x_dim=wl["x_dim"], h_dim=wl["h"],
-                                   z_dim=wl["z"])).to(device)
+    model = build(VRNNConfig.preset("vrnn-gauss", x_dim=wl["x_dim"], h_dim=wl["h"],
+                                    z_dim=wl["z"])).to(device)
     set_scan(model, "autograd" if impl == "autograd" else "fused")
     loss_fn = lambda x: -model.elbo(x).sum() / (x.shape[0] * x.shape[1])  # noqa: E731
     return model, loss_fn
@@ -314,7 +316,7 @@ def verify(device: str) -> list[str]:
                 torch.manual_seed(0)
                 cfg = VRNNConfig.preset("vrnn-gauss", x_dim=5, h_dim=16, z_dim=4, cell=cell,
                                         enc_layers=2)
-                model = set_scan(VRNN(cfg).to(device, torch.float64), impl)
+                model = set_scan(build(cfg).to(device, torch.float64), impl)
                 g = torch.Generator().manual_seed(1)
                 x = torch.randn(4, 9, 5, generator=g, dtype=torch.float64).to(device)
                 noise = torch.randn(4, 9, 4, generator=g, dtype=torch.float64).to(device)
@@ -329,6 +331,46 @@ def verify(device: str) -> list[str]:
                          f"over ELBO and all grads = {diff:.2e}")
             assert diff < 1e-8, lines[-1]
     return lines
+
+
+def successors(args, dev: str, results: dict) -> None:
+    """The --family / --smc / --heads sections (benchmarks/successors.py)."""
+    import successors as su
+    if args.family:
+        rows = su.bench_family(interleaved, dev, args.warmup, args.repeats)
+        print(f"\nTraining step at matched parameter counts (ELBO, fused loops), median of {args.repeats}")
+        print(f"{'workload':<28} {'model':<28} {'params':>9} {'step ms':>9} {'vs RNN':>7} {'vs VRNN':>8}")
+        for r in rows:
+            print(f"{r['workload']:<28} {r['model']:<28} {r['params']:>9,} {r['ms']:>9.1f} "
+                  f"{r['vs_rnn']:>6.2f}x {r['vs_vrnn']:>7.2f}x")
+        results["family"] = rows
+    if args.smc:
+        r = su.bench_smc(interleaved, dev, args.is_repeats)
+        print(f"\nEvaluation with K = 40 (no grad), median of {args.is_repeats}")
+        for e in r["eval"]:
+            print(f"  {e['workload']:<12} SMC {e['smc_ms']:.0f} ms ({e['smc_vs_looped']:.2f}x vs 40 single "
+                  f"passes), IS batched {e['is_ms']:.0f} ms ({e['is_vs_looped']:.2f}x), 40 passes "
+                  f"{e['looped_ms']:.0f} ms")
+        print("Training step with K = 4 particles against an ELBO step")
+        for t in r["train"]:
+            print(f"  {t['workload']:<12} {'bf16' if t['bf16'] else 'fp32'}  ELBO {t['elbo_ms']:.0f} ms, "
+                  f"IWAE {t['iwae_ms']:.0f} ms ({t['iwae_vs_elbo']:.2f}x), FIVO {t['fivo_ms']:.0f} ms "
+                  f"({t['fivo_vs_elbo']:.2f}x)")
+        results["smc"] = r
+    if args.heads:
+        r = su.bench_heads(interleaved, dev, args.repeats)
+        print(f"\nOutput heads at x_dim 200 (log_prob + backward, 64 x 40 rows, 512 features), "
+              f"median of {args.repeats}")
+        for h in r["heads"]:
+            print(f"  {h['head']:<24} {h['params']:>9,} params {h['ms']:>8.1f} ms  {h['vs_gmm']:.2f}x the GMM's")
+        print("Whole VRNN training step (speech-like: T 40, B 64, h 512, z 128) by head")
+        for h in r["steps"]:
+            print(f"  {h['head']:<24} {h['params']:>9,} params {h['ms']:>8.1f} ms  {h['vs_gmm']:.2f}x the GMM's")
+        print("Generating 2 s of speech (160 frames of 200 samples, one sequence)")
+        for g in r["generation"]:
+            print(f"  {g['head']:<24} {g['seconds_for_2s_of_speech']:.2f} s ({g['realtime_factor']:.2f}x real time)")
+        results["heads"] = r
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 
 # ---------------------------------------------------------------------------- main
@@ -351,6 +393,12 @@ def main(argv=None) -> int:
                     help="only compare 1 vs 2 intra-op threads on the CPU workloads")
     ap.add_argument("--verify", action="store_true",
                     help="first check fused == autograd (outputs, all grads) on the device")
+    ap.add_argument("--family", action="store_true",
+                    help="SRNN-Gauss vs RNN-Gauss vs VRNN-Gauss steps at matched parameter counts")
+    ap.add_argument("--smc", action="store_true",
+                    help="SMC evaluation vs K single passes; IWAE and FIVO steps vs an ELBO step")
+    ap.add_argument("--heads", action="store_true",
+                    help="the autoregressive head vs the Gaussian and GMM heads; sampling 2 s of speech")
     ap.add_argument("--json", default=None, help="write all results to this file")
     ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -378,7 +426,9 @@ def main(argv=None) -> int:
     if args.verify:
         for line in verify(dev):
             print(line)
-    if args.threads_study:
+    if args.family or args.smc or args.heads:
+        successors(args, dev, results)
+    elif args.threads_study:
         cpu_wls = [w for w in wls if not WORKLOADS[w]["gpu_only"]]
         rows = thread_study(cpu_wls, impls, args.warmup, args.repeats)
         print("\nTraining step, 1 vs 2 intra-op threads (interleaved; median of "

@@ -56,7 +56,7 @@ def test_train_evaluate_sample_latents(arrays, tiny_config, tmp_path, capsys):
     assert train(arrays, out, tiny_config) == 0
     assert (out / "best.ckpt").exists() and (out / "last.ckpt").exists()
     metrics = (out / "logs" / "csv" / "metrics.csv").read_text()
-    assert "valid/elbo" in metrics and "train/elbo" in metrics
+    assert "valid/elbo" in metrics and "valid/bound" in metrics and "train/bound" in metrics
     assert list((out / "logs" / "tb").glob("events.out.tfevents*"))
     capsys.readouterr()
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ import torch
 
 
 from vrnn.data import (DATASETS, Normalizer, SequenceSet, cache_dir, describe, fetch, load,  # noqa: E402
-                       pad_batch, split, tbptt_chunks)
+                       pad_batch, recognise, split)
 from vrnn.data import audio as audio_mod  # noqa: E402
 fetch_mod = importlib.import_module("vrnn.data.fetch")  # the module (vrnn.data.fetch is the function)
 from vrnn.data.pianoroll import active_pitches, to_pianoroll  # noqa: E402
@@ -144,13 +147,49 @@ def test_nist_sphere_wav_is_read(tmp_path):
 # --------------------------------------------------------------------------- IAM
 
 
+STEPS = np.array([[0, 10, 10], [1, 15, -5], [0, 15, -5], [1, 10, -10]], dtype=np.float32)  # of IAM_XML
+
+
 def test_iam_strokes(tmp_path):
-    d = load(str(write_iam(tmp_path / "a01-000u-01.xml")))
+    d = load(str(write_iam(tmp_path / "a01-000u-01.xml")), dequantize=False)
     assert d.kind == "handwriting" and d.meta["pen"] is True and d.dim == 3
+    assert d.meta["dequantized"] is False
+    # 5 points -> 4 steps: the first point has no previous one and is dropped; each step is
+    # the offset to its point, pen = 1 where that point ends a stroke; y flipped: up is positive
+    np.testing.assert_array_equal(d.sequences[0], STEPS)
+
+
+def test_iam_dequantized_deterministically(tmp_path):
+    f = write_iam(tmp_path / "a01-000u-01.xml")
+    d = load(str(f))
     x = d.sequences[0]
-    np.testing.assert_array_equal(x[:, 0], [0, 0, 1, 0, 1])  # pen lifts after each stroke's last point
-    np.testing.assert_array_equal(x[:, 1], [0, 10, 15, 15, 10])
-    np.testing.assert_array_equal(x[:, 2], [0, 10, -5, -5, -10])  # y flipped: up is positive
+    assert d.meta["dequantized"] is True and x.shape == STEPS.shape
+    np.testing.assert_array_equal(x[:, 0], STEPS[:, 0])  # pen bits untouched
+    noise = x[:, 1:] - STEPS[:, 1:]
+    assert (np.abs(noise) <= 0.5).all() and (noise != 0).all()
+    np.testing.assert_array_equal(load(str(f)).sequences[0], x)  # the same every load
+    # seeded by the file's name, so the same wherever the file lies
+    copy = write_iam(tmp_path / "elsewhere" / "a01-000u-01.xml")
+    np.testing.assert_array_equal(load(str(copy.parent)).sequences[0], x)
+    other = load(str(write_iam(tmp_path / "b" / "b01-000u-01.xml"))).sequences[0]
+    assert (other[:, 1:] != x[:, 1:]).any()  # another file, other noise
+
+
+def test_iam_dequantization_ignores_python_hash_seed(tmp_path):
+    f = write_iam(tmp_path / "a01-000u-01.xml")
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    code = f"from vrnn.data import load; print(load({str(f)!r}).sequences[0][:, 1:].tolist())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                         capture_output=True, text=True, check=True).stdout
+    np.testing.assert_array_equal(np.asarray(json.loads(out), dtype=np.float32), load(str(f)).sequences[0][:, 1:])
+
+
+def test_iam_non_integer_coordinates_are_not_dequantized(tmp_path):
+    f = write_iam(tmp_path / "c.xml", IAM_XML.replace('x="110"', 'x="110.25"'))
+    d = load(str(f))
+    assert d.meta["dequantized"] is False
+    np.testing.assert_array_equal(d.sequences[0][:, 1], [10.25, 14.75, 15, 10])
+    np.testing.assert_array_equal(d.sequences[0][:, 2], STEPS[:, 2])
 
 
 def test_iam_bad_files(tmp_path):
@@ -162,6 +201,8 @@ def test_iam_bad_files(tmp_path):
     notstrokes.parent.mkdir()
     notstrokes.write_text("<root><a/></root>")
     expect_error(str(notstrokes), "not a recognised data file")
+    two = write_iam(tmp_path / "z" / "two.xml", "<StrokeSet><Stroke><Point x='1' y='2'/><Point x='2' y='3'/></Stroke></StrokeSet>")
+    expect_error(str(two), f"{two}: only 2 point(s); need at least 3")
 
 
 # --------------------------------------------------------------------------- arrays
@@ -201,8 +242,8 @@ def test_arrays_bad(tmp_path, case):
         expect_error(str(f), f"{f}: sequence has 1 step")
     elif case == "csv_text":
         f = tmp_path / "t.csv"
-        f.write_text("a,b\n1,2\n3,x\n")
-        expect_error(str(f), f"{f}: non-numeric")
+        f.write_text("a,b\n1,2\n\n3,x\n")
+        expect_error(str(f), f"{f}: non-numeric value 'x' on line 4, column 2")  # lines of the file
     elif case == "three_d":
         f = tmp_path / "d.npy"
         np.save(f, np.ones((4, 2, 2)))
@@ -211,6 +252,14 @@ def test_arrays_bad(tmp_path, case):
         f = tmp_path / "z.npz"
         np.savez(f, ok=np.ones((3, 2)), bad=np.full((3, 2), np.nan))
         expect_error(str(f), str(f))
+
+
+def test_csv_typo_in_first_row_is_not_a_header(tmp_path):
+    f = tmp_path / "typo.csv"
+    f.write_text("1,2x,3\n4,5,6\n7,8,9\n")
+    expect_error(str(f), f"{f}: non-numeric value '2x' on line 1, column 2")
+    f.write_text("time,x\n1,2\n3,4\n")  # no cell is a number: a header
+    np.testing.assert_array_equal(load(str(f)).sequences[0], [[1, 2], [3, 4]])
 
 
 def test_arrays_bad_inside_folder_names_the_file(tmp_path):
@@ -264,6 +313,87 @@ def test_recognition_errors(tmp_path):
         load(str(mixed / "b.npy"), no_such_option=1)
 
 
+def _four_arrays(root: Path) -> Path:
+    (root / "sub").mkdir(parents=True)
+    for f in ("a.npy", "b.npy", "sub/c.npy", "sub/d.npy"):
+        np.save(root / f, np.ones((3, 2)))
+    return root
+
+
+def test_symlink_loop_is_walked_once(tmp_path):
+    root = _four_arrays(tmp_path / "data")
+    (root / "sub" / "back").symlink_to("..")
+    kind, files = recognise(root)
+    assert [f.relative_to(root).as_posix() for f in files] == ["a.npy", "b.npy", "sub/c.npy", "sub/d.npy"]
+    assert len(load(str(root))) == 4
+
+
+def test_symlinks_followed_but_each_folder_and_file_read_once(tmp_path):
+    root = _four_arrays(tmp_path / "data")
+    (root / "sub_again").symlink_to(root / "sub")  # a second way into sub
+    (root / "e.npy").symlink_to(root / "a.npy")  # a second name for a.npy
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    np.save(outside / "f.npy", np.ones((4, 2)))
+    (root / "zz").symlink_to(outside)  # links to folders are followed
+    kind, files = recognise(root)
+    assert [f.relative_to(root).as_posix() for f in files] == ["a.npy", "b.npy", "sub/c.npy", "sub/d.npy", "zz/f.npy"]
+    assert load(str(root)).lengths == [3, 3, 3, 3, 4]
+
+
+def _sequences_in_three_folders(root: Path) -> Path:
+    for folder in ("a", "b", "c"):
+        for i in range(4):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            np.save(root / folder / f"{i}.npy", np.ones((3, 2)))
+    return root
+
+
+def _deny_listing(monkeypatch, folder: Path) -> None:
+    """Make os.scandir of ``folder`` fail as for a folder without read permission."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.path.realpath(os.fspath(path)) == str(folder):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@pytest.mark.parametrize("denied", ["b", "."])
+def test_unreadable_folder_is_an_error(tmp_path, monkeypatch, denied):
+    root = _sequences_in_three_folders(tmp_path / "data")
+    assert len(load(str(root))) == 12
+    folder = (root / denied).resolve()
+    _deny_listing(monkeypatch, folder)
+    expect_error(str(root), f"{root / denied if denied != '.' else root}: cannot read this folder (Permission denied)")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their mode")
+def test_unreadable_folder_by_mode(tmp_path):
+    root = _sequences_in_three_folders(tmp_path / "data")
+    (root / "b").chmod(0)
+    try:
+        expect_error(str(root), f"{root / 'b'}: cannot read this folder (Permission denied)")
+    finally:
+        (root / "b").chmod(0o755)
+
+
+def test_unreadable_xml_in_a_folder_is_an_error(tmp_path, monkeypatch):
+    good, bad = write_iam(tmp_path / "a.xml"), write_iam(tmp_path / "b.xml")
+    real = open
+
+    def fake_open(file, *args, **kwargs):
+        if os.fspath(file) == str(bad):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    expect_error(str(tmp_path), f"{bad}: cannot read (Permission denied)")
+    assert good.exists()
+
+
 def test_registered_names():
     assert {"lasa", "chorales", "asterisk-en", "fillets-cs", "iam"} <= set(DATASETS)
     expect_error("asterisk-en", "asterisk-en: not fetched yet; run `vrnn data fetch asterisk-en`")
@@ -293,6 +423,8 @@ def test_lasa():
     assert len(d.meta["names"]) == 210 and d.meta["names"][0] == "Angle" and len(set(d.meta["names"])) == 30
     d2 = load("lasa", subsample=10)
     assert set(d2.lengths) == {99}
+    d3 = load("lasa", subsample=10, dequantize=True)  # an IAM option: LASA's float offsets ignore it
+    assert all(np.array_equal(a, b) for a, b in zip(d3.sequences, d2.sequences))
     json.dumps(d.meta)
 
 
@@ -437,22 +569,12 @@ def test_normalizer_state_loads_with_weights_only(tmp_path):
     assert Normalizer.from_state(back["normalizer"]).state_dict() == norm.state_dict()
 
 
-def test_pad_batch_and_tbptt():
+def test_pad_batch():
     seqs = [np.full((n, 2), i + 1, dtype=np.float32) for i, n in enumerate((5, 12, 3))]
     x, mask = pad_batch(seqs)
     assert x.shape == (3, 12, 2) and mask.shape == (3, 12) and x.dtype == torch.float32
     assert mask.sum(1).tolist() == [5, 12, 3]
     assert (x[0, 5:] == 0).all() and (x[0, :5] == 1).all()
-    chunks = tbptt_chunks(x, mask, 5)
-    assert [c[0].shape[1] for c in chunks] == [5, 5, 2]
-    torch.testing.assert_close(torch.cat([c[0] for c in chunks], 1), x)
-    torch.testing.assert_close(torch.cat([c[1] for c in chunks], 1), mask)
-    assert len(tbptt_chunks(x, mask, None)) == 1
-    # all-padding chunks are dropped
-    x2, m2 = pad_batch([np.ones((3, 1)), np.ones((4, 1))])
-    x2 = torch.cat([x2, torch.zeros(2, 6, 1)], 1)
-    m2 = torch.cat([m2, torch.zeros(2, 6)], 1)
-    assert len(tbptt_chunks(x2, m2, 4)) == 1
 
 
 def test_env_untouched():

@@ -46,7 +46,7 @@ def test_gradcheck_float64(cell, enc_layers, masked):
     params = [p.detach().clone().requires_grad_() for p in params]
 
     def f(ax, gx, eps, h0, c0, *ps):
-        return FusedScan.apply(meta + (torch.double,), ax, gx, eps, keep, h0, c0, *ps)
+        return FusedScan.apply(meta + (torch.double,), ax, gx, eps, keep, None, h0, c0, *ps)
 
     assert torch.autograd.gradcheck(f, (ax, gx, eps, h0, c0, *params), eps=1e-6, atol=1e-6)
 
@@ -125,7 +125,7 @@ def test_mixed_precision_path_against_full_precision(cell, masked):
     for cd in (torch.double, torch.float32):
         ax, gx, eps, keep, (h0, c0) = scan_inputs(model, 3, 7, masked)
         ps = [p.detach().clone().requires_grad_() for p in params]
-        res = FusedScan.apply(meta + (cd,), ax, gx, eps, keep, h0, c0, *ps)
+        res = FusedScan.apply(meta + (cd,), ax, gx, eps, keep, None, h0, c0, *ps)
         h_prev, mu, std, z, fz, h_fin, c_fin = res
         assert mu.dtype == std.dtype == z.dtype == fz.dtype == cd
         assert h_prev.dtype == h_fin.dtype == c_fin.dtype == torch.double  # state stays
@@ -185,7 +185,6 @@ def test_falls_back():
         assert scan(model1, ax, gx, eps, keep, state) is None
         model1.elbo(torch.randn(2, 3, 4, dtype=torch.double))
     assert scan(model1, ax, gx, eps, keep, state) is not None
-    assert not supports(make(phi_z_layers=0))
     with pytest.raises(ValueError):
         set_scan(model1, "compiled")
 
@@ -265,7 +264,7 @@ def test_mixed_precision_dtypes_of_every_op(cell):
     G = gx.shape[-1]
     ps = [p.detach().clone().requires_grad_() for p in params]
     with Record() as rec:
-        res = FusedScan.apply(meta + (torch.float32,), ax, gx, eps, keep, h0, c0, *ps)
+        res = FusedScan.apply(meta + (torch.float32,), ax, gx, eps, keep, None, h0, c0, *ps)
         sum(r.double().sum() for r in res).backward()
     cell_ops = {"sigmoid", "tanh", "mul", "addcmul", "rsub", "sub", "where"}
     checked = 0
@@ -279,3 +278,80 @@ def test_mixed_precision_dtypes_of_every_op(cell):
                 assert all(t.dtype == torch.double for t in outs), name
             checked += 1
     assert checked > 6 * 10  # the cell's ops, every step, were seen
+
+
+# ----------------------------------------------------------- the SRNN's fused z-chain
+def make_srnn(seed=0, **kw):
+    from vrnn import build
+    torch.manual_seed(seed)
+    cfg = VRNNConfig.preset("srnn-gauss", x_dim=3, h_dim=6, z_dim=3, enc_dim=5, prior_dim=4, dec_dim=5,
+                            phi_x_dim=4, **kw)
+    return build(cfg).double()
+
+
+@pytest.mark.parametrize("kw", [{}, dict(residual=False), dict(enc_layers=2, prior_layers=3),
+                                dict(posterior="filtering", cell="gru")],
+                         ids=["resq", "no-resq", "deep", "filtering-gru"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_srnn_fused_chain_equals_autograd(kw, masked):
+    """Values and every gradient (parameters, x) of the SRNN with its fused z-chain equal
+    the autograd loop's, with k=2 samples per sequence and resampling gathers."""
+    from vrnn.fast_srnn import supports as chain_supports
+    B, T, K = 3, 6, 2
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(B, T, 3, generator=g, dtype=torch.double)
+    noise = torch.randn(K * B, T, 3, generator=g, dtype=torch.double)
+    mask = prefix_mask([T, 4, 1], T) if masked else None
+    anc = [None] * T
+    anc[1] = torch.tensor([3, 1, 2, 0, 4, 5])   # sequence 0 swaps its particles, others keep
+    anc[3] = torch.tensor([0, 4, 2, 3, 4, 5])   # sequence 1 keeps only particle 1
+    res = {}
+    for impl in ("autograd", "fused"):
+        model = set_scan(make_srnn(**kw), impl)
+        assert chain_supports(model)
+        x = x0.clone().requires_grad_()
+        tr = model(x, mask, samples=K, noise=noise, ancestors=anc)
+        fused_ran = "ZChainBackward" in type(tr.z.grad_fn).__name__ or any(
+            "ZChainBackward" in type(n[0]).__name__ for n in tr.z.grad_fn.next_functions if n[0] is not None)
+        w = torch.randn(tr.log_px.shape, generator=torch.Generator().manual_seed(4), dtype=torch.double)
+        loss = (w * (tr.log_px - tr.kl)).sum() + tr.state[2].sum()
+        loss.backward()
+        res[impl] = (fused_ran, [tr.log_px.detach(), tr.kl.detach(), tr.z.detach(), tr.state[2].detach()],
+                     {n: p.grad for n, p in model.named_parameters()}, x.grad)
+    assert res["fused"][0] and not res["autograd"][0]
+    for a, b in zip(res["autograd"][1], res["fused"][1]):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    for n, ga in res["autograd"][2].items():
+        torch.testing.assert_close(res["fused"][2][n], ga, rtol=1e-9, atol=1e-11, msg=n)
+    torch.testing.assert_close(res["fused"][3], res["autograd"][3], rtol=1e-9, atol=1e-11)
+
+
+def test_srnn_fused_chain_gradcheck():
+    from vrnn.fast_srnn import ZChain, chain_args
+    model = make_srnn(seed=1, enc_layers=2)
+    meta, params = chain_args(model)
+    params = [p.detach().clone().requires_grad_() for p in params]
+    g = torch.Generator().manual_seed(5)
+    B, K, T, Z = 2, 2, 4, 3
+    pd = torch.randn(B, T, params[0].shape[0], generator=g, dtype=torch.double, requires_grad=True)
+    qa = torch.randn(B, T, params[1].shape[0], generator=g, dtype=torch.double, requires_grad=True)
+    eps = torch.randn(K * B, T, Z, generator=g, dtype=torch.double, requires_grad=True)
+    z0 = (0.5 * torch.randn(K * B, Z, generator=g, dtype=torch.double)).requires_grad_()
+    keep = (prefix_mask([T, 2, T, 3], T).unsqueeze(-1) > 0)
+    anc = (None, torch.tensor([2, 1, 0, 3]), None, None)
+
+    def f(pd, qa, eps, z0, *ps):
+        return ZChain.apply(meta + (torch.double,), pd, qa, eps, keep, anc, z0, *ps)
+
+    assert torch.autograd.gradcheck(f, (pd, qa, eps, z0, *params), eps=1e-6, atol=1e-6)
+
+
+def test_srnn_fused_chain_under_bf16_autocast():
+    model = set_scan(make_srnn(seed=2), "fused").float()
+    x = torch.randn(4, 9, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tr = model(x, prefix_mask([9, 5, 9, 2], 9).float())
+        loss = -(tr.log_px - tr.kl).sum()
+    assert tr.kl.dtype == tr.log_px.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

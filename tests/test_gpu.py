@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vrnn import VRNN, VRNNConfig
+from vrnn import VRNN, VRNNConfig, build
 from vrnn.fast import set_scan
 from vrnn.inference import objective
 
@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.gpu,
 
 def _pair(name="vrnn-gmm", **kw):
     torch.manual_seed(0)
-    cpu = VRNN(VRNNConfig.preset(name, x_dim=6, h_dim=32, z_dim=4, **kw)).double()
-    gpu = VRNN(VRNNConfig.preset(name, x_dim=6, h_dim=32, z_dim=4, **kw)).double().cuda()
+    cpu = build(VRNNConfig.preset(name, x_dim=6, h_dim=32, z_dim=4, **kw)).double()
+    gpu = build(VRNNConfig.preset(name, x_dim=6, h_dim=32, z_dim=4, **kw)).double().cuda()
     gpu.load_state_dict(cpu.state_dict())
     return cpu, gpu
 
@@ -95,8 +95,8 @@ def test_sampling_and_importance_sampling_on_cuda():
 def test_graphed_train_step_matches_eager_steps():
     from vrnn.graphs import GraphedTrainStep
     torch.manual_seed(0)
-    eager = VRNN(VRNNConfig.preset("rnn-gmm", x_dim=6, h_dim=32, z_dim=4)).cuda()
-    graphed = VRNN(VRNNConfig.preset("rnn-gmm", x_dim=6, h_dim=32, z_dim=4)).cuda()
+    eager = build(VRNNConfig.preset("rnn-gmm", x_dim=6, h_dim=32, z_dim=4)).cuda()
+    graphed = build(VRNNConfig.preset("rnn-gmm", x_dim=6, h_dim=32, z_dim=4)).cuda()
     graphed.load_state_dict(eager.state_dict())
     opt_e = torch.optim.Adam(eager.parameters(), lr=1e-2, capturable=True)
     opt_g = torch.optim.Adam(graphed.parameters(), lr=1e-2, capturable=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reference_vrnn import reference_vrnn
-from vrnn import VRNN, VRNNConfig
+from vrnn import VRNN, VRNNConfig, build
 from vrnn.config import PRESETS
 from vrnn.errors import ConfigError
 from vrnn.inference import latents, objective
@@ -27,7 +27,7 @@ def make_model(preset="vrnn-gauss", seed=0, dtype=DT, **kw):
     if PRESETS[preset]["output"] == "gmm" or kw.get("output") == "gmm":
         kw.setdefault("n_components", 4)
     torch.manual_seed(seed)
-    return VRNN(VRNNConfig.preset(preset, **kw)).to(dtype)
+    return build(VRNNConfig.preset(preset, **kw)).to(dtype)
 
 
 def make_x(model, B, T, seed=1, dtype=DT):
@@ -371,6 +371,8 @@ def test_objective_free_bits():
 # --------------------------------------------------------------------------- 7. config
 
 EXPECTED_PRESETS = {
+    "srnn-gauss": dict(latent=True, family="srnn", output="gauss", n_components=1),
+    "srnn-gmm": dict(latent=True, family="srnn", output="gmm", n_components=20),
     "rnn-gauss": dict(latent=False, output="gauss", n_components=1),
     "rnn-gmm": dict(latent=False, output="gmm", n_components=20),
     "vrnn-i-gauss": dict(latent=True, prior="standard", output="gauss", n_components=1),
@@ -386,7 +388,7 @@ def test_preset_fields(name):
         assert getattr(cfg, k) == v, (name, k)
     assert cfg.name == name
     assert cfg.phi_x_dim == cfg.h_dim == cfg.dec_dim  # widths default to h_dim
-    model = VRNN(VRNNConfig.preset(name, x_dim=4, h_dim=8, z_dim=2))
+    model = build(VRNNConfig.preset(name, x_dim=4, h_dim=8, z_dim=2))
     assert hasattr(model, "rnn") == (not cfg.latent)
     if cfg.latent:
         assert (model.prior is None) == (cfg.prior == "standard")
@@ -432,7 +434,7 @@ def test_config_round_trip(name):
     import json
     assert VRNNConfig.from_dict(json.loads(json.dumps(d))) == cfg
     # a model built from the round-tripped config has the same parameter shapes
-    a, b = VRNN(cfg), VRNN(back)
+    a, b = build(cfg), build(back)
     assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from vrnn import VRNN, VRNNConfig, bits_per_dim, nats_per_step
+from vrnn import VRNN, VRNNConfig, bits_per_dim, build, nats_per_step
 from vrnn import generate
 from vrnn.inference import log_likelihood, log_weights
 
@@ -24,7 +24,7 @@ def make_model(preset="vrnn-gauss", seed=0, **kw):
     if "gmm" in preset:
         kw.setdefault("n_components", 3)
     torch.manual_seed(seed)
-    return VRNN(VRNNConfig.preset(preset, **kw)).double()
+    return build(VRNNConfig.preset(preset, **kw)).double()
 
 
 def make_x(B, T, D, seed=1):
@@ -337,6 +337,22 @@ PREFIX_CASES = [("vrnn-gauss", {}), ("vrnn-gauss", dict(rnn_layers=2)),
 PREFIX_IDS = [f"{p}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for p, kw in PREFIX_CASES]
 
 
+def _step(model, x, fz, state):
+    """One recurrence step by hand from the model's pieces: h_t from x_t, phi_z(z_t), h_{t-1}."""
+    fx = model.phi_x(x)
+    h, c = state
+    if not model.cfg.latent:
+        if model.cfg.cell == "lstm":
+            _, (h, c) = model.rnn(fx.unsqueeze(1), (h, c))
+        else:
+            _, h = model.rnn(fx.unsqueeze(1), h)
+        return h, c
+    cell = model.cell
+    hs, cs = cell.step(cell.w_x(fx) + cell.w_z(fz), cell.w_h(h[0]), list(h.unbind(0)),
+                       list(c.unbind(0)), None)
+    return torch.stack(hs), torch.stack(cs)
+
+
 @pytest.mark.parametrize("preset,kw", PREFIX_CASES, ids=PREFIX_IDS)
 def test_filter_prefix_equals_forward_and_stepping(preset, kw):
     model = make_model(preset, seed=38, **kw)
@@ -352,7 +368,7 @@ def test_filter_prefix_equals_forward_and_stepping(preset, kw):
     st = model.initial_state(B, dtype=DT)
     for t in range(P):
         fz = model.phi_z(tr.z[:, t]) if model.cfg.latent else None
-        st = generate.step(model, prefix[:, t], fz, st)
+        st = _step(model, prefix[:, t], fz, st)
         # every intermediate top state is the trace's h_t
         torch.testing.assert_close(st[0][-1], tr.h[:, t], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(st[0], tr.state[0], rtol=1e-12, atol=1e-12)
@@ -424,7 +440,7 @@ def test_sample_by_hand_vrnn():
             params = model.head(model.decoder(torch.cat([fz, top], -1)))
             x = model.head.sample(params)
             outs.append(x)
-            state = generate.step(model, x, fz, state)
+            state = _step(model, x, fz, state)
     torch.testing.assert_close(got, torch.stack(outs, 1), rtol=0, atol=0)
 
 

@@ -11,15 +11,14 @@ reads it; nothing in a file a user was handed can run code.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import VRNNConfig
 from .errors import CheckpointError, ConfigError
-from .model import VRNN
+from .files import atomic_write
+from .models import build
 
 FORMAT = 1
 
@@ -39,8 +38,17 @@ def read(path) -> dict:
     if not isinstance(ckpt, dict) or "vrnn" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a vrnn checkpoint (no vrnn model description in it)")
     meta = ckpt["vrnn"]
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its vrnn entry is a {type(meta).__name__}, not a mapping")
+    if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unsupported vrnn checkpoint format {meta.get('format')!r}")
+    for key in ("config", "normalizer", "data"):
+        if not isinstance(meta.get(key), dict):
+            raise CheckpointError(f"{path}: its vrnn entry has no {key} mapping")
+    from .data.registry import KINDS
+    if meta["data"].get("kind") not in KINDS:
+        raise CheckpointError(f"{path}: its data description has no valid kind "
+                              f"(got {meta['data'].get('kind')!r}; one of {', '.join(KINDS)})")
     return ckpt
 
 
@@ -56,8 +64,8 @@ def load(path, device="cpu"):
     ckpt = read(path)
     meta = ckpt["vrnn"]
     try:
-        cfg = VRNNConfig.from_dict(meta["config"])
-        model = VRNN(cfg)
+        cfg = VRNNConfig.from_dict(meta["config"], f"{path}: model config")
+        model = build(cfg)
         model.load_state_dict(model_weights(ckpt["state_dict"]))
         normalizer = Normalizer.from_state(meta["normalizer"])
     except (ConfigError, KeyError, RuntimeError, TypeError, ValueError) as exc:
@@ -67,14 +75,9 @@ def load(path, device="cpu"):
 
 
 def atomic_save(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    """torch.save to a temporary file in the same folder, then rename: never half-written.
+
+    The file gets the usual mode of a new file (0o666 & ~umask); see ``files.atomic_write``.
+    """
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -1,4 +1,10 @@
-"""The ``vrnn`` command: thin glue over data, train, inference, generate and writers."""
+"""The ``vrnn`` command: thin glue over data, train, inference, generate and writers.
+
+Every option is declared once (vrnn.options): the flags of ``train`` come from
+``TrainConfig`` and ``VRNNConfig``, those of the other commands from the small dataclasses
+below, and the same declarations check config files. A bad value ends with one line
+naming the option (or file and field) and exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -8,50 +14,149 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+
+from .options import add_arguments, option, parsed
 
 EXAMPLES = {
     "train": """examples:
   vrnn train --data lasa --model vrnn-gmm --out runs/lasa
   vrnn train --data asterisk-en --model vrnn-gauss --out runs/ast --max-time 30
-  vrnn train --data my_arrays/ --model vrnn-gauss --out runs/mine --batch-size 16
+  vrnn train --data chorales --model vrnn-gauss --out runs/fivo --objective fivo --particles 4
+  vrnn train --data asterisk-en --model rnn-gauss --output ar --out runs/rnn-ar
+  vrnn train --data my_arrays/ --model srnn-gauss --out runs/mine --batch-size 16
   vrnn train --data lasa --model vrnn-gmm --out runs/lasa --resume
   vrnn train --data lasa --model vrnn-gauss --out runs/ddp --devices 2 --strategy ddp""",
     "evaluate": """examples:
   vrnn evaluate runs/lasa/best.ckpt --data lasa
-  vrnn evaluate runs/lasa/best.ckpt --data lasa --split valid --samples 100 --json""",
+  vrnn evaluate runs/lasa/best.ckpt --data lasa --estimator all --samples 40 --json
+  vrnn evaluate runs/lasa/best.ckpt --data lasa --split valid --estimator smc --samples 100""",
     "sample": """examples:
   vrnn sample runs/lasa/best.ckpt --num 16 --steps 250 --out samples/
   vrnn sample runs/ast/best.ckpt --num 4 --steps 160 --out wavs/ --mean
   vrnn sample runs/mine/best.ckpt --num 4 --steps 100 --prefix start.npy --out cont/""",
     "latents": """examples:
   vrnn latents runs/lasa/best.ckpt --data lasa --out lasa_latents.npz
-  vrnn latents runs/mine/best.ckpt --data new_recordings/ --out scores.npz --sample""",
+  vrnn latents runs/mine/best.ckpt --data new_recordings/ --out scores.npz --sample
+  vrnn latents runs/ast/best.ckpt --data asterisk-en --split test --smc 40 --out smc.npz""",
     "data": """examples:
   vrnn data list
   vrnn data info lasa
   vrnn data info ~/corpora/TIMIT/
   vrnn data fetch asterisk-en""",
     "reproduce": """examples:
+  vrnn reproduce --setup cpu --plan                       # what would run, and how long
   vrnn reproduce --setup cpu --out results
-  vrnn reproduce --setup cpu --datasets lasa,chorales --out /tmp/quick
+  vrnn reproduce --setup cpu --datasets lasa,chorales --rows vrnn-gauss,rnn-gauss
+  vrnn reproduce --setup cpu --report-only                # tables from the committed records
   vrnn reproduce --setup paper --accelerator gpu --jobs 1 --out results-paper""",
     "demo": """examples:
   vrnn demo --out runs/demo""",
 }
 
+SPLITS = ("train", "valid", "test", "all")
+
+
+@dataclass
+class GlobalOptions:
+    threads: int | None = option(None, "intra-op CPU threads (default 1, or $VRNN_THREADS; "
+                                       "measured fastest here)", min=1, flag="--threads")
+
+
+@dataclass
+class EvaluateOptions:
+    split: str = option("test", "which split to score", choices=SPLITS, flag="--split")
+    estimator: str = option("is", "the log-likelihood estimate: is (importance sampling), smc "
+                                  "(particle filter) or all (ELBO, IS and SMC side by side)",
+                            choices=("is", "smc", "all"), flag="--estimator")
+    samples: int = option(40, "importance samples or particles K", min=1, flag="--samples")
+    resample: str = option("ess", "smc: resample when the ESS is low (ess), always, or never",
+                           choices=("ess", "always", "never"), flag="--resample")
+    ess_threshold: float = option(0.5, "smc: resample when the ESS falls below this fraction of K",
+                                  above=0.0, max=1.0, flag="--ess-threshold")
+    resampler: str = option("systematic", "smc: how ancestors are drawn",
+                            choices=("systematic", "multinomial"), flag="--resampler")
+    batch_size: int = option(32, "sequences per scoring pass at most", min=1, flag="--batch-size")
+    max_rows: int = option(4096, "memory cap: sequences x samples in one pass", min=1, flag="--max-rows")
+    max_memory: float = option(1024.0, "memory cap of one scoring pass in MiB", above=0.0,
+                               flag="--max-memory", metavar="MIB")
+    seed: int = option(0, "seed of the sampling noise", min=0, flag="--seed")
+    json: bool = option(False, "print one (strict) JSON object", flag="--json")
+
+
+@dataclass
+class SampleOptions:
+    num: int = option(8, "sequences to generate", min=1, flag="--num")
+    steps: int | None = option(None, "steps to generate (default: the median training length)",
+                               min=1, flag="--steps")
+    prefix: str | None = option(None, "a file (.npy/.csv/audio) whose first sequence is continued",
+                                flag="--prefix", metavar="FILE")
+    mean: bool = option(False, "feed back a point instead of a draw: the mean of real-valued "
+                               "outputs (Gaussian, mixture, each dimension under ar), the most "
+                               "likely value of bits (piano-roll notes, pen lifts)", flag="--mean")
+    seed: int = option(0, "seed of the sampling noise", min=0, flag="--seed")
+
+
+@dataclass
+class LatentsOptions:
+    split: str = option("all", "which split to export", choices=SPLITS, flag="--split")
+    sample: bool = option(False, "use a posterior draw, not the posterior mean", flag="--sample")
+    smc: int | None = option(None, "also run a particle filter with this many particles and "
+                                   "export its per-step ESS, where it resampled, and log Z",
+                             min=1, flag="--smc", metavar="K")
+    batch_size: int = option(32, "sequences per pass at most", min=1, flag="--batch-size")
+    max_memory: float = option(1024.0, "memory cap of one pass in MiB: long sequences go in "
+                                       "smaller batches", above=0.0, flag="--max-memory", metavar="MIB")
+    seed: int = option(0, "seed of the sampling noise", min=0, flag="--seed")
+
+
+@dataclass
+class ReproduceOptions:
+    setup: str = option("cpu", "cpu: sized for 2 cores; paper: the paper's sizes, for a GPU",
+                        choices=("cpu", "paper"), flag="--setup")
+    out: str = option("results", "folder of the records and tables", flag="--out")
+    jobs: int = option(2, "runs in parallel (one thread each)", min=1, flag="--jobs")
+    datasets: str | None = option(None, "comma-separated subset of the datasets", flag="--datasets")
+    rows: str | None = option(None, "comma-separated subset of the rows", flag="--rows")
+    tables: str | None = option(None, "comma-separated subset of the tables: paper, beyond, "
+                                      "wallclock", flag="--tables")
+    seeds: int | None = option(None, "at most this many seeds per dataset", min=1, flag="--seeds")
+    accelerator: str | None = option(None, "passed to every `vrnn train` (e.g. gpu)",
+                                     flag="--accelerator")
+    budget_scale: float = option(1.0, "multiply every run's step cap and time limit (e.g. 0.05 "
+                                      "for a smoke test)", above=0.0, flag="--budget-scale")
+    plan: bool = option(False, "print the plan and its time estimate, run nothing", flag="--plan")
+    report_only: bool = option(False, "write the tables, figure and samples from the finished "
+                                      "records only, training nothing", flag="--report-only")
+
+
+@dataclass
+class DemoOptions:
+    out: str = option("runs/demo", "output folder", flag="--out")
+    max_epochs: int | None = option(None, "epochs (default 120)", min=1, flag="--max-epochs")
+    model: str = option("vrnn-gmm", "the model row", flag="--model")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the option and the problem), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vrnn", description="Variational Recurrent Neural Networks (Chung et al. 2015): "
-        "train, evaluate and sample on speech, handwriting, music and your own arrays.",
+    from .config import PRESETS, VRNNConfig
+    from .train import TrainConfig
+    p = _Parser(
+        prog="vrnn", description="Variational Recurrent Neural Networks (Chung et al. 2015) and "
+        "their family: train, evaluate and sample on speech, handwriting, music and your own arrays.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="models: rnn-gauss, rnn-gmm, vrnn-i-gauss, vrnn-gauss, vrnn-gmm\n"
+        epilog=f"models: {', '.join(PRESETS)}\n"
                "datasets: lasa, chorales, asterisk-en, fillets-cs, or any path\n"
                "run `vrnn COMMAND --help` for the options and examples of each command")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op CPU threads (default 1, or $VRNN_THREADS; measured fastest here)")
-    sub = p.add_subparsers(dest="command", required=True)
+    add_arguments(p, GlobalOptions)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def cmd(name, help_):
         return sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES.get(name),
@@ -59,93 +164,45 @@ def _parser() -> argparse.ArgumentParser:
 
     t = cmd("train", "train a model on a dataset; writes best.ckpt, last.ckpt and logs/ into --out")
     t.add_argument("--data", required=True, help="registered dataset name or a path")
-    t.add_argument("--model", required=True, help="one of the five paper rows")
+    t.add_argument("--model", required=True, help=f"one of {', '.join(PRESETS)}")
     t.add_argument("--out", required=True, help="output folder")
-    t.add_argument("--max-epochs", type=int, default=None)
-    t.add_argument("--max-time", type=float, default=None, help="wall-clock budget in minutes")
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--seed", type=int, default=None)
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
     t.add_argument("--config", help="JSON file: {\"model\": {...}, \"train\": {...}, \"data\": {...}}")
-    t.add_argument("--output", choices=["gauss", "gmm", "bernoulli", "strokes"],
-                   help="override the output head (default: follows the model and data kind)")
-    t.add_argument("--h-dim", type=int, default=None)
-    t.add_argument("--z-dim", type=int, default=None)
-    t.add_argument("--tbptt", type=int, default=None, help="truncated BPTT chunk length (steps)")
-    t.add_argument("--kl-warmup", type=int, default=None, help="KL warm-up optimiser steps")
-    t.add_argument("--free-bits", type=float, default=None, help="nats per latent dim per step")
-    t.add_argument("--patience", type=int, default=None, help="early-stopping patience (epochs)")
-    t.add_argument("--devices", default=None, help="number of devices (processes) per node")
-    t.add_argument("--accelerator", default=None, help="cpu, gpu, auto")
-    t.add_argument("--strategy", default=None, help="auto, ddp, ddp_spawn, ...")
-    t.add_argument("--num-nodes", type=int, default=None)
-    t.add_argument("--precision", default=None,
-                   help="32-true (default) or bf16-mixed: bf16 matmuls, float32 weights, KL and "
-                        "log-probabilities; faster at speech sizes on GPUs and AVX512-BF16/AMX "
-                        "CPUs, slower for small models (see README, Mixed precision)")
-    t.add_argument("--limit-train-batches", type=int, default=None,
-                   help="at most this many batches per epoch (quick checks)")
     t.add_argument("--no-progress", action="store_true")
+    add_arguments(t, VRNNConfig)
+    add_arguments(t, TrainConfig)
 
-    e = cmd("evaluate", "ELBO and importance-sampled log-likelihood of a checkpoint on data")
+    e = cmd("evaluate", "ELBO and log-likelihood estimates of a checkpoint on data, normalised "
+            "and in the data's own units")
     e.add_argument("checkpoint")
     e.add_argument("--data", required=True)
-    e.add_argument("--split", default="test", choices=["train", "valid", "test", "all"])
-    e.add_argument("--samples", type=int, default=40, help="importance samples K (default 40)")
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--max-rows", type=int, default=4096,
-                   help="memory cap: sequences x samples in one pass (default 4096)")
-    e.add_argument("--max-memory", type=float, default=1024,
-                   help="memory cap of one scoring pass in MiB (default 1024)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--json", action="store_true", help="print one JSON object")
+    add_arguments(e, EvaluateOptions)
 
     s = cmd("sample", "generate sequences and write files a person can check")
     s.add_argument("checkpoint")
-    s.add_argument("--num", type=int, default=8)
-    s.add_argument("--steps", type=int, default=None, help="steps to generate (default: median training length)")
     s.add_argument("--out", required=True)
-    s.add_argument("--prefix", help="a file (.npy/.csv/audio) whose first sequence is continued")
-    s.add_argument("--mean", action="store_true", help="emit the output mean instead of a draw")
-    s.add_argument("--seed", type=int, default=0)
+    add_arguments(s, SampleOptions)
 
     la = cmd("latents", "per-step KL, posterior means and log-likelihood terms for every sequence")
     la.add_argument("checkpoint")
     la.add_argument("--data", required=True)
     la.add_argument("--out", required=True, help="output .npz file")
-    la.add_argument("--split", default="all", choices=["train", "valid", "test", "all"])
-    la.add_argument("--sample", action="store_true", help="use a posterior draw, not the mean")
-    la.add_argument("--batch-size", type=int, default=32)
-    la.add_argument("--max-memory", type=float, default=1024,
-                    help="memory cap of one pass in MiB (default 1024): long sequences "
-                         "go in smaller batches")
-    la.add_argument("--seed", type=int, default=0)
+    add_arguments(la, LatentsOptions)
 
     d = cmd("data", "list, inspect and fetch datasets")
-    dsub = d.add_subparsers(dest="data_command", required=True)
+    dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     dsub.add_parser("list", help="registered datasets and what is fetched")
     di = dsub.add_parser("info", help="what SPEC holds (kind, sequences, lengths, duration)")
     di.add_argument("spec")
     df = dsub.add_parser("fetch", help="download a speech corpus from Debian's archive into the cache")
     df.add_argument("name", choices=["asterisk-en", "fillets-cs"])
 
-    r = cmd("reproduce", "train and evaluate the paper's five rows on four datasets (Table 1), "
-            "write the table, the analysis figure and samples")
-    r.add_argument("--setup", default="cpu", choices=["cpu", "paper"],
-                   help="cpu: sized for 2 cores, about 1.5 h; paper: the paper's sizes, for a GPU")
-    r.add_argument("--out", default="results")
-    r.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
-    r.add_argument("--datasets", default=None, help="comma-separated subset of "
-                   "asterisk-en,fillets-cs,lasa,chorales")
-    r.add_argument("--accelerator", default=None, help="passed to every `vrnn train` (e.g. gpu)")
-    r.add_argument("--budget-scale", type=float, default=1.0,
-                   help="multiply every row's training budget (e.g. 0.05 for a smoke test)")
+    r = cmd("reproduce", "the paired, converged reproduction: Table 1, the successors beside it, "
+            "equal wall clock against the public style; tables, the analysis figure and samples")
+    add_arguments(r, ReproduceOptions)
 
     m = cmd("demo", "the main job: train a VRNN on LASA handwriting, evaluate, draw samples and curves")
-    m.add_argument("--out", default="runs/demo")
-    m.add_argument("--max-epochs", type=int, default=None)
-    m.add_argument("--model", default="vrnn-gmm")
+    add_arguments(m, DemoOptions)
     return p
 
 
@@ -156,6 +213,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    # a --max-time stop inside an epoch saves last.ckpt without a validation score
+    warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
     os.environ.setdefault("POSSIBLE_USER_WARNINGS", "off")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
                  "lightning.fabric.utilities.seed"):
@@ -167,8 +226,14 @@ def _err(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------- commands
-def _read_config(path: str | None) -> dict:
+def read_config(path: str | None) -> dict:
+    """A --config file: a JSON object with the sections model, train and data, each checked
+    against its declaration (unknown keys and bad values name the file and the field)."""
+    from .config import VRNNConfig
+    from .data import DataOptions
     from .errors import ConfigError
+    from .options import check_section
+    from .train import TrainConfig
     if not path:
         return {}
     p = Path(path)
@@ -180,37 +245,19 @@ def _read_config(path: str | None) -> dict:
         raise ConfigError(f"{p}: not a JSON config ({exc})") from None
     if not isinstance(cfg, dict) or set(cfg) - {"model", "train", "data"}:
         raise ConfigError(f"{p}: a config holds only the sections model, train and data")
-    return cfg
+    return {"model": check_section(VRNNConfig, cfg.get("model", {}), f"{p}: model",
+                                   exclude=("x_dim", "family", "name")),  # --model picks the row
+            "train": check_section(TrainConfig, cfg.get("train", {}), f"{p}: train"),
+            "data": check_section(DataOptions, cfg.get("data", {}), f"{p}: data")}
 
 
 def cmd_train(a) -> int:
-    from dataclasses import fields
-
-    from .errors import ConfigError
+    from .config import VRNNConfig
     from .train import TrainConfig, fit
-    cfg = _read_config(a.config)
-    train_fields = {f.name for f in fields(TrainConfig)}
-    tdict = dict(cfg.get("train", {}))
-    if set(tdict) - train_fields:
-        raise ConfigError(f"{a.config}: unknown train option(s) {', '.join(sorted(set(tdict) - train_fields))}")
-    for key, val in (("max_epochs", a.max_epochs), ("max_time_minutes", a.max_time),
-                     ("batch_size", a.batch_size), ("lr", a.lr), ("seed", a.seed),
-                     ("tbptt", a.tbptt), ("kl_warmup_steps", a.kl_warmup),
-                     ("free_bits", a.free_bits), ("patience", a.patience),
-                     ("accelerator", a.accelerator), ("strategy", a.strategy),
-                     ("num_nodes", a.num_nodes), ("precision", a.precision),
-                     ("limit_train_batches", a.limit_train_batches)):
-        if val is not None:
-            tdict[key] = val
-    if a.devices is not None:
-        tdict["devices"] = int(a.devices) if str(a.devices).isdigit() else a.devices
-    if "fractions" in tdict:
-        tdict["fractions"] = tuple(tdict["fractions"])
+    cfg = read_config(a.config)
+    tdict = {**cfg.get("train", {}), **parsed(TrainConfig, a)}  # command-line flags win
     tc = TrainConfig(**tdict)
-    overrides = dict(cfg.get("model", {}))
-    for key, val in (("output", a.output), ("h_dim", a.h_dim), ("z_dim", a.z_dim)):
-        if val is not None:
-            overrides[key] = val
+    overrides = {**cfg.get("model", {}), **parsed(VRNNConfig, a)}
     t0 = time.time()
     trainer, module, prepared = fit(a.data, a.model, a.out, tc, overrides, cfg.get("data", {}),
                                     resume=a.resume, progress=not a.no_progress)
@@ -219,36 +266,49 @@ def cmd_train(a) -> int:
         best = trainer.checkpoint_callback.best_model_score
         print(f"trained {a.model} on {prepared.data.name} ({len(prepared.splits['train'])} train / "
               f"{len(prepared.splits['valid'])} valid sequences), {module.model.num_parameters():,} "
-              f"parameters, {trainer.current_epoch} epochs, {time.time() - t0:.0f} s")
+              f"parameters, {trainer.current_epoch} epochs, {trainer.global_step} steps, "
+              f"{time.time() - t0:.0f} s")
         if best is not None:
-            print(f"best validation ELBO {float(best):.2f} nats per sequence; "
-                  f"last {float(m.get('valid/elbo', float('nan'))):.2f}")
-        print(f"checkpoints: {Path(a.out) / 'best.ckpt'}, {Path(a.out) / 'last.ckpt'}; logs: {Path(a.out) / 'logs'}")
+            print(f"best validation bound ({tc.objective}) {float(best):.2f} nats per sequence; "
+                  f"last {float(m.get('valid/bound', float('nan'))):.2f}")
+        ckpts = [str(Path(a.out) / n) for n in ("best.ckpt", "last.ckpt") if (Path(a.out) / n).exists()]
+        print(f"checkpoints: {', '.join(ckpts)}; logs: {Path(a.out) / 'logs'}")
     return 0
 
 
 def cmd_evaluate(a) -> int:
     import torch
-    from .evaluate import evaluate, load_for_scoring
-    torch.manual_seed(a.seed)
-    model, _, _, data, _, seqs = load_for_scoring(a.checkpoint, a.data, a.split)
-    res = evaluate(model, seqs, a.samples, a.batch_size, a.max_rows, int(a.max_memory * 2 ** 20),
-                   progress=not a.json)
-    res.update(split=a.split, model=model.cfg.name, data=data.name, unit="nats per sequence",
-               normalised=True)
-    if a.json:
-        print(json.dumps(res))
+    from .evaluate import evaluate, load_for_scoring, strict_json
+    o = EvaluateOptions(**parsed(EvaluateOptions, a))
+    torch.manual_seed(o.seed)
+    model, normalizer, _, data, _, seqs = load_for_scoring(a.checkpoint, a.data, o.split)
+    smc_opts = dict(resample=o.resample, threshold=o.ess_threshold, resampler=o.resampler)
+    res = evaluate(model, seqs, o.samples, o.batch_size, o.max_rows, int(o.max_memory * 2 ** 20),
+                   progress=not o.json, estimator=o.estimator, normalizer=normalizer, smc_opts=smc_opts)
+    res.update(split=o.split, model=model.cfg.name, family=model.cfg.family, data=data.name,
+               unit="nats per sequence", normalised=True)
+    bad = [f"{n} of {res['num_sequences']} sequences under {k}" for k, n in res["non_finite"].items() if n]
+    if bad:
+        _err(f"vrnn evaluate: warning: non-finite scores even in float64 ({'; '.join(bad)}); "
+             "their means are reported as null")
+    if o.json:
+        print(json.dumps(strict_json(res), allow_nan=False))
         return 0
-    print(f"{model.cfg.name} on {data.name} ({a.split} split, {res['num_sequences']} sequences, "
-          f"{res['num_steps']} steps; log-likelihoods of the normalised data)")
-    if model.cfg.latent:
-        print(f"  ELBO               >= {res['elbo']:.2f} nats per sequence")
-        print(f"  log-likelihood     ~= {res['log_likelihood']:.2f} nats per sequence "
-              f"(importance sampled, K={a.samples})")
-    else:
-        print(f"  log-likelihood      = {res['log_likelihood']:.2f} nats per sequence (exact)")
-    print(f"  per step            {res['nats_per_step']:.4f} nats")
-    print(f"  bits per dimension  {res['bits_per_dim']:.4f} (negative log-likelihood)")
+    fmt = lambda v, d=2: "n/a (non-finite)" if v is None else f"{v:.{d}f}"  # noqa: E731
+    print(f"{model.cfg.name} on {data.name} ({o.split} split, {res['num_sequences']} sequences, "
+          f"{res['num_steps']} steps)")
+    names = {"elbo": "ELBO               >=", "is": f"log-likelihood IS  ~= ", "smc": f"log-likelihood SMC ~= ",
+             "exact": "log-likelihood      ="}
+    for k, f in res["estimators"].items():
+        extra = f" (K={o.samples})" if k in ("is", "smc") else (" (exact)" if k == "exact" else "")
+        print(f"  {names[k]} {fmt(f['per_sequence'])} nats per sequence{extra}; "
+              f"{fmt(f['per_step'], 4)} per step; {fmt(f['bits_per_dim'], 4)} bits/dim")
+        print(f"  {'':21s} {fmt(f['per_sequence_raw'])} nats per sequence in the data's own units; "
+              f"{fmt(f['bits_per_dim_raw'], 4)} bits/dim")
+    print(f"  (normalised data, as in the paper; the data's own units add "
+          f"{res['raw_offset_per_step']:.4f} nats per step, -sum_d log s_d)")
+    if res["rescored_in_float64"]:
+        print(f"  {res['rescored_in_float64']} sequence(s) overflowed float32 and were scored in float64")
     return 0
 
 
@@ -268,15 +328,16 @@ def cmd_sample(a) -> int:
     import torch
     from . import checkpoint
     from .writers import write_samples
-    torch.manual_seed(a.seed)
+    o = SampleOptions(**parsed(SampleOptions, a))
+    torch.manual_seed(o.seed)
     model, normalizer, desc = checkpoint.load(a.checkpoint)
-    steps = a.steps or int(desc.get("median_length") or 100)
-    prefix, raw_prefix = (None, None) if not a.prefix else _prefix_sequence(a.prefix, model, normalizer)
-    x = model.sample(a.num, steps, prefix=prefix, mean=a.mean)
+    steps = o.steps or int(desc.get("median_length") or 100)
+    prefix, raw_prefix = (None, None) if not o.prefix else _prefix_sequence(o.prefix, model, normalizer)
+    x = model.sample(o.num, steps, prefix=prefix, mean=o.mean)
     x = normalizer.invert(x).numpy()
-    samples = [x[i] if raw_prefix is None else np.concatenate([raw_prefix, x[i]]) for i in range(a.num)]
+    samples = [x[i] if raw_prefix is None else np.concatenate([raw_prefix, x[i]]) for i in range(o.num)]
     paths = write_samples(a.out, samples, desc["kind"], desc.get("meta", {}))
-    what = f"{a.num} sequences of {steps} steps" + (f" after a {len(raw_prefix)}-step prefix" if a.prefix else "")
+    what = f"{o.num} sequences of {steps} steps" + (f" after a {len(raw_prefix)}-step prefix" if o.prefix else "")
     print(f"wrote {len(paths)} files for {what} to {a.out}")
     return 0
 
@@ -284,24 +345,44 @@ def cmd_sample(a) -> int:
 def cmd_latents(a) -> int:
     import numpy as np
     import torch
-    from .evaluate import load_for_scoring, padded_batches
+    from .evaluate import Float64Fallback, load_for_scoring, padded_batches
+    from .smc import particle_filter
     from .writers import write_npz
-    torch.manual_seed(a.seed)
-    model, _, _, _, idx, seqs = load_for_scoring(a.checkpoint, a.data, a.split)
+    o = LatentsOptions(**parsed(LatentsOptions, a))
+    torch.manual_seed(o.seed)
+    model, _, _, _, idx, seqs = load_for_scoring(a.checkpoint, a.data, o.split)
+    if o.smc and not model.latent:
+        from .errors import ConfigError
+        raise ConfigError(f"--smc: {a.checkpoint} holds an RNN row, which has no latent to filter")
     lengths = [len(s) for s in seqs]
     T = max(lengths)
     arrays: dict[str, np.ndarray] = {}  # (N, T, ...) in the split's order, zero-padded
-    for batch, x, mask in padded_batches(model, seqs, a.batch_size, int(a.max_memory * 2 ** 20)):
-        for k, v in model.latents(x, mask, sample=a.sample).items():
-            if k == "h":
-                continue
-            v = v.numpy()
-            if k not in arrays:
-                arrays[k] = np.zeros((len(seqs), T) + v.shape[2:], dtype=v.dtype)
+
+    def put(k, v, batch):
+        v = v.numpy() if hasattr(v, "numpy") else v
+        if k not in arrays:
+            arrays[k] = np.zeros((len(seqs),) + ((T,) + v.shape[2:] if v.ndim > 1 else ()), dtype=v.dtype)
+        elif arrays[k].dtype == np.float32 and v.dtype == np.float64:  # a batch scored in float64
+            arrays[k] = arrays[k].astype(np.float64)
+        if v.ndim > 1:
             arrays[k][batch, :v.shape[1]] = v
+        else:
+            arrays[k][batch] = v
+
+    scorer = Float64Fallback(model)  # scores that overflow float32 are computed in float64
+    for batch, x, mask in padded_batches(model, seqs, o.batch_size, int(o.max_memory * 2 ** 20)):
+        for k, v in scorer.latents(x, mask, sample=o.sample).items():
+            if k != "h":
+                put(k, v, batch)
+        if o.smc:
+            f = particle_filter(model, x, mask, o.smc)
+            put("ess", f.ess, batch)
+            put("resampled", f.resampled, batch)
+            put("log_z_smc", f.log_z, batch)
     padded = np.arange(T)[None, :] >= np.asarray(lengths)[:, None]
     for v in arrays.values():
-        v[padded] = 0  # whatever the batching, steps past a sequence's end read 0
+        if v.ndim > 1:
+            v[padded] = 0  # whatever the batching, steps past a sequence's end read 0
     arrays["lengths"] = np.asarray(lengths)
     arrays["index"] = np.asarray(idx)
     write_npz(a.out, arrays)
@@ -338,18 +419,21 @@ def cmd_demo(a) -> int:
     from .evaluate import evaluate
     from .train import TrainConfig, best_checkpoint, fit
     from .writers import plot_curves, plot_handwriting
-    out = Path(a.out)
+    o = DemoOptions(**parsed(DemoOptions, a))
+    out = Path(o.out)
     t0 = time.time()
     run = out / "train"
-    tc = TrainConfig(max_epochs=a.max_epochs or 120, batch_size=16, lr=1e-3, patience=30, seed=0)
+    tc = TrainConfig(max_epochs=o.max_epochs or 120, batch_size=16, lr=1e-3, patience=30, seed=0)
     resume = (run / "last.ckpt").exists()
-    print(f"[demo] training {a.model} on LASA handwriting into {run}" + (" (resuming)" if resume else ""))
-    trainer, module, prepared = fit("lasa", a.model, run, tc, data_opts={"subsample": 8}, resume=resume)
+    print(f"[demo] training {o.model} on LASA handwriting into {run}" + (" (resuming)" if resume else ""))
+    trainer, module, prepared = fit("lasa", o.model, run, tc, data_opts={"subsample": 8}, resume=resume)
     model, normalizer, desc = checkpoint.load(best_checkpoint(run))
     torch.manual_seed(0)
-    res = evaluate(model, prepared.sequences("test"), 40, progress=False)
+    res = evaluate(model, prepared.sequences("test"), 40, progress=False, normalizer=normalizer)
     res.update(split="test", model=model.cfg.name, data="lasa", unit="nats per sequence")
-    (out / "evaluation.json").write_text(json.dumps(res, indent=2) + "\n")
+    from .evaluate import strict_json
+    from .writers import write_text
+    write_text(out / "evaluation.json", json.dumps(strict_json(res), indent=2, allow_nan=False) + "\n")
     seqs = prepared.data.sequences
     steps = int(sorted(len(s) for s in seqs)[len(seqs) // 2])
     x = normalizer.invert(model.sample(16, steps)).numpy()
@@ -357,12 +441,13 @@ def cmd_demo(a) -> int:
     real = [seqs[i] for i in prepared.splits["test"][:16]]
     plot_handwriting(out / "test_data.png", real, titles=[f"test {i}" for i in range(len(real))])
     plot_curves(out / "training_curve.png", run / "logs" / "csv" / "metrics.csv",
-                title=f"{a.model} on LASA")
+                title=f"{o.model} on LASA")
     print(f"[demo] {model.cfg.name}, {model.num_parameters():,} parameters, "
           f"{trainer.current_epoch} epochs, {time.time() - t0:.0f} s")
     print(f"[demo] test split ({res['num_sequences']} trajectories): ELBO >= {res['elbo']:.2f}, "
           f"log-likelihood ~= {res['log_likelihood']:.2f} nats per trajectory (K=40), "
-          f"{res['nats_per_step']:.3f} nats per step")
+          f"{res['nats_per_step']:.3f} nats per step (normalised offsets; "
+          f"{res['log_likelihood_raw']:.2f} in the data's own units)")
     print(f"[demo] wrote {out / 'samples.png'}, {out / 'test_data.png'}, "
           f"{out / 'training_curve.png'}, {out / 'evaluation.json'}")
     return 0
@@ -370,8 +455,11 @@ def cmd_demo(a) -> int:
 
 def cmd_reproduce(a) -> int:
     from .reproduce import reproduce
-    datasets = a.datasets.split(",") if a.datasets else None
-    reproduce(a.setup, a.out, a.jobs, datasets, a.accelerator, a.budget_scale, log=print)
+    o = ReproduceOptions(**parsed(ReproduceOptions, a))
+    split = lambda s: s.split(",") if s else None  # noqa: E731
+    reproduce(o.setup, o.out, o.jobs, split(o.datasets), o.accelerator, o.budget_scale, log=print,
+              rows=split(o.rows), tables=split(o.tables), seeds=o.seeds, plan_only=o.plan,
+              report_only=o.report_only)
     return 0
 
 
@@ -380,20 +468,29 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    import torch
     from .errors import VRNNError
-    from .train import default_threads
-    torch.set_num_threads(args.threads or default_threads())
-    _quiet_lightning()
+    command = "vrnn"
     try:
+        args = _parser().parse_args(argv)
+        command = f"vrnn {args.command}"
+        g = GlobalOptions(**parsed(GlobalOptions, args))
+        import torch
+        from .train import default_threads
+        torch.set_num_threads(g.threads or default_threads())
+        _quiet_lightning()
         return COMMANDS[args.command](args)
     except VRNNError as exc:
-        _err(f"vrnn {args.command}: error: {exc}")
+        _err(f"{command}: error: {exc}")
+        return 2
+    except OSError as exc:  # a full disk, a folder that cannot be written, ...
+        where = exc.filename or ""
+        _err(f"{command}: error: {where}{': ' if where else ''}{exc.strerror or exc}")
         return 2
     except KeyboardInterrupt:
-        _err(f"vrnn {args.command}: interrupted")
+        _err(f"{command}: interrupted")
         return 130
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, one line printed)
+        return exc.code if isinstance(exc.code, int) else 2
 
 
 if __name__ == "__main__":

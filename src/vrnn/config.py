@@ -1,23 +1,39 @@
-"""One config object for every model of the family, and the paper's five rows by name."""
+"""One config object for every model of the family, and the rows by name.
+
+``family`` says which model ``vrnn.build`` makes of it:
+
+* ``rnn``: the latent-free baselines (RNN-Gauss, RNN-GMM), exact likelihood;
+* ``vrnn``: the VRNN of Chung et al. 2015 (VRNN-I-Gauss, VRNN-Gauss, VRNN-GMM);
+* ``srnn``: the SRNN of Fraccaro et al. 2016 (SRNN-Gauss, SRNN-GMM).
+
+Every field is declared once with its type, range and help (``vrnn.options``); the same
+declaration checks a value from the Python API, a config file and the command line.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass
 
 from .errors import ConfigError
+from .options import check_instance, check_section, option
 
-# The five rows of the paper's Table 1.
+FAMILIES = ("rnn", "vrnn", "srnn")
+OUTPUTS = ("gauss", "gmm", "bernoulli", "strokes", "ar")
+CELLS = ("lstm", "gru")
+
+# The five rows of the paper's Table 1, and the SRNN rows.
 PRESETS: dict[str, dict] = {
-    "rnn-gauss": dict(latent=False, output="gauss", n_components=1),
-    "rnn-gmm": dict(latent=False, output="gmm", n_components=20),
-    "vrnn-i-gauss": dict(latent=True, prior="standard", output="gauss", n_components=1),
-    "vrnn-gauss": dict(latent=True, prior="learned", output="gauss", n_components=1),
-    "vrnn-gmm": dict(latent=True, prior="learned", output="gmm", n_components=20),
+    "rnn-gauss": dict(family="rnn", output="gauss", n_components=1),
+    "rnn-gmm": dict(family="rnn", output="gmm", n_components=20),
+    "vrnn-i-gauss": dict(family="vrnn", prior="standard", output="gauss", n_components=1),
+    "vrnn-gauss": dict(family="vrnn", prior="learned", output="gauss", n_components=1),
+    "vrnn-gmm": dict(family="vrnn", prior="learned", output="gmm", n_components=20),
+    "srnn-gauss": dict(family="srnn", prior="learned", output="gauss", n_components=1),
+    "srnn-gmm": dict(family="srnn", prior="learned", output="gmm", n_components=20),
 }
 
-OUTPUTS = ("gauss", "gmm", "bernoulli", "strokes")
-CELLS = ("lstm", "gru")
+_WIDTHS = ("phi_x_dim", "phi_z_dim", "enc_dim", "prior_dim", "dec_dim")
 
 
 @dataclass
@@ -28,52 +44,74 @@ class VRNNConfig:
     each MLP (the paper: 4 for speech, 1 for handwriting).
     """
 
-    x_dim: int
-    h_dim: int = 256
-    z_dim: int = 32
-    latent: bool = True            # False: the RNN baselines (no z, exact likelihood)
-    prior: str = "learned"         # "learned" phi_prior(h_{t-1}) or "standard" N(0, I)
-    output: str = "gauss"          # gauss | gmm | bernoulli | strokes
-    n_components: int = 1          # mixture size for gmm / strokes
-    cell: str = "lstm"             # lstm | gru
-    rnn_layers: int = 1
-    phi_x_dim: int | None = None
-    phi_x_layers: int = 1
-    phi_z_dim: int | None = None
-    phi_z_layers: int = 1
-    enc_dim: int | None = None
-    enc_layers: int = 1
-    prior_dim: int | None = None
-    prior_layers: int = 1
-    dec_dim: int | None = None
-    dec_layers: int = 1
-    std_floor: float = 1e-4
-    name: str = field(default="custom")
+    x_dim: int = option(MISSING, "dimension of one step x_t", min=1)
+    family: str = option("vrnn", "the model: rnn (no latent), vrnn (Chung et al. 2015), "
+                                 "srnn (Fraccaro et al. 2016)", choices=FAMILIES)
+    h_dim: int = option(256, "width of the recurrent state (the SRNN's d_t)", min=1, flag="--h-dim")
+    z_dim: int = option(32, "dimension of the latent z_t", min=1, flag="--z-dim")
+    prior: str = option("learned", "prior of z_t: learned from the past, or standard N(0, I) "
+                                   "(VRNN-I)", choices=("learned", "standard"))
+    output: str = option("gauss", "output head p(x_t | .): gauss, gmm, bernoulli, strokes "
+                                  "(pen bit + bivariate mixture), ar (autoregressive within "
+                                  "the step)", choices=OUTPUTS, flag="--output")
+    n_components: int = option(1, "mixture size of gmm / strokes, and of each dimension's "
+                                  "conditional under ar", min=1)
+    cell: str = option("lstm", "recurrent cell", choices=CELLS)
+    rnn_layers: int = option(1, "layers of the recurrent stack", min=1)
+    phi_x_dim: int | None = option(None, "width of phi_x (default h_dim)", min=1)
+    phi_x_layers: int = option(1, "ReLU layers of phi_x", min=1)
+    phi_z_dim: int | None = option(None, "width of phi_z (default h_dim)", min=1)
+    phi_z_layers: int = option(1, "ReLU layers of phi_z", min=1)
+    enc_dim: int | None = option(None, "width of the encoder (default h_dim)", min=1)
+    enc_layers: int = option(1, "ReLU layers of the encoder", min=1)
+    prior_dim: int | None = option(None, "width of the prior network (default h_dim)", min=1)
+    prior_layers: int = option(1, "ReLU layers of the prior network", min=1)
+    dec_dim: int | None = option(None, "width of the decoder (default h_dim)", min=1)
+    dec_layers: int = option(1, "ReLU layers of the decoder", min=1)
+    std_floor: float = option(1e-4, "floor added to every std (std = softplus + floor)", above=0.0)
+    # SRNN only
+    a_dim: int | None = option(None, "SRNN: width of the inference RNN a_t (default h_dim)", min=1)
+    posterior: str = option("smoothing", "SRNN: q(z_t | z_{t-1}, a_t) with a_t from a backward "
+                                         "RNN (smoothing) or a forward one (filtering, causal)",
+                            choices=("smoothing", "filtering"))
+    residual: bool = option(True, "SRNN: posterior mean = prior mean + MLP(z_{t-1}, a_t) (Resq)")
+    # the autoregressive output head only
+    ar_hidden: int | None = option(None, "ar: width of its masked hidden layer "
+                                         "(default max(64, 2 x_dim))", min=1)
+    binary_dims: tuple[int, ...] = option((), "ar: dimensions modelled as bits (Bernoulli); "
+                                              "the others are real-valued", min=0)
+    name: str = option("custom", "the row's name, for reports")
 
     def __post_init__(self):
-        for k in ("phi_x_dim", "phi_z_dim", "enc_dim", "prior_dim", "dec_dim"):
+        check_instance(self)
+        for k in _WIDTHS:
             if getattr(self, k) is None:
                 setattr(self, k, self.h_dim)
-        if self.output not in OUTPUTS:
-            raise ConfigError(f"unknown output {self.output!r}; choose one of {', '.join(OUTPUTS)}")
-        if self.cell not in CELLS:
-            raise ConfigError(f"unknown cell {self.cell!r}; choose lstm or gru")
-        if self.prior not in ("learned", "standard"):
-            raise ConfigError(f"unknown prior {self.prior!r}; choose learned or standard")
-        if self.output == "gmm" and self.n_components < 1:
-            raise ConfigError("a gmm output needs n_components >= 1")
+        if self.a_dim is None:
+            self.a_dim = self.h_dim
         if self.output == "strokes" and self.x_dim != 3:
             raise ConfigError(f"the strokes output needs x_dim 3 (pen, dx, dy), got {self.x_dim}")
-        for k in ("x_dim", "h_dim", "z_dim", "rnn_layers", "n_components"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.binary_dims and self.output != "ar":
+            raise ConfigError(f"binary_dims applies to the ar output only (output is {self.output})")
+        if any(d >= self.x_dim for d in self.binary_dims):
+            raise ConfigError(f"binary_dims {list(self.binary_dims)} must lie in 0..{self.x_dim - 1}")
+        if self.family == "srnn" and self.prior != "learned":
+            raise ConfigError("the SRNN's prior p(z_t | z_{t-1}, d_t) is always learned; "
+                              "prior='standard' is the VRNN-I row")
+
+    @property
+    def latent(self) -> bool:
+        """Whether the model has a latent z_t (every family but the RNN baselines)."""
+        return self.family != "rnn"
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "VRNNConfig":
-        """One of the paper's rows (rnn-gauss, rnn-gmm, vrnn-i-gauss, vrnn-gauss, vrnn-gmm).
+        """A row by name (rnn-gauss, rnn-gmm, vrnn-i-gauss, vrnn-gauss, vrnn-gmm, srnn-gauss,
+        srnn-gmm), any field overridden.
 
-        Any field can be overridden. ``output="strokes"`` keeps the row's mixture size
-        (1 for *-gauss rows, 20 for *-gmm rows); ``output="bernoulli"`` ignores it.
+        ``output="strokes"`` keeps the row's mixture size (1 for *-gauss rows, 20 for *-gmm
+        rows), and so does ``output="ar"`` (the mixture size of each dimension's
+        conditional); ``output="bernoulli"`` ignores it.
         """
         if name not in PRESETS:
             raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
@@ -85,12 +123,17 @@ class VRNNConfig:
         return cls(**fields)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["binary_dims"] = list(self.binary_dims)
+        return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VRNNConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "model config") -> "VRNNConfig":
+        """The config a dict describes (a checkpoint's, a config file's), checked field by
+        field; checkpoints written before ``family`` existed say ``latent`` instead."""
+        d = dict(d)
+        if "latent" in d and "family" not in d:
+            d["family"] = "vrnn" if d.pop("latent") else "rnn"
+        if "x_dim" not in d:
+            raise ConfigError(f"{where}: x_dim is missing")
+        return cls(**check_section(cls, d, where))

@@ -1,10 +1,24 @@
-"""Scoring a trained model on a dataset: the split it was not trained on, the paper's units."""
+"""Scoring a trained model on a dataset: the split it was not trained on, in the paper's
+units (the normalised data) and in the data's own units.
+
+Normalisation maps each dimension as x' = (x - m_d) / s_d, so a density of the
+normalised data and one of the raw data differ by the Jacobian: log p(x) = log p(x') -
+sum_d log s_d at every real step (skipped dimensions, such as pen bits and piano-rolls,
+have s_d = 1). Both are reported: the normalised figure is what the paper's tables use;
+the raw one does not move when the normaliser is refitted on another split.
+
+Sequences whose float32 score overflows (data far outside the training range) are scored
+again in float64; whatever is still not finite is reported as null, with a count.
+"""
 
 from __future__ import annotations
 
+import copy
+import math
 import sys
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from . import checkpoint
@@ -12,6 +26,8 @@ from .data import load, pad_batch, split
 from .errors import DataError
 from .inference import bits_per_dim, row_step_bytes
 from .train import Prepared
+
+ESTIMATORS = ("is", "smc", "all")
 
 
 def checked_data(spec: str, model, data_desc: dict, ckpt: str):
@@ -27,8 +43,13 @@ def checked_data(spec: str, model, data_desc: dict, ckpt: str):
 def split_sequences(data, normalizer, data_desc: dict, which: str):
     """(indices, normalised sequences) of one split (``all``: every sequence), re-drawn with
     the seed and fractions the model was trained with."""
-    splits = split(len(data), tuple(data_desc.get("fractions", (0.8, 0.1, 0.1))),
-                   data_desc.get("split_seed", 0)) if which != "all" else {}
+    splits = {}
+    if which != "all":
+        try:
+            splits = split(len(data), tuple(data_desc.get("fractions", (0.8, 0.1, 0.1))),
+                           data_desc.get("split_seed", 0))
+        except DataError as exc:
+            raise DataError(f"{data.name}: {exc}") from None
     idx = list(range(len(data))) if which == "all" else splits[which]
     prep = Prepared(data, splits, normalizer)
     return idx, prep.sequences(which)
@@ -75,31 +96,142 @@ def padded_batches(model, sequences, batch_size: int, max_bytes: int):
         yield (batch, *pad_batch([sequences[i] for i in batch]))
 
 
+def log_scale(normalizer) -> float:
+    """sum_d log s_d of a normaliser: log p(raw x_t) = log p(normalised x_t) - this."""
+    return float(np.log(np.asarray(normalizer.std, dtype=np.float64)).sum())
+
+
+def _scores(model, x, mask, which, num_samples, max_rows, max_bytes, smc_opts) -> dict:
+    """{estimator: (B,) scores} for one padded batch."""
+    out = {}
+    with torch.no_grad():
+        if "elbo" in which:
+            out["elbo"] = model.elbo(x, mask)
+        for method in ("is", "smc"):
+            if method in which:
+                out[method] = model.log_likelihood(x, mask, num_samples=num_samples, method=method,
+                                                   max_rows=max_rows, max_bytes=max_bytes,
+                                                   **(smc_opts if method == "smc" else {}))
+    return out
+
+
 def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max_bytes=2 ** 30,
-             progress=True) -> dict:
-    """ELBO and IS log-likelihood summed per sequence over ``sequences`` (normalised arrays),
-    in passes that stay within about ``max_bytes`` of memory."""
-    elbos, lls, steps, done = [], [], 0, 0
-    n = len(sequences)
+             progress=True, estimator: str = "is", normalizer=None, smc_opts: dict | None = None) -> dict:
+    """Score ``sequences`` (normalised arrays) with the ELBO and ``estimator`` ("is", "smc"
+    or "all": both), in passes that stay within about ``max_bytes`` of memory.
+
+    Returns per estimator (``elbo``, ``is``, ``smc``; for RNN rows ``exact``) the mean
+    log-likelihood per sequence, per step, the negative bits per dimension, and the same
+    three in the data's own units (``*_raw``, from ``normalizer``), plus for compatibility
+    the flat fields ``elbo``, ``log_likelihood``, ``nats_per_step``, ``bits_per_dim`` (of
+    ``estimator``; of IS under "all"). Non-finite scores (after a float64 retry) are None,
+    counted in ``non_finite``.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    latent = model.latent
+    methods = ["elbo"] + (["is", "smc"] if estimator == "all" else [estimator]) if latent else ["exact"]
+    scored = {m: [] for m in methods}
+    lengths, done, n = [], 0, len(sequences)
+    retried = 0
+    double = None
     for batch, x, mask in padded_batches(model, sequences, batch_size, max_bytes):
-        with torch.no_grad():
-            elbos.append(model.elbo(x, mask))
-            lls.append(model.log_likelihood(x, mask, num_samples=num_samples, max_rows=max_rows,
-                                             max_bytes=max_bytes))
-        steps += int(mask.sum())
+        which = [m for m in methods if m != "exact"] or ["elbo"]
+        got = _scores(model, x, mask, which, num_samples, max_rows, max_bytes, smc_opts or {})
+        bad = ~torch.stack([torch.isfinite(v) for v in got.values()]).all(0)
+        if bool(bad.any()):  # float32 overflowed on some sequences: score those in float64
+            if double is None:
+                double = copy.deepcopy(model).double()
+            again = _scores(double, x[bad].double(), mask[bad].double(), which, num_samples, max_rows,
+                            max_bytes, smc_opts or {})
+            for k in got:
+                got[k] = got[k].double()
+                got[k][bad] = again[k]
+            retried += int(bad.sum())
+        for k, v in got.items():
+            scored["exact" if not latent else k].append(v.double())
+        lengths.append(mask.sum(1).double())
         done += len(batch)
         if progress:
             print(f"  evaluated {done}/{n} sequences", file=sys.stderr, flush=True)
-    elbo, ll = torch.cat(elbos), torch.cat(lls)
-    latent = model.cfg.latent
-    return {
-        "elbo": float(elbo.mean()) if latent else None,
-        "log_likelihood": float(ll.mean()),
+    steps_per_seq = torch.cat(lengths)
+    steps = float(steps_per_seq.sum())
+    D = model.cfg.x_dim
+    offset = -log_scale(normalizer) if normalizer is not None else 0.0  # per step, raw - normalised
+    figures, non_finite = {}, {}
+    for m, parts in scored.items():
+        v = torch.cat(parts)
+        ok = torch.isfinite(v)
+        non_finite[m] = int((~ok).sum())
+        mean = float(v.mean()) if bool(ok.all()) else None
+        total = float(v.sum()) if bool(ok.all()) else None
+        raw_total = None if total is None else total + offset * steps
+        figures[m] = {
+            "per_sequence": mean,
+            "per_step": None if total is None else total / steps,
+            "bits_per_dim": None if total is None else -total / (steps * D * math.log(2.0)),
+            "per_sequence_raw": None if raw_total is None else raw_total / len(v),
+            "per_step_raw": None if raw_total is None else raw_total / steps,
+            "bits_per_dim_raw": None if raw_total is None else -raw_total / (steps * D * math.log(2.0)),
+            "num_samples": 1 if m == "elbo" else (0 if m == "exact" else num_samples),
+        }
+    main = "exact" if not latent else ("is" if estimator == "all" else estimator)
+    f = figures[main]
+    res = {
+        "estimator": main,
+        "estimators": figures,
+        "elbo": figures["elbo"]["per_sequence"] if latent else None,
+        "log_likelihood": f["per_sequence"],
         "exact": not latent,
         "num_samples": num_samples if latent else 0,
         "num_sequences": n,
-        "num_steps": steps,
-        "nats_per_step": float(ll.sum()) / steps,
-        "elbo_nats_per_step": float(elbo.sum()) / steps,
-        "bits_per_dim": bits_per_dim(ll.sum(), torch.tensor(float(steps)), model.cfg.x_dim),
+        "num_steps": int(steps),
+        "nats_per_step": f["per_step"],
+        "elbo_nats_per_step": figures["elbo"]["per_step"] if latent else f["per_step"],
+        "bits_per_dim": f["bits_per_dim"],
+        "log_likelihood_raw": f["per_sequence_raw"],
+        "elbo_raw": figures["elbo"]["per_sequence_raw"] if latent else None,
+        "nats_per_step_raw": f["per_step_raw"],
+        "bits_per_dim_raw": f["bits_per_dim_raw"],
+        "raw_offset_per_step": offset,
+        "rescored_in_float64": retried,
+        "non_finite": non_finite,
     }
+    if latent and "smc" in figures:
+        res["log_likelihood_smc"] = figures["smc"]["per_sequence"]
+        res["log_likelihood_smc_raw"] = figures["smc"]["per_sequence_raw"]
+    return res
+
+
+class Float64Fallback:
+    """``model``, and a float64 copy of it made the first time a score overflows float32."""
+
+    def __init__(self, model):
+        self.model, self._double = model, None
+
+    @property
+    def double(self):
+        if self._double is None:
+            self._double = copy.deepcopy(self.model).double()
+        return self._double
+
+    def latents(self, x, mask, sample: bool = False) -> dict:
+        """``model.latents`` of a batch, recomputed in float64 (and returned as float64)
+        when a per-step score of a real step is not finite in float32."""
+        lat = self.model.latents(x, mask, sample=sample)
+        real = mask > 0
+        if bool(torch.isfinite(lat["score"][real]).all()):
+            return lat
+        return self.double.latents(x.double(), mask.double(), sample=sample)
+
+
+def strict_json(obj):
+    """``obj`` with every NaN or infinity replaced by None, so ``json.dumps(...,
+    allow_nan=False)`` gives strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj

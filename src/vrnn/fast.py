@@ -27,7 +27,11 @@ to the autograd loop. It is ``VRNN``'s default (``VRNN.scan_impl = "fused"``); c
 model with ``set_scan(model, "autograd" | "fused")``.
 
 The outputs are those of ``VRNN._scan``: (h_prev, mu_q, std_q, z, fz, (h_final, c_final)),
-with the same masking semantics (rows whose ``keep`` is False keep their state).
+with the same masking semantics (rows whose ``keep`` is False keep their state). With k
+samples (or particles) per sequence the state has k*B rows and ``ax``/``gx`` B rows,
+broadcast inside the loop (their gradients summed over the samples); ``ancestors[t]``
+(row indices, or None) resamples the state after step t, and the reverse loop scatters
+the state's gradient back to the ancestors (``index_add``).
 """
 
 from __future__ import annotations
@@ -36,16 +40,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .models.base import add_shared
+
 __all__ = ["set_scan", "get_scan", "supports", "scan", "scan_args", "FusedScan", "SCAN_IMPLS"]
 
-SCAN_IMPLS = ("autograd", "fused")
+SCAN_IMPLS = ("autograd", "fused", "stepwise")
 _tb = torch.ops.aten.threshold_backward.grad_input  # relu backward, written into a buffer
 
 
 def set_scan(model: nn.Module, impl: str) -> nn.Module:
     """Choose how ``model`` (a ``vrnn.VRNN``) runs its sequential chain in training:
-    ``"autograd"`` (the plain loop) or ``"fused"`` (this module; falls back to the loop
-    where unsupported). Sets the instance attribute ``scan_impl``; returns the model."""
+    ``"autograd"`` (the plain loop), ``"fused"`` (this module; falls back to the loop where
+    unsupported) or ``"stepwise"`` (every network inside the loop, as the public
+    implementations do: for comparisons). Sets the instance attribute ``scan_impl``
+    (other models have no such loop and ignore it); returns the model."""
     if impl not in SCAN_IMPLS:
         raise ValueError(f"unknown scan implementation {impl!r}; choose one of {SCAN_IMPLS}")
     model.scan_impl = impl
@@ -108,10 +116,10 @@ def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def scan(model, ax: Tensor, gx: Tensor, eps: Tensor, keep: Tensor | None, state):
+def scan(model, ax: Tensor, gx: Tensor, eps: Tensor, keep: Tensor | None, state, ancestors=None):
     """The fused scan of ``model``, or None where the autograd loop should run instead."""
-    if not torch.is_grad_enabled() or not supports(model) or ax.shape[0] != state[0].shape[1]:
-        return None  # (several samples per sequence share ax, gx: the plain loop broadcasts)
+    if not torch.is_grad_enabled() or not supports(model) or state[0].shape[1] % ax.shape[0]:
+        return None
     meta, params = scan_args(model)
     tensors = [ax, gx, eps, state[0], state[1], *params]
     if not any(t.requires_grad for t in tensors):
@@ -124,7 +132,8 @@ def scan(model, ax: Tensor, gx: Tensor, eps: Tensor, keep: Tensor | None, state)
         return None
     if any(t.dtype not in (sd, cd) for t in (ax, gx, eps)):
         return None
-    h_prev, mu, std, z, fz, h_fin, c_fin = FusedScan.apply(meta + (cd,), ax, gx, eps, keep,
+    anc = None if ancestors is None or all(a is None for a in ancestors) else tuple(ancestors)
+    h_prev, mu, std, z, fz, h_fin, c_fin = FusedScan.apply(meta + (cd,), ax, gx, eps, keep, anc,
                                                            state[0], state[1], *params)
     return h_prev, mu, std, z, fz, (h_fin, c_fin)
 
@@ -145,19 +154,20 @@ class FusedScan(torch.autograd.Function):
     """The whole scan as one autograd node; see the module docstring.
 
     Inputs: meta = (cell kind, encoder body depth, phi_z depth, std floor, compute dtype),
-    ax (B,T,E), gx (B,T,G), eps (B,T,Z), keep (B,T,1) bool or None, h0 and c0 (1,B,H),
-    then the weights in ``scan``'s order. Outputs: h_prev (B,T,H), mu, std, z (B,T,Z), fz (B,T,F),
-    h_final, c_final (1,B,H).
+    ax (B,T,E), gx (B,T,G), eps (R,T,Z), keep (R,T,1) bool or None, ancestors (T entries,
+    None or (R,) row indices) or None, h0 and c0 (1,R,H), then the weights in ``scan``'s
+    order, with R = k*B rows. Outputs: h_prev (R,T,H), mu, std, z (R,T,Z), fz (R,T,F),
+    h_final, c_final (1,R,H).
     """
 
     @staticmethod
-    def forward(ctx, meta, ax, gx, eps, keep, h0, c0, *params):
+    def forward(ctx, meta, ax, gx, eps, keep, anc, h0, c0, *params):
         # autocast off inside: the dtypes below are chosen explicitly (meta's compute dtype)
         with torch.autocast(ax.device.type, enabled=False):
-            return FusedScan._forward(ctx, meta, ax, gx, eps, keep, h0, c0, *params)
+            return FusedScan._forward(ctx, meta, ax, gx, eps, keep, anc, h0, c0, *params)
 
     @staticmethod
-    def _forward(ctx, meta, ax, gx, eps, keep, h0, c0, *params):
+    def _forward(ctx, meta, ax, gx, eps, keep, anc, h0, c0, *params):
         # In full precision the forward repeats VRNN._scan's arithmetic op for op (same
         # calls, same order, fresh outputs), so that its values are bit-identical to the
         # autograd loop's and to the no-grad path's; only what backward needs is kept.
@@ -168,21 +178,24 @@ class FusedScan(torch.autograd.Function):
         params = tuple(p.to(cd) for p in params)  # no-ops in full precision
         ax, gx, eps = ax.to(cd), gx.to(cd), eps.to(cd)
         w_eh, w_hh, b_hh, body, w_g, b_g, phiz, w_z = _unpack(meta, params)
-        B, T, E = ax.shape
+        _, T, E = ax.shape
+        B = h0.shape[1]  # rows: k samples (particles) per sequence of ax
         H, Z = h0.shape[-1], eps.shape[-1]
         lstm = kind == "lstm"
         w = torch.cat([w_eh, w_hh], dim=0)
         b = None if lstm else torch.cat([b_hh.new_zeros(E), b_hh])
         split = [E, w_hh.shape[0]]
         keeps = [None] * T if keep is None else keep.unbind(1)
+        ancs = [None] * T if anc is None else anc
         h, c = h0[0], c0[0]
         hs, cs = [h], [c]
         U = [[] for _ in range(1 + n_body)]  # encoder activations (after ReLU), per layer
         Q = [[] for _ in range(n_phiz)]      # phi_z activations, per layer
         mus, pres, stds, zs, acts = [], [], [], [], []
-        for ax_t, gx_t, eps_t, keep_t in zip(ax.unbind(1), gx.unbind(1), eps.unbind(1), keeps):
+        for ax_t, gx_t, eps_t, keep_t, anc_t in zip(ax.unbind(1), gx.unbind(1), eps.unbind(1),
+                                                   keeps, ancs):
             e_h, g_h = F.linear(h.to(cd) if lo else h, w, b).split(split, dim=-1)
-            u = F.relu(ax_t + e_h)
+            u = F.relu(add_shared(ax_t, e_h))
             U[0].append(u)
             for k, (wk, bk) in enumerate(body):
                 u = F.relu(F.linear(u, wk, bk))
@@ -194,7 +207,7 @@ class FusedScan(torch.autograd.Function):
             for k, (wk, bk) in enumerate(phiz):
                 q = F.relu(F.linear(q, wk, bk))
                 Q[k].append(q)
-            gi = gx_t + F.linear(q, w_z)
+            gi = add_shared(gx_t, F.linear(q, w_z))
             # the cell's arithmetic in sd from the gates' pre-activations on
             if lstm:
                 i, f, g, o = (gi + g_h).to(sd).chunk(4, dim=-1)
@@ -212,6 +225,8 @@ class FusedScan(torch.autograd.Function):
                 acts.append((r, uu, n, hn_))
             if keep_t is not None:
                 hn, cn = torch.where(keep_t, hn, h), torch.where(keep_t, cn, c)
+            if anc_t is not None:  # resampling: each row continues from its ancestor
+                hn, cn = hn.index_select(0, anc_t), cn.index_select(0, anc_t)
             mus.append(mu)
             pres.append(pre)
             stds.append(std)
@@ -231,9 +246,9 @@ class FusedScan(torch.autograd.Function):
         # of per-step tensors) are plain attributes; nothing in the model writes to the
         # outputs in place. All stay until the graph is freed, so that backward can run
         # again (retain_graph=True, gradcheck).
-        ctx.meta, ctx.shape = meta, (B, T, E, H, Z)
+        ctx.meta, ctx.shape, ctx.seqs = meta, (B, T, E, H, Z), ax.shape[0]
         ctx.save_for_backward(h_prev, std_s, z_s, fz_s)
-        ctx.saved = (cs[:-1], U, Q, pres, acts, eps, keep)
+        ctx.saved = (cs[:-1], U, Q, pres, acts, eps, keep, ancs)
         ctx.params = params
         return (h_prev, st(mus), std_s, z_s, fz_s, torch.stack([h]), torch.stack([c]))
 
@@ -249,7 +264,7 @@ class FusedScan(torch.autograd.Function):
         kind, n_body, n_phiz, _, cd = meta
         w_eh, w_hh, b_hh, body, w_g, b_g, phiz, w_z = _unpack(meta, params)
         h_prev, std_s, z_s, fz_s = ctx.saved_tensors
-        cs, U, Q, pres, acts, eps, keep = ctx.saved
+        cs, U, Q, pres, acts, eps, keep, ancs = ctx.saved
         Q = Q + [fz_s.transpose(0, 1)]
         B, T, E, H, Z = ctx.shape
         lstm = kind == "lstm"
@@ -274,6 +289,9 @@ class FusedScan(torch.autograd.Function):
             kf = keep.transpose(0, 1).to(h_prev.dtype)
             nk = 1.0 - kf
         for t in range(T - 1, -1, -1):
+            if ancs[t] is not None:  # the state after step t was gathered: scatter back
+                dh = torch.zeros_like(dh).index_add_(0, ancs[t], dh)
+                dc = torch.zeros_like(dc).index_add_(0, ancs[t], dc)
             if keep is not None:
                 dhn = dh * kf[t]
                 ch = dh * nk[t]
@@ -343,10 +361,12 @@ class FusedScan(torch.autograd.Function):
             grads += [rows(DP[k]).t() @ inp, bsum(DP[k])]
         grads.append(rows(DGI).t() @ rows(fz_s.transpose(0, 1)))
         dt_ax, dt_gx, dt_eps = ctx.dtypes
-        dax = DA[0].transpose(0, 1).to(dt_ax) if need[1] else None
-        dgx = DGI.transpose(0, 1).to(dt_gx) if need[2] else None
+        n = B // ctx.seqs  # samples per sequence: their gradients of ax, gx add up
+        per_seq = lambda x: x if n == 1 else x.reshape(T, n, ctx.seqs, x.shape[-1]).sum(1)  # noqa: E731
+        dax = per_seq(DA[0]).transpose(0, 1).to(dt_ax) if need[1] else None
+        dgx = per_seq(DGI).transpose(0, 1).to(dt_gx) if need[2] else None
         deps = (DZ.transpose(0, 1) * std_s).to(dt_eps) if need[3] else None
-        dh0 = dh.unsqueeze(0) if need[5] else None
-        dc0 = (dc.unsqueeze(0) if lstm else gc_fin.clone()) if need[6] else None
-        grads = [gr.to(sd) if need[7 + i] else None for i, gr in enumerate(grads)]
-        return (None, dax, dgx, deps, None, dh0, dc0, *grads)
+        dh0 = dh.unsqueeze(0) if need[6] else None
+        dc0 = dc.unsqueeze(0) if need[7] else None  # (a GRU's c: gc_fin through the gathers)
+        grads = [gr.to(sd) if need[8 + i] else None for i, gr in enumerate(grads)]
+        return (None, dax, dgx, deps, None, None, dh0, dc0, *grads)

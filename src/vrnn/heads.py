@@ -7,6 +7,8 @@ has:
     head.log_prob(params, x)         # (...,) log density of x_t, summed over its dimensions
     head.sample(params)              # (..., x_dim) one draw
     head.mean(params)                # (..., x_dim) the distribution's mean
+    head.point(params)               # (..., x_dim) a deterministic point: the mean of the
+                                     # continuous parts, the most likely value of the bits
 
 Standard deviations are ``softplus(.) + std_floor`` and mixtures are computed in log space
 (``logsumexp``), so no head can produce a NaN from a collapsing std or an empty component.
@@ -37,9 +39,12 @@ def gaussian_kl(mu_q: Tensor, std_q: Tensor, mu_p: Tensor, std_p: Tensor) -> Ten
     """KL(N(mu_q, std_q^2) || N(mu_p, std_p^2)) per dimension (not summed).
 
     sum_i [log s_p - log s_q + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2]
+
+    The log of the variance ratio is taken as a difference of logs, so that a ratio that
+    overflows gives KL = +inf, never inf - inf = NaN.
     """
-    var_ratio = (std_q / std_p) ** 2
-    return 0.5 * (var_ratio + ((mu_q - mu_p) / std_p) ** 2 - 1.0 - torch.log(var_ratio))
+    log_ratio = 2.0 * (torch.log(std_q) - torch.log(std_p))
+    return 0.5 * (torch.exp(log_ratio) + ((mu_q - mu_p) / std_p) ** 2 - 1.0 - log_ratio)
 
 
 class Head(nn.Module):
@@ -65,6 +70,11 @@ class Head(nn.Module):
 
     def mean(self, params: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def point(self, params: Tensor) -> Tensor:
+        """What generation feeds back under ``mean=True``: the mean, except that bits take
+        their most likely value (so the model keeps seeing its training support)."""
+        return self.mean(params)
 
 
 class GaussianHead(Head):
@@ -137,6 +147,9 @@ class BernoulliHead(Head):
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)
 
+    def point(self, params: Tensor) -> Tensor:
+        return (params > 0).to(params.dtype)
+
 
 class StrokesHead(Head):
     """Pen strokes x = (pen, dx, dy), as in the paper's handwriting model.
@@ -185,14 +198,24 @@ class StrokesHead(Head):
         xy = (log_w.exp().unsqueeze(-1) * mu).sum(-2)
         return torch.cat([torch.sigmoid(pen_logit).unsqueeze(-1), xy], dim=-1)
 
+    def point(self, params: Tensor) -> Tensor:
+        x = self.mean(params)
+        return torch.cat([(params[..., :1] > 0).to(x.dtype), x[..., 1:]], dim=-1)
 
-def make_head(kind: str, in_dim: int, x_dim: int, k: int, std_floor: float) -> Head:
+
+def make_head(cfg, in_dim: int) -> Head:
+    """The output head ``cfg`` (a ``VRNNConfig``) asks for, reading features of ``in_dim``."""
+    kind, x_dim, k, floor = cfg.output, cfg.x_dim, cfg.n_components, cfg.std_floor
     if kind == "gauss":
-        return GaussianHead(in_dim, x_dim, std_floor)
+        return GaussianHead(in_dim, x_dim, floor)
     if kind == "gmm":
-        return GMMHead(in_dim, x_dim, k, std_floor)
+        return GMMHead(in_dim, x_dim, k, floor)
     if kind == "bernoulli":
-        return BernoulliHead(in_dim, x_dim, std_floor)
+        return BernoulliHead(in_dim, x_dim, floor)
     if kind == "strokes":
-        return StrokesHead(in_dim, x_dim, k, std_floor)
-    raise ValueError(f"unknown output head {kind!r}; choose gauss, gmm, bernoulli or strokes")
+        return StrokesHead(in_dim, x_dim, k, floor)
+    if kind == "ar":
+        from .autoregressive import AutoregressiveHead
+        return AutoregressiveHead(in_dim, x_dim, hidden=cfg.ar_hidden, k=k,
+                                  binary_dims=tuple(cfg.binary_dims), std_floor=floor)
+    raise ValueError(f"unknown output head {kind!r}; choose gauss, gmm, bernoulli, strokes or ar")

@@ -1,6 +1,16 @@
-"""Scoring: the training objective, importance-sampled log-likelihood, latents, unit conversions.
+"""Scoring and training bounds: the ELBO, IWAE and FIVO objectives, the importance-sampled
+and the particle-filter log-likelihood, latents, unit conversions.
 
-All scores are in nats per sequence unless a function says otherwise.
+With log w = sum_t log p(x_t | .) + log p(z_t | .) - log q(z_t | .) the log-weight of one
+posterior draw z ~ q (a whole sequence):
+
+    ELBO   E_q[sum_t log p(x_t | .) - KL(q_t || p_t)]            (KL analytic; RNN rows: exact)
+    IWAE   log (1/K) sum_k w_k                                    K draws, no resampling
+    FIVO   log Z of a particle filter with K particles (smc.py)   resampling where the ESS is low
+
+Each is a lower bound on log p(x) in expectation; IWAE and FIVO tighten with K and equal
+the ELBO at K = 1 (the analytic KL then replaces the sampled log-ratio: same expectation,
+less variance). All scores are in nats per sequence unless a function says otherwise.
 """
 
 from __future__ import annotations
@@ -11,24 +21,76 @@ import torch
 from torch import Tensor
 
 from .heads import gaussian_log_prob
+from .smc import last_step_events, log_z_from_weights, particle_filter
+
+BOUNDS = ("elbo", "iwae", "fivo")
+METHODS = ("is", "smc")
 
 
-def objective(model, x: Tensor, mask: Tensor | None = None, state=None,
-              kl_weight: float = 1.0, free_bits: float = 0.0):
-    """The training loss: -(sum_t log p(x_t|.) - kl_weight * KL_t) per real step.
+def log_ratio(tr) -> Tensor:
+    """(rows, T): log p(z_t | .) - log q(z_t | .) at the trace's posterior sample, masked."""
+    return (gaussian_log_prob(tr.z, tr.mu_p, tr.std_p) - gaussian_log_prob(tr.z, tr.mu_q, tr.std_q)) * tr.mask
 
-    ``kl_weight`` < 1 is KL annealing (linear warm-up is the caller's schedule);
-    ``free_bits`` > 0 charges each latent dimension at each step at least that many nats
-    of KL, so the optimiser gains nothing by pushing it lower (Kingma et al. 2016).
-    Returns ``(loss, trace)``; the loss is averaged over real steps so its scale does not
-    depend on sequence length. The reported bound (``trace``) is always the true ELBO.
+
+def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weight: float = 1.0,
+              free_bits: float = 0.0, bound: str = "elbo", num_samples: int = 1,
+              normaliser=None, continues: Tensor | None = None, resample: str = "ess",
+              threshold: float = 0.5, resampler: str = "systematic"):
+    """The training loss: minus the bound, summed over the batch, per real step.
+
+    ``bound``: "elbo" (with ``num_samples`` K > 1: the mean of K single-draw ELBOs),
+    "iwae" or "fivo" with K particles (see the module docstring; FIVO's resampling by
+    ``resample``/``threshold``/``resampler`` as in ``smc.particle_filter``).
+    ``kl_weight`` < 1 is KL annealing: it scales the KL term of the ELBO, and the latent
+    part log p(z) - log q(z) of every IWAE/FIVO weight (a tempered weight). ``free_bits``
+    > 0 charges each latent dimension at each step at least that many nats of KL (Kingma
+    et al. 2016); it applies to the ELBO's analytic KL only, and is refused for IWAE/FIVO
+    with K > 1. ``normaliser``: the number of real steps to divide by (default: this
+    batch's; truncated BPTT passes the whole batch's, across processes). ``continues`` (B,)
+    (FIVO under truncated BPTT): sequences that go on after this chunk, resampled at its
+    end. Returns ``(loss, trace)``; ``trace.bound`` (B,) is the bound per sequence that is
+    reported: at ``kl_weight`` 1 and without free bits, except that FIVO under warm-up
+    reports its tempered bound (its particles were resampled by the tempered weights).
+    Under IWAE and FIVO the trace has K*B rows (FIVO's after resampling) and
+    ``trace.state`` carries them on.
     """
-    tr = model(x, mask, state=state)
-    kl = tr.kl
-    if free_bits > 0.0 and tr.kl_dims is not None:
-        kl = tr.kl_dims.clamp(min=free_bits).sum(-1) * tr.mask
-    steps = tr.mask.sum().clamp(min=1.0)
-    loss = -(tr.log_px - kl_weight * kl).sum() / steps
+    if bound not in BOUNDS:
+        raise ValueError(f"unknown bound {bound!r}; choose one of {', '.join(BOUNDS)}")
+    K = int(num_samples)
+    if K < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    B = x.shape[0]
+    if not model.latent or bound == "elbo" or K == 1:
+        tr = model(x, mask, state=state, samples=K if model.latent else 1)
+        kl = tr.kl
+        if free_bits > 0.0 and tr.kl_dims is not None:
+            kl = tr.kl_dims.clamp(min=free_bits).sum(-1) * tr.mask
+        per_seq = (tr.log_px - kl_weight * kl).sum(1).view(-1, B).mean(0)
+        reported = (tr.log_px - tr.kl).sum(1).view(-1, B).mean(0)
+    else:
+        if free_bits > 0.0:
+            raise ValueError("free bits apply to the ELBO's KL term; IWAE and FIVO weigh sampled "
+                             "log-ratios instead (use kl_weight to temper them)")
+        m = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if mask is None else mask
+        if bound == "iwae":
+            if continues is not None:
+                raise ValueError("IWAE weighs whole sequences: it cannot resample at a chunk's end")
+            tr = model(x, mask, state=state, samples=K)
+            events = last_step_events(m)
+        else:
+            filt = particle_filter(model, x, mask, K, resample, threshold, resampler, state=state,
+                                   kl_weight=kl_weight, continues=continues, record_noise=True)
+            tr = model(x, mask, state=state, samples=K, noise=filt.noise, ancestors=filt.ancestors)
+            events = filt.events
+        ratio = log_ratio(tr)
+        per_seq = log_z_from_weights((tr.log_px + kl_weight * ratio).view(K, B, -1), events)
+        # (FIVO under warm-up resampled by the tempered weights: its log Z with untempered
+        # weights on those segments would be biased, so it reports the tempered bound)
+        reported = per_seq if kl_weight == 1.0 or bound == "fivo" else log_z_from_weights(
+            (tr.log_px + ratio).detach().view(K, B, -1), events)
+    steps = (tr.mask.sum() / max(1, tr.mask.shape[0] // B)).clamp(min=1.0) if normaliser is None else normaliser
+    loss = -per_seq.sum() / steps
+    tr.bound = reported.detach()
     return loss, tr
 
 
@@ -38,9 +100,7 @@ def log_weights(model, x: Tensor, mask: Tensor | None = None, samples: int = 1) 
     tr = model(x, mask, samples=samples)
     if tr.z is None:
         return tr.log_px.sum(1)
-    log_pz = gaussian_log_prob(tr.z, tr.mu_p, tr.std_p)
-    log_qz = gaussian_log_prob(tr.z, tr.mu_q, tr.std_q)
-    return (tr.log_px + (log_pz - log_qz) * tr.mask).sum(1)
+    return (tr.log_px + log_ratio(tr)).sum(1)
 
 
 def row_step_bytes(model) -> int:
@@ -48,39 +108,54 @@ def row_step_bytes(model) -> int:
     the output parameters and a mixture's per-component terms dominate for wide outputs,
     the states and MLP activations otherwise. Used to size passes under a memory cap."""
     cfg = model.cfg
-    k = cfg.n_components if cfg.output in ("gmm", "strokes") else 1
+    k = cfg.n_components if cfg.output in ("gmm", "strokes", "ar") else 1
     widths = max(cfg.phi_x_dim, cfg.phi_z_dim, cfg.enc_dim, cfg.prior_dim, cfg.dec_dim)
-    floats = (3 * model.head.param_dim + 3 * k * cfg.x_dim + 12 * cfg.h_dim * cfg.rnn_layers
+    floats = (3 * model.head.param_dim + 3 * k * cfg.x_dim + 12 * max(cfg.h_dim, cfg.a_dim) * cfg.rnn_layers
               + 10 * cfg.z_dim + 4 * widths + 2 * cfg.x_dim)
     return 4 * floats
 
 
 @torch.no_grad()
 def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: int = 40,
-                   max_rows: int = 4096, max_bytes: int = 2 ** 30) -> Tensor:
-    """Importance-sampled estimate of log p(x) per sequence, Tensor[B].
+                   method: str = "is", max_rows: int = 4096, max_bytes: int = 2 ** 30,
+                   resample: str = "ess", threshold: float = 0.5, resampler: str = "systematic",
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Estimated log p(x) per sequence, Tensor[B]; exact for the RNN rows, which have no
+    latent.
 
-    log p(x) ~= log (1/K) sum_k p(x, z_k) / q(z_k | x),  z_k ~ q. The K samples run as one
-    batch of K*B rows, split into passes of at most ``max_rows`` rows and about
-    ``max_bytes`` of memory (``row_step_bytes`` per row and step; no Python loop over
-    single samples; one sample per pass at least: split the batch for less). What does not
-    depend on z (phi_x, the x-parts of the first layers) is computed once per pass and
-    shared by its samples. Exact for the RNN rows, which have no latent. The
-    estimate is a lower bound in expectation that tightens as K grows; K=1 is the ELBO's
-    single-sample estimate.
+    ``method="is"``: importance sampling, log (1/K) sum_k p(x, z_k) / q(z_k | x) with
+    z_k ~ q; the K samples run as one batch of K*B rows, split into passes of at most
+    ``max_rows`` rows and about ``max_bytes`` of memory (``row_step_bytes`` per row and
+    step; one sample per pass at least: split the batch for less), the z-independent work
+    shared by the samples of a pass. ``method="smc"``: the particle filter of smc.py with K
+    particles (``resample``: "ess" below ``threshold`` * K, "always" or "never";
+    ``resampler``: "systematic" or "multinomial"); particles interact, so passes split the
+    batch into groups of sequences instead. Both are lower bounds in expectation that
+    tighten as K grows; K=1 is the ELBO's single-draw estimate.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if not model.cfg.latent:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not model.latent:
         return log_weights(model, x, mask)
     B, T = x.shape[0], x.shape[1]
+    K = int(num_samples)
+    if method == "smc":
+        # no gradients: a step's K particles and the sequence's z-independent features
+        group = max(1, min(B, max_rows // K, max_bytes // ((K + T) * row_step_bytes(model))))
+        out = []
+        for s in range(0, B, group):
+            out.append(particle_filter(model, x[s:s + group], None if mask is None else mask[s:s + group],
+                                       K, resample, threshold, resampler, generator=generator).log_z)
+        return torch.cat(out)
     per_pass = max(1, min(max_rows // max(B, 1), max_bytes // (max(B * T, 1) * row_step_bytes(model))))
     chunks = []
-    for start in range(0, num_samples, per_pass):
-        k = min(per_pass, num_samples - start)
+    for start in range(0, K, per_pass):
+        k = min(per_pass, K - start)
         chunks.append(log_weights(model, x, mask, samples=k).view(k, B))
     lw = torch.cat(chunks, dim=0)
-    return torch.logsumexp(lw, dim=0) - math.log(num_samples)
+    return torch.logsumexp(lw, dim=0) - math.log(K)
 
 
 @torch.no_grad()
@@ -90,11 +165,12 @@ def latents(model, x: Tensor, mask: Tensor | None = None, sample: bool = False) 
     With ``sample=False`` (default) z_t is the posterior mean (deterministic); with
     ``sample=True`` a posterior draw. Keys: ``mask`` (B,T); ``log_px`` (B,T) log p(x_t|.);
     ``kl`` (B,T); ``score`` (B,T) = log_px - kl, the per-step ELBO term (low = anomalous);
-    ``h`` (B,T,H) h_t; ``h_change`` (B,T) ||h_t - h_{t-1}||; and for VRNN rows
+    ``h`` (B,T,H) the deterministic state after step t (the VRNN's h_t, the SRNN's
+    d_{t+1}); ``h_change`` (B,T) ||h after t - h before t||; and for latent models
     ``posterior_mean``, ``posterior_std``, ``prior_mean``, ``prior_std``, ``z`` (B,T,Z).
     """
     noise = None
-    if model.cfg.latent and not sample:
+    if model.latent and not sample:
         noise = x.new_zeros(x.shape[0], x.shape[1], model.cfg.z_dim)
     tr = model(x, mask, noise=noise)
     out = {

@@ -1,21 +1,38 @@
-"""Reproduce the paper's Table 1 comparison and its analysis figure on installable data.
+"""The reproduction: the paper's Table 1, its successors beside it, and equal wall clock
+against the public style, under a protocol a reviewer can believe.
 
-    vrnn reproduce --setup cpu --out results/
+    vrnn reproduce --setup cpu --plan          # what will run and about how long
+    vrnn reproduce --setup cpu                 # run what is missing, then write the tables
+    vrnn reproduce --setup cpu --report-only   # the tables from the records, training nothing
 
-trains and evaluates the five Table 1 rows on four datasets (asterisk-en for Blizzard,
-fillets-cs for TIMIT, LASA for IAM-OnDB, Bach chorales for JSB) under the paper's
-protocol: parameter counts matched to RNN-Gauss by sizing each row's MLPs, the same
-budget and early stopping on the validation bound for every row, the test split unseen
-in training, ELBO and a 40-sample importance-sampled estimate for VRNN rows and the exact
-log-likelihood for RNN rows. Each (dataset, row, seed) run is a `vrnn train` + `vrnn
-evaluate --json` pair in its own process, ``--jobs`` at a time; finished runs are kept in
-OUT/runs and skipped when the command is run again, so an interrupted reproduction resumes.
-Then it writes OUT/table1.md, OUT/table1.json, OUT/analysis.png and OUT/samples/.
+Protocol:
+
+* Paired: one split per dataset (``split_seed``), the same for every row and every seed;
+  seeds vary only the initialisation and the noise. Tables report each row's mean and
+  standard error over seeds and its paired difference to the best RNN row of the paper
+  (mean, standard error, and how many seeds it wins).
+* Trained to convergence: early stopping on the validation bound with the same patience
+  and the same cap on optimiser steps for every row of a dataset; each record says
+  whether the run stopped early (converged) or at the cap.
+* Parameter-matched: every row's MLP widths are bisected so that its parameter count is
+  as close as possible to RNN-Gauss's.
+* Scored three ways on the test split: the ELBO, importance sampling and a particle
+  filter (K = 40) for latent rows, exact for RNN rows, in the paper's unit (normalised
+  data) and in the data's own units.
+
+Every (table, dataset, row, seed) run is a ``vrnn train`` then a ``vrnn evaluate`` in its
+own process, ``--jobs`` at a time. Checkpoints go to OUT/runs/ (not committed); the moment
+a run is scored its record is written to OUT/records/<dataset>/<row>-seed<k>.json, to be
+committed: a finished run is never recomputed, and an interrupted one resumes from its
+last checkpoint. The tables, OUT/table1.json, the analysis figure and the samples are
+written from the records (and, for the figure and samples, the checkpoints).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -23,6 +40,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,226 +48,551 @@ import torch
 
 from .errors import ConfigError, VRNNError
 
-ROWS = ["rnn-gauss", "rnn-gmm", "vrnn-i-gauss", "vrnn-gauss", "vrnn-gmm"]
-BINARY_ROWS = ["rnn-gauss", "vrnn-i-gauss", "vrnn-gauss"]  # Bernoulli head; no GMM rows
+
+@dataclass(frozen=True)
+class Row:
+    """A table row: a preset, with model and training options on top."""
+
+    preset: str
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def objective(self) -> str:
+        return self.train.get("objective", "elbo")
+
+    @property
+    def latent(self) -> bool:
+        return not self.preset.startswith("rnn-")
+
+
+ROWS = {
+    "rnn-gauss": Row("rnn-gauss", label="RNN-Gauss"),
+    "rnn-gmm": Row("rnn-gmm", label="RNN-GMM"),
+    "vrnn-i-gauss": Row("vrnn-i-gauss", label="VRNN-I-Gauss"),
+    "vrnn-gauss": Row("vrnn-gauss", label="VRNN-Gauss"),
+    "vrnn-gmm": Row("vrnn-gmm", label="VRNN-GMM"),
+    "srnn-gauss": Row("srnn-gauss", label="SRNN-Gauss"),
+    "srnn-gmm": Row("srnn-gmm", label="SRNN-GMM"),
+    "vrnn-gauss-iwae": Row("vrnn-gauss", train={"objective": "iwae", "particles": 4},
+                           label="VRNN-Gauss, IWAE (K=4)"),
+    "vrnn-gauss-fivo": Row("vrnn-gauss", train={"objective": "fivo", "particles": 4},
+                           label="VRNN-Gauss, FIVO (K=4)"),
+    "rnn-ar": Row("rnn-gauss", model={"output": "ar"}, label="RNN, autoregressive output"),
+    "vrnn-ar": Row("vrnn-gauss", model={"output": "ar"}, label="VRNN, autoregressive output"),
+    "vrnn-gmm-stepwise": Row("vrnn-gmm", train={"scan": "stepwise"},
+                             label="VRNN-GMM, every network in the loop (public style)"),
+}
+PAPER_ROWS = ["rnn-gauss", "rnn-gmm", "vrnn-i-gauss", "vrnn-gauss", "vrnn-gmm"]
+BEYOND_ROWS = ["srnn-gauss", "srnn-gmm", "vrnn-gauss-iwae", "vrnn-gauss-fivo", "rnn-ar", "vrnn-ar"]
+WALLCLOCK_ROWS = ["vrnn-gmm", "vrnn-gmm-stepwise"]
+TABLES = ("paper", "beyond", "wallclock")
+GMM_ROWS = {"rnn-gmm", "vrnn-gmm", "srnn-gmm", "vrnn-gmm-stepwise"}
+AR_ROWS = {"rnn-ar", "vrnn-ar"}
 
 DATASETS = {
-    "asterisk-en": {"plays": "Blizzard", "unit": "nats per 0.5 s sequence", "rows": ROWS},
-    "fillets-cs": {"plays": "TIMIT", "unit": "nats per utterance", "rows": ROWS},
-    "lasa": {"plays": "IAM-OnDB", "unit": "nats per trajectory", "rows": ROWS},
-    "chorales": {"plays": "JSB Chorales", "unit": "nats per step", "rows": BINARY_ROWS},
+    "asterisk-en": {"plays": "Blizzard", "unit": "nats per 0.5 s sequence", "speech": True},
+    "fillets-cs": {"plays": "TIMIT", "unit": "nats per utterance", "speech": True},
+    "lasa": {"plays": "IAM-OnDB", "unit": "nats per trajectory", "speech": False},
+    "chorales": {"plays": "JSB Chorales", "unit": "nats per step", "speech": False, "binary": True},
 }
 
 
-def _speech(h, z, width, layers):
+def _mlps(h, z, width, layers):
     return dict(h_dim=h, z_dim=z, phi_x_dim=width, phi_z_dim=width, enc_dim=width,
                 prior_dim=width, dec_dim=width, phi_x_layers=layers, phi_z_layers=layers,
                 enc_layers=layers, prior_layers=layers, dec_layers=layers)
 
 
-# Per dataset: model sizes (of RNN-Gauss; the other rows are matched to its parameter
-# count), training options, seeds, and the budget of every row.
+# Per dataset: the model sizes of RNN-Gauss (the other rows are matched to its parameter
+# count), the data options (how a dataset was shrunk to converge on 2 cores), the training
+# options every row shares (patience, the optimiser-step cap), the seeds, and the
+# wall-clock budget of the equal-wall-clock table.
 SETUPS = {
     "cpu": {
-        "asterisk-en": dict(model=_speech(256, 64, 256, 2), seeds=[0, 1], minutes=6.0,
-                            train=dict(batch_size=32, lr=1e-3, patience=1000)),
-        "fillets-cs": dict(model=_speech(256, 64, 256, 2), seeds=[0, 1], minutes=6.0,
-                           train=dict(batch_size=16, lr=1e-3, tbptt=100, patience=1000)),
-        "lasa": dict(model=_speech(128, 16, 64, 1), seeds=[0], minutes=5.0, data=dict(subsample=8),
-                     train=dict(batch_size=16, lr=1e-3, patience=1000)),
-        "chorales": dict(model=_speech(128, 16, 64, 1), seeds=[0], minutes=3.0,
-                         train=dict(batch_size=16, lr=1e-3, patience=1000)),
+        "asterisk-en": dict(model=_mlps(128, 32, 128, 2), seeds=[0, 1, 2], split_seed=0,
+                            data=dict(max_sequences=1000), wallclock_minutes=8.0,
+                            train=dict(batch_size=32, lr=1e-3, patience=8, max_steps=3000)),
+        "fillets-cs": dict(model=_mlps(128, 32, 128, 2), seeds=[0, 1], split_seed=0,
+                           data=dict(max_sequences=500, max_length=100),
+                           train=dict(batch_size=16, lr=1e-3, patience=8, max_steps=3000)),
+        "lasa": dict(model=_mlps(64, 16, 64, 1), seeds=[0, 1, 2], split_seed=0, data=dict(subsample=8),
+                     train=dict(batch_size=16, lr=1e-3, patience=20, max_steps=6000)),
+        "chorales": dict(model=_mlps(64, 16, 64, 1), seeds=[0, 1, 2], split_seed=0,
+                         train=dict(batch_size=16, lr=1e-3, patience=20, max_steps=6000)),
     },
     # The paper's sizes (docs/paper.md); meant for a GPU: --accelerator gpu.
     "paper": {
-        "asterisk-en": dict(model=_speech(4000, 200, 600, 4), seeds=[0, 1], minutes=240.0,
-                            train=dict(batch_size=128, lr=3e-4, patience=10)),
-        "fillets-cs": dict(model=_speech(2000, 200, 500, 4), seeds=[0, 1], minutes=240.0,
-                           train=dict(batch_size=64, lr=1e-3, tbptt=200, patience=10)),
-        "lasa": dict(model=_speech(1200, 50, 250, 1), seeds=[0, 1], minutes=60.0,
-                     train=dict(batch_size=32, lr=3e-4, patience=20)),
-        "chorales": dict(model=_speech(1200, 50, 250, 1), seeds=[0, 1], minutes=60.0,
-                         train=dict(batch_size=32, lr=3e-4, patience=20)),
+        "asterisk-en": dict(model=_mlps(4000, 200, 600, 4), seeds=[0, 1, 2], split_seed=0,
+                            wallclock_minutes=60.0,
+                            train=dict(batch_size=128, lr=3e-4, patience=10, max_steps=200000)),
+        "fillets-cs": dict(model=_mlps(2000, 200, 500, 4), seeds=[0, 1], split_seed=0,
+                           train=dict(batch_size=64, lr=1e-3, tbptt=200, patience=10, max_steps=200000)),
+        "lasa": dict(model=_mlps(1200, 50, 250, 1), seeds=[0, 1, 2], split_seed=0, data=dict(subsample=4),
+                     train=dict(batch_size=32, lr=3e-4, patience=20, max_steps=100000)),
+        "chorales": dict(model=_mlps(1200, 50, 250, 1), seeds=[0, 1, 2], split_seed=0,
+                         train=dict(batch_size=32, lr=3e-4, patience=20, max_steps=100000)),
     },
 }
-
+SAMPLES = 40  # K of the IS and SMC estimates, as in the paper
 WIDTHS = ("phi_x_dim", "phi_z_dim", "enc_dim", "prior_dim", "dec_dim")
 
 
-def count_params(row: str, x_dim: int, model: dict, output: str | None) -> int:
+def rows_for(dataset: str, table: str) -> list[str]:
+    """The rows a table has on a dataset: no mixtures on binary data, the autoregressive
+    output on the speech columns, the equal-wall-clock pair on asterisk-en only."""
+    d = DATASETS[dataset]
+    if table == "wallclock":
+        return list(WALLCLOCK_ROWS) if dataset == "asterisk-en" else []
+    rows = PAPER_ROWS if table == "paper" else BEYOND_ROWS
+    return [r for r in rows if not (d.get("binary") and r in GMM_ROWS) and (d["speech"] or r not in AR_ROWS)]
+
+
+# ------------------------------------------------------------------ model sizes
+def _model_fields(row: Row, dataset: str, base: dict) -> dict:
+    fields = dict(base, **row.model)
+    if DATASETS[dataset].get("binary"):
+        fields["output"] = "bernoulli" if fields.get("output") != "ar" else "ar"
+    return fields
+
+
+def count_params(preset: str, x_dim: int, fields: dict) -> int:
     from .config import VRNNConfig
-    from .model import VRNN
-    extra = {"output": output} if output else {}
-    return VRNN(VRNNConfig.preset(row, x_dim=x_dim, **model, **extra)).num_parameters()
+    from .models import build
+    return build(VRNNConfig.preset(preset, x_dim=x_dim, **fields)).num_parameters()
 
 
-def match_params(row: str, x_dim: int, base: dict, output: str | None = None) -> dict:
-    """The row's model options with one MLP width chosen so that its parameter count is
+def match_params(row: Row, dataset: str, x_dim: int, base: dict) -> dict:
+    """The row's model options, with one MLP width chosen so that its parameter count is
     as close as possible to RNN-Gauss's with ``base`` (the paper's protocol)."""
-    target = count_params("rnn-gauss", x_dim, base, output)
-    if row == "rnn-gauss":
-        return dict(base)
+    target = count_params("rnn-gauss", x_dim, _model_fields(ROWS["rnn-gauss"], dataset, base))
+    fields = _model_fields(row, dataset, base)
+    if row.preset == "rnn-gauss" and not row.model:
+        return fields
     best, best_gap = None, None
     lo, hi = 2, 4 * max(base[w] for w in WIDTHS)
     while lo <= hi:  # the count grows with the width: bisect, keep the closest
         mid = (lo + hi) // 2
-        cand = dict(base, **{w: mid for w in WIDTHS})
-        n = count_params(row, x_dim, cand, output)
+        cand = dict(fields, **{w: mid for w in WIDTHS})
+        if row.preset.startswith("srnn-"):  # its inference RNN a_t is sized with the MLPs
+            cand["a_dim"] = mid
+        if cand.get("output") == "ar":
+            cand["ar_hidden"] = max(mid, 16)
+        n = count_params(row.preset, x_dim, cand)
         if best_gap is None or abs(n - target) < best_gap:
             best, best_gap = cand, abs(n - target)
         lo, hi = (mid + 1, hi) if n < target else (lo, mid - 1)
     return best
 
 
+# ------------------------------------------------------------------------ jobs
 def _vrnn_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "vrnn.cli", "--threads", "1", *map(str, args)]
 
 
-def _run_one(job: dict, log=print) -> dict:
-    """Train then evaluate one (dataset, row, seed); result.json marks it done."""
+def record_path(out: Path, job: dict) -> Path:
+    return out / "records" / job["table_dir"] / job["dataset"] / f"{job['row']}-seed{job['seed']}.json"
+
+
+def plan(setup: str, out: Path, datasets, x_dims: dict, accelerator: str | None, budget_scale: float,
+         rows=None, tables=TABLES, seeds: int | None = None) -> list[dict]:
+    """Every run the protocol needs, in a stable order."""
+    jobs = []
+    for table in tables:
+        for ds in datasets:
+            s = SETUPS[setup][ds]
+            for name in rows_for(ds, table):
+                if rows and name not in rows:
+                    continue
+                row = ROWS[name]
+                model = match_params(row, ds, x_dims[ds], s["model"])
+                params = count_params(row.preset, x_dims[ds], model)
+                train = {**s["train"], **row.train, "split_seed": s["split_seed"]}
+                if table == "wallclock":  # the same wall clock, no early stop, no step cap
+                    train.update(patience=100000, max_time_minutes=s["wallclock_minutes"] * budget_scale)
+                    train.pop("max_steps", None)
+                else:
+                    train["max_steps"] = max(1, int(train["max_steps"] * budget_scale))
+                config = {"model": {k: v for k, v in model.items()}, "train": train,
+                          "data": dict(s.get("data", {}))}
+                for seed in s["seeds"][:seeds]:
+                    table_dir = "wallclock" if table == "wallclock" else "main"
+                    jobs.append({"table": table, "table_dir": table_dir, "dataset": ds, "row": name,
+                                 "preset": row.preset, "seed": seed, "params": params, "config": config,
+                                 "dir": str(out / "runs" / table_dir / ds / f"{name}-seed{seed}"),
+                                 "train_args": ["--accelerator", accelerator] if accelerator else []})
+    # the paper and beyond tables share their runs of a row (vrnn-gauss appears once)
+    seen, unique = set(), []
+    for j in jobs:
+        key = (j["table_dir"], j["dataset"], j["row"], j["seed"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(j)
+    return unique
+
+
+def split_id(data_desc: dict, test_index) -> dict:
+    """What identifies a split: its seed, fractions, the data options, and a hash of the
+    test split's indices."""
+    digest = hashlib.sha1(",".join(map(str, sorted(test_index))).encode()).hexdigest()[:12]
+    return {"seed": data_desc.get("split_seed"), "fractions": data_desc.get("fractions"),
+            "data_options": data_desc.get("load_opts"), "test_sha1": digest,
+            "test_sequences": len(test_index)}
+
+
+def run_job(job: dict, out: Path, log=print) -> dict:
+    """Train (or resume) then score one run; its record is written the moment it exists."""
+    rec_path = record_path(out, job)
+    if rec_path.exists():
+        return json.loads(rec_path.read_text())
+    from .writers import write_text
     run = Path(job["dir"])
-    result = run / "result.json"
-    if result.exists():
-        return json.loads(result.read_text())
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(job["config"], indent=1))
-    t0 = time.time()
-    trained = run / "trained.json"  # training finished: never train a run twice
-    with open(run / "train.log", "a") as f:
-        train = _vrnn_cmd("train", "--data", job["dataset"], "--model", job["row"], "--out", run / "ckpt",
-                          "--seed", job["seed"], "--max-time", job["minutes"], "--max-epochs", 100000,
-                          "--config", run / "config.json", "--no-progress",
-                          *(["--resume"] if (run / "ckpt" / "last.ckpt").exists() else []),
-                          *job.get("train_args", []))
-        if not trained.exists():
+    write_text(run / "config.json", json.dumps(job["config"], indent=1))
+    ckpt = run / "ckpt"
+    if not (ckpt / "summary.json").exists():  # training not finished: (re)start or resume
+        train = _vrnn_cmd("train", "--data", job["dataset"], "--model", job["preset"], "--out", ckpt,
+                          "--seed", job["seed"], "--max-epochs", 100000, "--config", run / "config.json",
+                          "--no-progress", *(["--resume"] if (ckpt / "last.ckpt").exists() else []),
+                          *job["train_args"])
+        with open(run / "train.log", "a") as f:
             f.write("$ " + shlex.join(train) + "\n")
             f.flush()
             if subprocess.run(train, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
                 raise VRNNError(f"{run / 'train.log'}: training {job['row']} on {job['dataset']} failed")
-            trained.write_text(json.dumps({"train_seconds": round(time.time() - t0, 1)}))
-    train_s = json.loads(trained.read_text())["train_seconds"]
-    ev = subprocess.run(_vrnn_cmd("evaluate", run / "ckpt" / "best.ckpt", "--data", job["dataset"],
-                                  "--split", "test", "--samples", 40, "--json", "--seed", job["seed"]),
-                        capture_output=True, text=True)
+    summary = json.loads((ckpt / "summary.json").read_text())
+    best = ckpt / ("best.ckpt" if (ckpt / "best.ckpt").exists() else "last.ckpt")
+    ev = subprocess.run(_vrnn_cmd("evaluate", best, "--data", job["dataset"], "--split", "test",
+                                  "--estimator", "all", "--samples", SAMPLES, "--json",
+                                  "--seed", job["seed"]), capture_output=True, text=True)
     if ev.returncode != 0:
         raise VRNNError(f"{run}: evaluation failed: {ev.stderr.strip()[-300:]}")
     res = json.loads(ev.stdout)
-    ckpt = torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
-    rec = {
-        "dataset": job["dataset"], "model": job["row"], "seed": job["seed"], "params": job["params"],
-        "elbo": res["elbo"],
-        "log_likelihood": res["log_likelihood"],
-        "exact": res["exact"], "num_samples": res["num_samples"],
-        "nats_per_step": res["nats_per_step"], "num_sequences": res["num_sequences"],
-        "unit": DATASETS[job["dataset"]]["unit"],
-        "epochs": int(ckpt["epoch"]), "steps": int(ckpt["global_step"]),
-        "train_seconds": round(train_s, 1), "budget_minutes": job["minutes"],
-    }
-    if job["dataset"] == "chorales":  # the music literature reports per step
-        rec["elbo"] = None if res["elbo"] is None else res["elbo_nats_per_step"]
-        rec["log_likelihood"] = res["nats_per_step"]
-    result.write_text(json.dumps(rec, indent=1))
-    log(f"[reproduce] {job['dataset']:11s} {job['row']:12s} seed {job['seed']}: "
-        f"ELBO {rec['elbo']}, log-lik {rec['log_likelihood']:.2f} ({rec['steps']} steps)")
+    desc = torch.load(best, map_location="cpu", weights_only=True)["vrnn"]["data"]
+    from .evaluate import split_sequences
+    from .data import load
+    data = load(job["dataset"], **(desc.get("load_opts") or {}))
+    test_index, _ = split_sequences(data, _Identity(data.dim), desc, "test")
+    rec = make_record(job, res, summary, split_id(desc, test_index))
+    write_text(rec_path, json.dumps(rec, indent=1) + "\n")
+    log(f"[reproduce] {job['table']:9s} {job['dataset']:11s} {job['row']:17s} seed {job['seed']}: "
+        f"{'IS' if rec['exact'] is False else 'exact'} {rec['log_likelihood']}, SMC {rec['log_likelihood_smc']}, "
+        f"{rec['steps']} steps, {'converged' if rec['converged'] else 'stopped by ' + rec['stopped']}")
     return rec
 
 
-def plan(setup: str, out: Path, datasets, x_dims: dict, accelerator: str | None,
-         budget_scale: float = 1.0) -> list[dict]:
-    jobs = []
-    for ds in datasets:
-        s = SETUPS[setup][ds]
-        output = "bernoulli" if ds == "chorales" else None
-        for row in DATASETS[ds]["rows"]:
-            model = match_params(row, x_dims[ds], s["model"], output)
-            params = count_params(row, x_dims[ds], model, output)
-            config = {"model": model, "train": dict(s["train"]), "data": dict(s.get("data", {}))}
-            for seed in s["seeds"]:
-                jobs.append({"dataset": ds, "row": row, "seed": seed, "params": params,
-                             "minutes": s["minutes"] * budget_scale, "config": config,
-                             "dir": str(out / "runs" / ds / f"{row}-seed{seed}"),
-                             "train_args": ["--accelerator", accelerator] if accelerator else []})
-    return jobs
+class _Identity:
+    """A do-nothing normaliser, for re-drawing split indices only."""
+
+    def __init__(self, dim):
+        self.dim = dim
+
+    def apply(self, x):
+        return x
 
 
-def _fmt(v, digits=1):
-    return "n/a" if v is None else f"{v:,.{digits}f}"
+def make_record(job: dict, res: dict, summary: dict, split: dict) -> dict:
+    """One run's record: what the tables need, in the paper's unit and the data's own."""
+    per_step = job["dataset"] == "chorales"  # the music literature reports per step
+    est = res["estimators"]
+    key = "per_step" if per_step else "per_sequence"
+
+    def fig(name, raw=False):
+        f = est.get(name) or est.get("exact")
+        return None if f is None else f[key + ("_raw" if raw else "")]
+
+    latent = not res["exact"]
+    row = ROWS[job["row"]]
+    return {
+        "table": job["table"], "dataset": job["dataset"], "model": job["row"], "preset": job["preset"],
+        "family": res.get("family"), "output": job["config"]["model"].get("output", "default"),
+        "objective": row.objective, "particles": row.train.get("particles", 1),
+        "seed": job["seed"], "params": job["params"], "split": split,
+        "elbo": fig("elbo") if latent else None,
+        "log_likelihood": fig("is"), "log_likelihood_smc": fig("smc") if latent else fig("exact"),
+        "elbo_raw": fig("elbo", True) if latent else None,
+        "log_likelihood_raw": fig("is", True),
+        "log_likelihood_smc_raw": fig("smc", True) if latent else fig("exact", True),
+        "exact": not latent, "num_samples": SAMPLES if latent else 0,
+        "unit": DATASETS[job["dataset"]]["unit"], "num_sequences": res["num_sequences"],
+        "num_steps": res["num_steps"], "steps": summary["steps"], "epochs": summary["epochs"],
+        "seconds": summary["seconds"], "converged": summary["converged"], "stopped": summary["stopped"],
+        "best_valid_bound": summary["best_valid_bound"], "config": job["config"],
+    }
 
 
-def table(records: list[dict], setup: str, command: str, datasets) -> tuple[str, dict]:
-    """Markdown and JSON tables: mean (and spread over seeds) per row and dataset."""
-    cols = [d for d in DATASETS if d in datasets]
-    digits = {d: (3 if d == "chorales" else 1) for d in cols}
-    lines = ["| model | params | " + " | ".join(f"{d} ({DATASETS[d]['plays']})" for d in cols) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
-    rows = [r for r in ROWS if any(rec["model"] == r for rec in records)]
+# ------------------------------------------------------------------- estimates
+def seconds_per_step(dataset: str, job: dict, x_dim: int, sequences, steps: int = 3) -> float:
+    """A quick in-process timing of a few training steps of one run's model on a batch of
+    its data (one thread), to estimate what the plan costs."""
+    from .config import VRNNConfig
+    from .data import pad_batch
+    from .fast import set_scan
+    from .inference import objective
+    from .models import build
+    torch.manual_seed(0)
+    tc = job["config"]["train"]
+    model = set_scan(build(VRNNConfig.preset(job["preset"], x_dim=x_dim, **job["config"]["model"])),
+                     tc.get("scan", "fused"))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x, mask = pad_batch(sequences[:tc["batch_size"]])
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        L = tc.get("tbptt") or x.shape[1]
+        for s in range(0, x.shape[1], L):
+            loss, _ = objective(model, x[:, s:s + L], mask[:, s:s + L], bound=tc.get("objective", "elbo"),
+                                num_samples=tc.get("particles", 1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        times.append((time.perf_counter() - t0) / max(1, math.ceil(x.shape[1] / L)))
+    return float(np.median(times[1:]))
+
+
+def describe_plan(jobs, out: Path, x_dims, sample_seqs, jobs_at_once: int, log=print) -> float:
+    """Print every run still to do with an upper estimate of its time; returns the
+    estimated wall-clock minutes of the whole plan."""
+    todo = [j for j in jobs if not record_path(out, j).exists()]
+    costs = {}
+    total = 0.0
+    for j in todo:
+        key = (j["dataset"], j["row"])
+        if key not in costs:
+            costs[key] = seconds_per_step(j["dataset"], j, x_dims[j["dataset"]], sample_seqs[j["dataset"]])
+        tc = j["config"]["train"]
+        cap = tc.get("max_time_minutes")
+        minutes = cap if cap else costs[key] * tc["max_steps"] / 60.0 * 1.25  # + validation, scoring
+        total += minutes
+        log(f"[plan] {j['table']:9s} {j['dataset']:11s} {j['row']:17s} seed {j['seed']}  "
+            f"{j['params']:>9,} params  {costs[key] * 1000:7.1f} ms/step  "
+            f"{'cap ' + str(tc.get('max_steps')) + ' steps' if not cap else str(cap) + ' min'}  "
+            f"<= {minutes:6.1f} min")
+    done = len(jobs) - len(todo)
+    wall = total / max(1, jobs_at_once)
+    log(f"[plan] {len(jobs)} runs: {done} recorded, {len(todo)} to do; at most about {total:.0f} "
+        f"CPU-minutes, {wall:.0f} min on {jobs_at_once} job(s) at a time (early stopping usually "
+        f"ends runs sooner)")
+    return wall
+
+
+# ---------------------------------------------------------------------- tables
+def load_records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "records").rglob("*.json"))]
+
+
+def _mean_se(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan"))
+
+
+def _fmt(mean, se, digits):
+    if mean is None:
+        return "n/a"
+    text = f"{mean:,.{digits}f}"
+    return text + (f" ± {se:,.{digits}f}" if se == se else "")
+
+
+def paired(records, row: str, ref: str, key: str = "log_likelihood"):
+    """(mean, SE, wins, n) of the per-seed differences row - ref (same dataset, same seeds)."""
+    a = {r["seed"]: r[key] for r in records if r["model"] == row and r[key] is not None}
+    b = {r["seed"]: r[key] for r in records if r["model"] == ref and r[key] is not None}
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    mean, se = _mean_se(d)
+    return mean, se, sum(x > 0 for x in d), len(d)
+
+
+def best_rnn(records) -> str | None:
+    rnn = [r for r in records if r["model"] in ("rnn-gauss", "rnn-gmm") and r["log_likelihood"] is not None]
+    if not rnn:
+        return None
+    means = {m: np.mean([r["log_likelihood"] for r in rnn if r["model"] == m]) for m in {r["model"] for r in rnn}}
+    return max(means, key=means.get)
+
+
+def dataset_table(records, dataset: str, rows: list[str], ref: str | None) -> str:
+    digits = 3 if dataset == "chorales" else 1
+    lines = [f"**{dataset}** ({DATASETS[dataset]['plays']}; {DATASETS[dataset]['unit']}; "
+             f"paired differences to {ref or 'n/a'})", "",
+             "| model | params | ELBO | IS / exact | SMC | IS, data's units | Δ vs best RNN | wins | "
+             "steps | converged |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        cells, params = [], []
-        for ds in cols:
-            recs = [r for r in records if r["model"] == row and r["dataset"] == ds]
-            if not recs:
+        recs = [r for r in records if r["dataset"] == dataset and r["model"] == row]
+        if not recs:
+            continue
+        n = len(recs)
+        cell = {}
+        for key in ("elbo", "log_likelihood", "log_likelihood_smc", "log_likelihood_raw"):
+            vals = [r[key] for r in recs if r[key] is not None]
+            cell[key] = _fmt(*_mean_se(vals), digits) if len(vals) == n else "n/a"
+        exact = recs[0]["exact"]
+        if exact:
+            cell["log_likelihood"] = "= " + cell["log_likelihood"]
+            cell["log_likelihood_smc"] = "(exact)"
+        d = paired(records, row, ref) if ref and row != ref else None
+        delta = "ref" if row == ref else ("n/a" if d is None else _fmt(d[0], d[1], digits))
+        wins = "" if d is None else f"{d[2]} of {d[3]}"
+        conv = sum(r["converged"] for r in recs)
+        steps = f"{int(np.mean([r['steps'] for r in recs])):,}"
+        lines.append(f"| {row} | {recs[0]['params']:,} | {cell['elbo']} | {cell['log_likelihood']} | "
+                     f"{cell['log_likelihood_smc']} | {cell['log_likelihood_raw']} | {delta} | {wins} | "
+                     f"{steps} | {conv} of {n} |")
+    return "\n".join(lines)
+
+
+def summary_table(records, datasets, rows) -> str:
+    head = "| model | " + " | ".join(f"{d} ({DATASETS[d]['plays']})" for d in datasets) + " |"
+    lines = [head, "| --- | " + " | ".join("---" for _ in datasets) + " |"]
+    for row in [r for r in rows if any(rec["model"] == r for rec in records)]:
+        cells = []
+        for d in datasets:
+            recs = [r for r in records if r["dataset"] == d and r["model"] == row]
+            vals = [r["log_likelihood"] for r in recs if r["log_likelihood"] is not None]
+            if not recs or len(vals) != len(recs):
                 cells.append("n/a")
                 continue
-            params.append(f"{recs[0]['params']:,}")
-            ll = np.array([r["log_likelihood"] for r in recs])
-            spread = f" ± {ll.std():.{digits[ds]}f}" if len(recs) > 1 else ""
-            if recs[0]["elbo"] is None:
-                cells.append(f"{_fmt(ll.mean(), digits[ds])}{spread}")
-            else:
-                el = np.array([r["elbo"] for r in recs])
-                cells.append(f">= {_fmt(el.mean(), digits[ds])} ~ {_fmt(ll.mean(), digits[ds])}{spread}")
-        lines.append(f"| {row} | {' / '.join(params)} | " + " | ".join(cells) + " |")
-    minutes = {r["dataset"]: r["budget_minutes"] for r in records}
-    budget = ", ".join(f"{d}: {minutes[d]:g} min per row, seeds {SETUPS[setup][d]['seeds']}"
-                       for d in cols)
+            digits = 3 if d == "chorales" else 1
+            mean, se = _mean_se(vals)
+            el = [r["elbo"] for r in recs]
+            prefix = "" if recs[0]["exact"] else f">= {np.mean(el):,.{digits}f} ~ "
+            cells.append(prefix + _fmt(mean, se, digits))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def notes(setup: str, datasets) -> str:
+    s = SETUPS[setup]
+    parts = []
+    for d in datasets:
+        c = s[d]
+        data = ", ".join(f"{k} {v}" for k, v in c.get("data", {}).items()) or "as registered"
+        parts.append(f"{d}: seeds {c['seeds']} on split {c['split_seed']}, data {data}, patience "
+                     f"{c['train']['patience']} epochs, cap {c['train']['max_steps']:,} optimiser steps, "
+                     f"batch {c['train']['batch_size']}")
+    return "; ".join(parts)
+
+
+def report(out: Path, setup: str, datasets, command: str, log=print) -> dict:
+    """Write the tables and table1.json from the records; returns the JSON."""
+    from .writers import write_text
+    records = load_records(out)
+    main = [r for r in records if r["table"] != "wallclock"]
+    cols = [d for d in DATASETS if d in datasets and any(r["dataset"] == d for r in main)]
     hw = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    units = "; ".join(f"{d}: {DATASETS[d]['unit']}" for d in cols)
-    md = "\n".join(lines) + (
-        f"\n\nUnits: {units}. "
-        "'>= a ~ b': ELBO a and 40-sample importance-sampled estimate b (VRNN rows); "
-        "a single number: exact log-likelihood (RNN rows). '± s': standard deviation of the "
-        "estimate over seeds. Test splits, globally normalised data (higher is better).\n"
-        f"Budget: wall clock per row with early stopping on the validation bound ({budget}). "
-        f"Hardware: {hw}.\nCommand: `{command}`\n")
-    js = {"setup": setup, "command": command, "hardware": hw, "budget": {d: SETUPS[setup][d] for d in cols},
+    legend = (
+        "'>= a ~ b ± s': ELBO a and 40-sample importance-sampled estimate b (latent rows), mean ± "
+        "standard error over seeds; a single number: exact log-likelihood (RNN rows). Test "
+        "split, one split for every row and seed, globally normalised data (higher is better). "
+        f"Protocol: {notes(setup, cols)}. Hardware: {hw}. Command: `{command}`")
+    md = ["# Table 1 (paired, trained to convergence)", "", summary_table(main, cols, PAPER_ROWS), "",
+          legend, ""]
+    for d in cols:
+        recs = [r for r in main if r["dataset"] == d]
+        md += [dataset_table(recs, d, [r for r in PAPER_ROWS if r in rows_for(d, "paper")], best_rnn(recs)), ""]
+    write_text(out / "table1.md", "\n".join(md))
+    beyond = ["# Beyond the paper: SRNN, IWAE and FIVO training, the autoregressive output", "",
+              summary_table(main, cols, PAPER_ROWS[:2] + BEYOND_ROWS), "", legend, ""]
+    for d in cols:
+        recs = [r for r in main if r["dataset"] == d]
+        rows = [r for r in PAPER_ROWS + BEYOND_ROWS if r in rows_for(d, "paper") + rows_for(d, "beyond")]
+        beyond += [dataset_table(recs, d, rows, best_rnn(recs)), ""]
+        if DATASETS[d]["speech"] and any(r["model"] in AR_ROWS for r in recs):
+            beyond += [ar_table(recs, d), ""]
+    write_text(out / "beyond.md", "\n".join(beyond))
+    wall = [r for r in records if r["table"] == "wallclock"]
+    if wall:
+        write_text(out / "wallclock.md", wallclock_table(wall, setup))
+    js = {"setup": setup, "command": command, "hardware": hw, "protocol": {d: SETUPS[setup][d] for d in cols},
           "runs": records}
-    return md, js
+    write_text(out / "table1.json", json.dumps(js, indent=1) + "\n")
+    log("\n".join(md))
+    return js
 
 
-def analysis_figure(run_dir: Path, dataset: str, path: Path) -> Path:
+def ar_table(records, dataset: str) -> str:
+    """The 2x2 (and more) of the re-examination question: RNN and VRNN with a diagonal
+    Gaussian, a GMM and an autoregressive output, paired per seed."""
+    digits = 1
+    lines = [f"**{dataset}: latent variables against an autoregressive output** (IS K=40 for VRNN rows, "
+             "exact for RNN rows; paired differences VRNN - RNN with the same output)", "",
+             "| output | RNN | VRNN | VRNN - RNN | VRNN wins |", "| --- | --- | --- | --- | --- |"]
+    for name, rnn, vrnn in (("diagonal Gaussian", "rnn-gauss", "vrnn-gauss"), ("GMM (20)", "rnn-gmm", "vrnn-gmm"),
+                            ("autoregressive", "rnn-ar", "vrnn-ar")):
+        a = [r["log_likelihood"] for r in records if r["model"] == rnn]
+        b = [r["log_likelihood"] for r in records if r["model"] == vrnn]
+        if not a or not b:
+            continue
+        d = paired(records, vrnn, rnn)
+        lines.append(f"| {name} | {_fmt(*_mean_se(a), digits)} | {_fmt(*_mean_se(b), digits)} | "
+                     f"{'n/a' if d is None else _fmt(d[0], d[1], digits)} | "
+                     f"{'' if d is None else f'{d[2]} of {d[3]}'} |")
+    return "\n".join(lines)
+
+
+def wallclock_table(records, setup: str) -> str:
+    ours, ref = "vrnn-gmm", "vrnn-gmm-stepwise"
+    minutes = SETUPS[setup]["asterisk-en"]["wallclock_minutes"]
+    lines = [f"# Equal wall clock: ours against the public style (asterisk-en, {minutes:g} min per run)", "",
+             "| implementation | params | optimiser steps | ELBO | IS (K=40) | SMC (K=40) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row, name in ((ours, "vrnn (fused scan, batched over time)"),
+                      (ref, "every network in the loop (benchmarks/reference.py's style)")):
+        recs = [r for r in records if r["model"] == row]
+        if not recs:
+            continue
+        cells = [_fmt(*_mean_se([r[k] for r in recs]), 1) for k in ("elbo", "log_likelihood", "log_likelihood_smc")]
+        steps = _fmt(*_mean_se([r["steps"] for r in recs]), 0)
+        lines.append(f"| {name} | {recs[0]['params']:,} | {steps} | " + " | ".join(cells) + " |")
+    d = paired(records, ours, ref)
+    if d is not None:
+        lines += ["", f"Paired difference (ours - public style), IS: {_fmt(d[0], d[1], 1)} nats per "
+                  f"0.5 s sequence; ours wins {d[2]} of {d[3]} seeds. Both runs of a seed trained at the "
+                  "same time, one per core, the same architecture and parameter count, the same split."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------- figure and samples
+def analysis_figure(runs: dict, dataset: str, path: Path) -> Path:
     """The paper's figure: a test utterance's waveform, and under it the KL per step and
-    ||h_t - h_{t-1}||, aligned in time."""
+    ||h_t - h_{t-1}|| of each model in ``runs`` (name -> run folder), aligned in time."""
     from .evaluate import load_for_scoring
     from .writers import _figure, _save_png
-    model, _, _, data, idx, seqs = load_for_scoring(run_dir / "ckpt" / "best.ckpt", dataset, "test")
-    i = int(np.argsort([len(s) for s in seqs])[len(seqs) // 2])  # a median-length one
-    x = torch.as_tensor(seqs[i]).unsqueeze(0)
-    lat = model.latents(x)
-    wave = data.sequences[idx[i]].reshape(-1)
-    rate, frame = data.meta.get("sample_rate", 16000), data.dim
-    t_wave = np.arange(len(wave)) / rate
-    t_step = (np.arange(x.shape[1]) + 0.5) * frame / rate
-    fig = _figure(10, 6)
-    axes = fig.subplots(3, 1, sharex=True)
-    axes[0].plot(t_wave, wave, lw=0.4, color="k")
-    axes[0].set_ylabel("waveform")
-    axes[0].set_title(f"{model.cfg.name} on a {dataset} test utterance")
-    axes[1].plot(t_step, lat["kl"][0].numpy(), color="tab:red")
-    axes[1].set_ylabel("KL per step")
-    axes[2].plot(t_step, lat["h_change"][0].numpy(), color="tab:blue")
-    axes[2].set_ylabel("||h_t - h_(t-1)||")
-    axes[2].set_xlabel("seconds")
+    fig = _figure(10, 2 + 2 * len(runs))
+    axes = fig.subplots(1 + 2 * len(runs), 1, sharex=True)
+    for k, (name, run_dir) in enumerate(runs.items()):
+        ckpt = Path(run_dir) / "ckpt" / "best.ckpt"
+        model, _, _, data, idx, seqs = load_for_scoring(ckpt, dataset, "test")
+        i = int(np.argsort([len(s) for s in seqs])[len(seqs) // 2])  # a median-length one
+        x = torch.as_tensor(seqs[i]).unsqueeze(0)
+        lat = model.latents(x)
+        rate, frame = data.meta.get("sample_rate", 16000), data.dim
+        t_step = (np.arange(x.shape[1]) + 0.5) * frame / rate
+        if k == 0:
+            wave = data.sequences[idx[i]].reshape(-1)
+            axes[0].plot(np.arange(len(wave)) / rate, wave, lw=0.4, color="k")
+            axes[0].set_ylabel("waveform")
+            axes[0].set_title(f"a {dataset} test utterance")
+        axes[1 + 2 * k].plot(t_step, lat["kl"][0].numpy(), color="tab:red")
+        axes[1 + 2 * k].set_ylabel(f"{name}\nKL per step", fontsize=8)
+        axes[2 + 2 * k].plot(t_step, lat["h_change"][0].numpy(), color="tab:blue")
+        axes[2 + 2 * k].set_ylabel(f"{name}\n||h_t - h_(t-1)||", fontsize=8)
+    axes[-1].set_xlabel("seconds")
     fig.tight_layout()
     return _save_png(fig, path)
 
 
-def write_samples(out: Path, records_dirs: dict) -> list[Path]:
+def write_samples(out: Path, run_dirs: dict) -> list[Path]:
     """Handwriting grids, a few seconds of speech per speech model, a chorale as MIDI."""
     from . import checkpoint
     from .writers import plot_handwriting, plot_pianoroll, plot_waveform, write_midi, write_wav
     written = []
     torch.manual_seed(0)
-    for (ds, row), run_dir in sorted(records_dirs.items()):
+    for (ds, row), run_dir in sorted(run_dirs.items()):
         model, normalizer, desc = checkpoint.load(Path(run_dir) / "ckpt" / "best.ckpt")
         name = f"{ds}-{row}"
         if ds == "lasa":
@@ -269,58 +612,78 @@ def write_samples(out: Path, records_dirs: dict) -> list[Path]:
     return written
 
 
+def _with_checkpoints(jobs) -> dict:
+    seed0 = {}
+    for j in jobs:
+        if j["table_dir"] == "main" and (Path(j["dir"]) / "ckpt" / "best.ckpt").exists():
+            seed0.setdefault((j["dataset"], j["row"]), j["dir"])
+    return seed0
+
+
+# ------------------------------------------------------------------------ main
 def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
-              accelerator: str | None = None, budget_scale: float = 1.0, log=print) -> dict:
+              accelerator: str | None = None, budget_scale: float = 1.0, log=print, rows=None,
+              tables=None, seeds: int | None = None, plan_only: bool = False,
+              report_only: bool = False) -> dict | None:
     from .data import fetch, load
     if setup not in SETUPS:
-        raise ConfigError(f"unknown setup {setup!r}; choose {' or '.join(SETUPS)}")
+        raise ConfigError(f"--setup: unknown setup {setup!r}; choose {' or '.join(SETUPS)}")
     out = Path(out)
     datasets = list(datasets or DATASETS)
-    unknown = [d for d in datasets if d not in DATASETS]
-    if unknown:
-        raise ConfigError(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
+    for name, given, known in (("--datasets", datasets, DATASETS), ("--rows", rows or [], ROWS),
+                               ("--tables", tables or [], TABLES)):
+        unknown = [d for d in given if d not in known]
+        if unknown:
+            raise ConfigError(f"{name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    tables = list(tables or TABLES)
     command = "vrnn reproduce --setup " + setup + (f" --datasets {','.join(datasets)}"
                                                   if set(datasets) != set(DATASETS) else "")
-    command += f" --budget-scale {budget_scale:g}" if budget_scale != 1.0 else ""
-    t0 = time.time()
-    x_dims = {}
+    if report_only:
+        return report(out, setup, datasets, command + " --report-only", log)
+    x_dims, sample_seqs = {}, {}
     for ds in datasets:  # fetch and cache once, before the parallel jobs
         if ds in ("asterisk-en", "fillets-cs"):
             fetch(ds, progress=log)
-        x_dims[ds] = load(ds, **SETUPS[setup][ds].get("data", {})).dim
-    todo = plan(setup, out, datasets, x_dims, accelerator, budget_scale)
+        data = load(ds, **SETUPS[setup][ds].get("data", {}))
+        x_dims[ds] = data.dim
+        sample_seqs[ds] = data.sequences[:64]
+    todo = plan(setup, out, datasets, x_dims, accelerator, budget_scale, rows, tables, seeds)
     for ds in datasets:
         counts = {j["row"]: j["params"] for j in todo if j["dataset"] == ds}
         log(f"[reproduce] {ds}: parameters " + ", ".join(f"{r} {n:,}" for r, n in counts.items()))
-    log(f"[reproduce] {len(todo)} runs, {jobs} at a time")
+    describe_plan(todo, out, x_dims, sample_seqs, jobs, log)
+    if plan_only:
+        return None
+    t0 = time.time()
+
     def attempt(job):  # one failed run must not cancel the others
         try:
-            return _run_one(job, log)
+            return run_job(job, out, log)
         except (VRNNError, OSError, ValueError) as exc:
             log(f"[reproduce] {job['dataset']} {job['row']} seed {job['seed']} FAILED: {exc}")
             return None
 
+    # the equal-wall-clock pairs run together (one per core), so that both see the same load
+    wall = [j for j in todo if j["table"] == "wallclock"]
+    rest = [j for j in todo if j["table"] != "wallclock"]
+    wall.sort(key=lambda j: (j["seed"], j["row"]))
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        outcomes = list(pool.map(attempt, todo))
-    failed = [j["dir"] for j, r in zip(todo, outcomes) if r is None]
+        outcomes = list(pool.map(attempt, rest))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outcomes += list(pool.map(attempt, wall))
+    failed = [j["dir"] for j, r in zip(rest + wall, outcomes) if r is None]
+    js = report(out, setup, datasets, command, log)
+    js["wall_minutes"] = round((time.time() - t0) / 60, 1)
+    seed0 = _with_checkpoints(todo)
+    written = write_samples(out / "samples", seed0)
+    for ds in ("asterisk-en", "fillets-cs"):
+        runs = {m: seed0[(ds, m)] for m in ("vrnn-gauss", "srnn-gauss") if (ds, m) in seed0}
+        if runs:
+            written.append(analysis_figure(runs, ds, out / "analysis.png"))
+            break
+    log(f"[reproduce] wrote the tables, {out / 'table1.json'} and {len(written)} figures/samples "
+        f"in {js['wall_minutes']} min")
     if failed:
         raise VRNNError(f"{len(failed)} run(s) failed ({', '.join(failed)}); see their train.log, "
                         "fix and run the same command again: finished runs are kept")
-    records = outcomes
-    md, js = table(records, setup, command, datasets)
-    js["wall_minutes"] = round((time.time() - t0) / 60, 1)
-    from .writers import _atomic
-    with _atomic(out / "table1.md") as tmp:
-        Path(tmp).write_text(md)
-    with _atomic(out / "table1.json") as tmp:
-        Path(tmp).write_text(json.dumps(js, indent=1) + "\n")
-    seed0 = {(j["dataset"], j["row"]): j["dir"] for j in todo if j["seed"] == todo[0]["seed"]}
-    written = write_samples(out / "samples", seed0)
-    for ds in ("fillets-cs", "asterisk-en"):
-        if (ds, "vrnn-gauss") in seed0:
-            written.append(analysis_figure(Path(seed0[(ds, "vrnn-gauss")]), ds, out / "analysis.png"))
-            break
-    log(md)
-    log(f"[reproduce] wrote {out / 'table1.md'}, {out / 'table1.json'} and {len(written)} figures/samples "
-        f"in {js['wall_minutes']} min")
     return js

@@ -1,34 +1,27 @@
 """Outputs a person can hear and see: WAV, MIDI, PNG plots, and .npy arrays.
 
 Every file is first written to a temporary file in the same folder and then moved into
-place with ``os.replace``, so a reader never sees half a file.
+place with ``os.replace`` (``vrnn.files.atomic_write``), so a reader never sees half a
+file; it gets the mode a new file normally gets (0o644 under umask 022).
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write
 
-@contextmanager
-def _atomic(path, suffix: str | None = None):
-    """Yield a temporary path beside ``path`` (same suffix); os.replace it into place on success."""
+
+def write_text(path, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically: a reader never sees half of it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=suffix or path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return path
 
 
 def _figure(width: float, height: float):
@@ -42,7 +35,7 @@ def _figure(width: float, height: float):
 
 def _save_png(fig, path) -> Path:
     path = Path(path)
-    with _atomic(path, ".png") as tmp:
+    with atomic_write(path, ".png") as tmp:
         fig.savefig(tmp, format="png")
     return path
 
@@ -62,7 +55,7 @@ def write_wav(path, frames, sample_rate: int) -> Path:
 
     wave = np.clip(np.nan_to_num(_np(frames).reshape(-1)), -1.0, 1.0)
     path = Path(path)
-    with _atomic(path, ".wav") as tmp:
+    with atomic_write(path, ".wav") as tmp:
         sf.write(tmp, wave, int(sample_rate), subtype="PCM_16", format="WAV")
     return path
 
@@ -178,7 +171,7 @@ def write_midi(path, roll, lowest_pitch: int = 36, step_quarter: float = 1.0) ->
     s = roll_to_stream(roll, lowest_pitch, step_quarter)
     mf = midi.translate.streamToMidiFile(s)
     path = Path(path)
-    with _atomic(path, ".mid") as tmp:
+    with atomic_write(path, ".mid") as tmp:
         mf.open(tmp, "wb")
         try:
             mf.write()
@@ -223,7 +216,7 @@ def plot_sequence(path, seq, title: str | None = None, max_dims: int = 8) -> Pat
 
 def write_npy(path, array) -> Path:
     path = Path(path)
-    with _atomic(path, ".npy") as tmp:
+    with atomic_write(path, ".npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, _np(array))
     return path
@@ -232,7 +225,7 @@ def write_npy(path, array) -> Path:
 def write_npz(path, arrays: dict) -> Path:
     """Write a dict of arrays (numpy or torch) as one compressed .npz file."""
     path = Path(path)
-    with _atomic(path, ".npz") as tmp:
+    with atomic_write(path, ".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **{str(k): (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
                                       for k, v in arrays.items()})

@@ -1,8 +1,11 @@
 """Your own sequences as arrays: .npy, .npz (each array one sequence), .csv (one per file).
 
 Each array is one sequence of shape (T, D); a 1-D array becomes (T, 1). A CSV is comma
-separated with an optional header line. Refused (DataError naming the file): NaN or Inf,
-fewer than 2 steps, 0-D or 3-D+ arrays, non-numeric values, and arrays of different D.
+separated with an optional header line: the first non-blank line is a header when none of
+its cells is a number (so a typo in the first row of numbers is reported, not taken for a
+header). Refused (DataError naming the file): NaN or Inf, fewer than 2 steps, 0-D or 3-D+
+arrays, non-numeric values (named with their line of the file, 1-based, header and blank
+lines counted, and column), and arrays of different D.
 """
 
 from __future__ import annotations
@@ -33,30 +36,40 @@ def _as_sequence(arr, where: str) -> np.ndarray:
     return arr
 
 
-def _read_csv(path: Path) -> np.ndarray:
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _csv_lines(path: Path) -> list[tuple[int, list[str]]]:
+    """[(line number in the file, 1-based; cells)] of the non-blank lines of a CSV file."""
     try:
         with open(path, encoding="utf-8-sig") as f:
-            lines = [ln.strip() for ln in f if ln.strip()]
+            return [(n, line.strip().split(",")) for n, line in enumerate(f, 1) if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read as text ({e})") from None
+
+
+def _parse_row(path: Path, n: int, cells: list[str]) -> list[float]:
+    for col, cell in enumerate(cells, 1):
+        if not _is_number(cell):
+            raise DataError(f"{path}: non-numeric value {cell.strip()!r} on line {n}, column {col}")
+    return [float(cell) for cell in cells]
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    """The numbers of a CSV file; its first line is a header only if none of its cells is a number."""
+    lines = _csv_lines(path)
     if not lines:
         raise DataError(f"{path}: empty CSV file")
-
-    def parse(line):
-        return [float(v) for v in line.split(",")]
-
-    try:
-        parse(lines[0])
-    except ValueError:
-        lines = lines[1:]  # a header line
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(parse(line))
-        except ValueError:
-            raise DataError(f"{path}: non-numeric value in row {i + 1}: {line[:60]!r}") from None
-    if not rows:
-        raise DataError(f"{path}: CSV has a header but no rows")
+    if not any(_is_number(cell) for cell in lines[0][1]):
+        lines = lines[1:]
+        if not lines:
+            raise DataError(f"{path}: CSV has a header but no rows")
+    rows = [_parse_row(path, n, cells) for n, cells in lines]
     widths = {len(r) for r in rows}
     if len(widths) > 1:
         raise DataError(f"{path}: rows have different numbers of columns ({sorted(widths)})")

@@ -1,4 +1,4 @@
-"""Splits, normalisation, padding and truncated-BPTT chunks."""
+"""Splits, normalisation and padding."""
 
 from __future__ import annotations
 
@@ -122,19 +122,3 @@ def pad_batch(seqs) -> tuple[torch.Tensor, torch.Tensor]:
         x[i, : a.shape[0]] = a
         mask[i, : a.shape[0]] = 1.0
     return x, mask
-
-
-def tbptt_chunks(x: torch.Tensor, mask: torch.Tensor, length: int | None):
-    """Consecutive time chunks [(x[:, s:s+length], mask[:, s:s+length]), ...] in order.
-
-    Chunks where every step is padding are dropped. ``length`` None or <= 0: one chunk.
-    """
-    t = x.shape[1]
-    if not length or length <= 0 or length >= t:
-        return [(x, mask)]
-    out = []
-    for s in range(0, t, int(length)):
-        m = mask[:, s:s + length]
-        if bool((m > 0).any()):
-            out.append((x[:, s:s + length], m))
-    return out

@@ -14,13 +14,12 @@ as ``cache_dir()/chorales-v1.npz``.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
+from ..files import atomic_write
 from .registry import SequenceSet
 
 CACHE_NAME = "chorales-v1.npz"
@@ -114,17 +113,10 @@ def parse_chorales(paths=None, progress=None) -> tuple[list[np.ndarray], list[st
 
 
 def _write_cache(path: Path, rolls, names, lowest) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".chorales-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, lowest_pitch=np.int64(lowest), names=np.asarray(names),
-                                **{f"roll_{i:04d}": r.astype(np.uint8) for i, r in enumerate(rolls)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write the rolls as a compressed .npz cache, atomically (``files.atomic_write``)."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, lowest_pitch=np.int64(lowest), names=np.asarray(names),
+                            **{f"roll_{i:04d}": r.astype(np.uint8) for i, r in enumerate(rolls)})
 
 
 def _read_cache(path: Path):

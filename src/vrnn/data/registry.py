@@ -4,7 +4,10 @@
 names win over a file or folder of the same name in the working directory; write
 ``./lasa`` to load such a folder.
 
-A path may be one file or a folder (searched recursively). It is recognised by what it
+A path may be one file or a folder, searched recursively in sorted name order, skipping
+names that start with a dot. Symbolic links are followed, but each real folder and each
+real file is read once (a link back up the tree, or two names for one file, add nothing).
+A folder that cannot be listed is an error naming it. The path is recognised by what it
 holds:
 
 * audio: ``.wav .flac .ogg .mp3 .sph .nist .aiff .aif`` (any case, so TIMIT's NIST SPHERE ``.WAV`` too)
@@ -23,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..options import check, specs
+from .options import APPLIES, GENERIC, DataOptions
 
 KINDS = ("speech", "handwriting", "pianoroll", "array")
 
@@ -42,18 +47,6 @@ DATASETS: dict[str, str] = {
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".sph", ".nist", ".aiff", ".aif")
 ARRAY_SUFFIXES = (".npy", ".npz", ".csv")
 XML_SUFFIXES = (".xml",)
-
-# Options ``load`` understands, and the sources that use them. Options given as None are
-# dropped (so a CLI can pass its parsed arguments straight through).
-_OPTIONS = {
-    "subsample": ("lasa",),
-    "sample_rate": ("speech",),
-    "frame_size": ("speech",),
-    "chunk_seconds": ("speech",),
-    "min_rms": ("speech",),
-    "refresh": ("chorales",),
-}
-
 
 @dataclass
 class SequenceSet:
@@ -152,8 +145,8 @@ def _classify(path: Path) -> str | None:
         try:
             with open(path, "rb") as f:
                 head = f.read(1 << 20)
-        except OSError:
-            return None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror})") from None
         return "handwriting" if b"<Stroke" in head else None
     return None
 
@@ -168,11 +161,65 @@ def _sniff_audio(path: Path) -> bool:
         return False
 
 
+def _identity(path: Path, what: str) -> tuple[int, int]:
+    """(st_dev, st_ino) of what ``path`` finally points to; DataError if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read this {what} ({e.strerror})") from None
+    return st.st_dev, st.st_ino
+
+
+def _listing(folder: Path) -> tuple[list[str], list[str]]:
+    """(sorted file names, sorted folder names) in ``folder``, without hidden names.
+
+    Links count as what they point to; a broken link counts as a file.
+    """
+    try:
+        with os.scandir(folder) as it:
+            entries = [e for e in it if not e.name.startswith(".")]
+        dirs = {e.name for e in entries if e.is_dir()}
+    except OSError as e:
+        raise DataError(f"{folder}: cannot read this folder ({e.strerror})") from None
+    return sorted(e.name for e in entries if e.name not in dirs), sorted(dirs)
+
+
+def _data_files(folder: Path) -> dict[str, list[Path]]:
+    """{kind: files} under ``folder``, depth first in sorted order, each real folder and file once."""
+    found: dict[str, list[Path]] = {}
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+
+    def walk(d: Path) -> None:
+        key = _identity(d, "folder")
+        if key in seen_dirs:
+            return
+        seen_dirs.add(key)
+        files, dirs = _listing(d)
+        for name in files:
+            f = d / name
+            kind = _classify(f)
+            if kind is None:
+                continue
+            key = _identity(f, "file")
+            if key not in seen_files:
+                seen_files.add(key)
+                found.setdefault(kind, []).append(f)
+        for name in dirs:
+            walk(d / name)
+
+    walk(folder)
+    return found
+
+
 def recognise(path) -> tuple[str, list[Path]]:
     """(kind, files) for a file or folder; DataError if nothing or several kinds are found."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory")
+    try:
+        if not path.exists():
+            raise DataError(f"{path}: no such file or directory")
+    except OSError as exc:  # a parent folder that cannot be entered
+        raise DataError(f"{path}: cannot reach it ({exc.strerror or exc})") from None
     if path.is_file():
         kind = _classify(path)
         if kind is None and _sniff_audio(path):
@@ -183,16 +230,7 @@ def recognise(path) -> tuple[str, list[Path]]:
                 f"IAM-style stroke .xml, or arrays {' '.join(ARRAY_SUFFIXES)})"
             )
         return kind, [path]
-    found: dict[str, list[Path]] = {}
-    for root, dirs, files in os.walk(path, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            f = Path(root) / name
-            kind = _classify(f)
-            if kind is not None:
-                found.setdefault(kind, []).append(f)
+    found = _data_files(path)
     if not found:
         raise DataError(
             f"{path}: no recognisable data found (looked recursively for audio "
@@ -209,14 +247,37 @@ def recognise(path) -> tuple[str, list[Path]]:
 
 
 def _clean_opts(spec: str, opts: dict, kind: str) -> dict:
+    """The options (declared in options.DataOptions) that apply to ``kind`` or ``spec``,
+    checked; unknown ones are an error, ones given as None or for other sources dropped
+    (so one set of options can serve several sources, and a CLI can pass its parsed
+    arguments straight through)."""
+    declared = {name: (typ, sp) for name, typ, sp, _ in specs(DataOptions)}
     out = {}
     for key, value in opts.items():
-        if key not in _OPTIONS:
-            raise ConfigError(f"{spec}: unknown data option {key!r} (known: {', '.join(sorted(_OPTIONS))})")
-        if value is None:
+        if key not in declared:
+            raise ConfigError(f"{spec}: unknown data option {key!r} (known: {', '.join(sorted(declared))})")
+        if value is None or key in GENERIC:
             continue
-        if kind in _OPTIONS[key] or spec in _OPTIONS[key]:
+        check(value, *declared[key], f"{spec}: data option {key}")
+        if kind in APPLIES[key] or spec in APPLIES[key]:
             out[key] = value
+    return out
+
+
+def shrink(data: SequenceSet, max_sequences: int | None = None, max_length: int | None = None) -> SequenceSet:
+    """``data`` cut down, the same way every time: at most the first ``max_length`` steps of
+    each sequence, and ``max_sequences`` of them drawn with a fixed seed (data order kept).
+    Both are recorded in ``meta``."""
+    if max_sequences is None and max_length is None:
+        return data
+    n = len(data)
+    out = data
+    if max_sequences is not None and max_sequences < n:
+        keep = np.sort(np.random.default_rng(20261201).permutation(n)[:max_sequences])
+        out = out.subset(keep.tolist())
+    if max_length is not None:
+        out = SequenceSet([s[:max_length] for s in out.sequences], out.kind, out.name, out.meta)
+    out.meta.update(max_sequences=max_sequences, max_length=max_length, sequences_before=n)
     return out
 
 
@@ -234,8 +295,7 @@ def _load_path(spec: str, opts: dict) -> SequenceSet:
     if kind == "handwriting":
         from .iam import load_iam
 
-        _clean_opts(spec, opts, "handwriting")
-        return load_iam(files, name=str(path))
+        return load_iam(files, name=str(path), **_clean_opts(spec, opts, "iam"))
     if kind == "array":
         from .arrays import load_arrays
 
@@ -245,8 +305,18 @@ def _load_path(spec: str, opts: dict) -> SequenceSet:
 
 
 def load(spec, **opts) -> SequenceSet:
-    """Load a registered dataset by name, or the data in a file or folder."""
+    """Load a registered dataset by name, or the data in a file or folder.
+
+    ``opts`` are the data options of ``options.DataOptions``; those that do not apply to
+    the source are dropped (``dequantize``, for IAM-style XML whose offsets are integers,
+    means nothing to ``lasa``, whose offsets are real-valued). ``max_sequences`` and
+    ``max_length`` shrink any source after loading (``shrink``).
+    """
     spec = str(spec)
+    return shrink(_load_source(spec, opts), opts.get("max_sequences"), opts.get("max_length"))
+
+
+def _load_source(spec: str, opts: dict) -> SequenceSet:
     if spec == "lasa":
         from .lasa import load_lasa
 

@@ -1,0 +1,80 @@
+"""The latent-free baselines of the paper's Table 1 (RNN-Gauss, RNN-GMM).
+
+    generation  x_t ~ p(x_t | h_{t-1})     params = head(phi_dec(h_{t-1}))
+    recurrence  h_t = f(phi_x(x_t), h_{t-1})   f an LSTM (default) or GRU stack
+
+There is no latent: the log-likelihood is exact, and the whole recurrence is one
+``nn.LSTM``/``nn.GRU`` call (packed for masks).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..heads import make_head
+from .base import SequenceModel, State, Trace, mlp
+
+
+class RNN(SequenceModel):
+    """RNN-Gauss / RNN-GMM (and any other head): ``vrnn.build`` makes one for family "rnn".
+    State: (h, c), each (layers, B, h_dim); c is unused (zeros) for a GRU."""
+
+    family = "rnn"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.phi_x = mlp(cfg.x_dim, cfg.phi_x_dim, cfg.phi_x_layers)
+        rnn = nn.LSTM if cfg.cell == "lstm" else nn.GRU
+        self.rnn = rnn(cfg.phi_x_dim, cfg.h_dim, cfg.rnn_layers, batch_first=True)
+        self.decoder = mlp(cfg.h_dim, cfg.dec_dim, cfg.dec_layers)
+        self.head = make_head(cfg, cfg.dec_dim)
+
+    def initial_state(self, batch: int, device=None, dtype=None) -> State:
+        shape = (self.cfg.rnn_layers, batch, self.cfg.h_dim)
+        return (torch.zeros(shape, device=device, dtype=dtype),
+                torch.zeros(shape, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, state: State | None = None,
+                noise: Tensor | None = None, samples: int = 1, ancestors=None) -> Trace:
+        """h_t = f(phi_x(x_t), h_{t-1}) in one nn.LSTM/nn.GRU call; x_t ~ head(phi_dec(h_{t-1}))."""
+        if samples != 1 or ancestors is not None:
+            raise ValueError(f"samples={samples}: an RNN row has no latent to sample")
+        x, mask = self.check_inputs(x, mask)
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device, x.dtype)
+        fx = self.phi_x(x)
+        h0 = state if self.cfg.cell == "lstm" else state[0]
+        if mask is None:
+            out, last = self.rnn(fx, h0)
+        else:
+            lengths = mask.sum(1).long().cpu()
+            packed = nn.utils.rnn.pack_padded_sequence(fx, lengths.clamp(min=1), batch_first=True,
+                                                       enforce_sorted=False)
+            out, last = self.rnn(packed, h0)
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        final = last if self.cfg.cell == "lstm" else (last, state[1])
+        if mask is not None:  # rows with no real step (packed as one) keep their state
+            empty = (lengths == 0).to(x.device).view(1, -1, 1)
+            final = tuple(torch.where(empty, s0, s1) for s0, s1 in zip(state, final))
+        h_prev = torch.cat([state[0][-1].unsqueeze(1), out[:, :-1]], dim=1)
+        params = self.head(self.decoder(h_prev)).to(x.dtype)  # log-probs in x's precision
+        log_px = self.head.log_prob(params, x)
+        m = torch.ones_like(log_px) if mask is None else mask
+        return Trace(log_px * m, torch.zeros_like(log_px), params, h_prev, out, final, m)
+
+    @torch.inference_mode()
+    def generate_step(self, state: State, mean: bool = False):
+        params = self.head(self.decoder(state[0][-1]))
+        x = self.head.point(params) if mean else self.head.sample(params)
+        fx = self.phi_x(x).unsqueeze(1)
+        if self.cfg.cell == "lstm":
+            _, new = self.rnn(fx, state)
+        else:
+            _, h = self.rnn(fx, state[0])
+            new = (h, state[1])
+        return x, new
+
+    def smc_features(self, x, mask, state=None):
+        raise ConfigError("an RNN row has no latent: its log-likelihood is exact, no particles needed")

@@ -1,0 +1,253 @@
+"""The SRNN (Fraccaro, Sønderby, Paquet, Winther 2016): a deterministic RNN below a
+state-space model, with a smoothing posterior.
+
+    deterministic  d_t = f(d_{t-1}, phi_x(x_{t-1}))         f an LSTM/GRU stack; it never
+                                                             sees z (d_1 from a zero input)
+    prior          z_t ~ N(mu_p, s_p)   [mu_p, s_p] = phi_prior(z_{t-1}, d_t)     (z_0 = 0)
+    emission       x_t ~ p(x_t | z_t, d_t)   params = head(phi_dec(z_t, d_t))
+    inference      a_t = g(a_{t+1}, [d_t, phi_x(x_t)])      a backward RNN (smoothing), or
+                   a_t = g(a_{t-1}, [d_t, phi_x(x_t)])      a forward one (filtering: causal)
+                   z_t ~ q = N(mu_q, s_q)   [dmu, s_q] = phi_enc(z_{t-1}, a_t),
+                   mu_q = mu_p + dmu ("Resq", the default) or dmu
+
+What is sequential is the z-chain only (phi_prior and phi_enc, two small MLPs per step);
+both RNNs are one ``nn.LSTM``/``nn.GRU`` call over the whole sequence, and the emission,
+the KL and the log-probabilities run batched over time after the chain. The first layers
+of phi_prior, phi_enc and phi_dec are split (W [z; d] = W_z z + W_d d) so that their d-
+and a-parts run outside the loop, once per sequence even with several samples.
+
+Masks: each row's backward RNN starts at its own last real step, so padding never leaks
+into a_t. With truncated BPTT the deterministic state, z and (filtering) the inference
+RNN's state carry across chunks; the smoothing RNN sees only the chunk. State: (d_h, d_c,
+z, a_h, a_c), d_h and d_c (layers, rows, H) after reading each row's last real x_t, z
+(1, rows, Z) its last z_t, a_h and a_c (layers, rows, A) the filtering RNN's state after
+it (zeros, unused, for the smoothing posterior).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..heads import gaussian_kl, gaussian_log_prob, make_head
+from .base import (SequenceModel, SplitMLP, State, Trace, add_shared, mlp, repeat_rows, rows_log_prob,
+                   standard_log_prob)
+
+
+class Emission(nn.Module):
+    """phi_dec(z_t, d_t): an MLP of [z_t; d_t] whose first layer is split, so the d-part is
+    computed once per sequence. Its output feeds the output head."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.in_z = nn.Linear(cfg.z_dim, cfg.dec_dim, bias=False)
+        self.in_d = nn.Linear(cfg.h_dim, cfg.dec_dim)
+        self.body = mlp(cfg.dec_dim, cfg.dec_dim, cfg.dec_layers - 1)
+
+    def from_parts(self, z: Tensor, d_part: Tensor) -> Tensor:
+        return self.body(torch.relu(add_shared(d_part, self.in_z(z))))
+
+
+def _run(rnn: nn.Module, inp: Tensor, lengths: Tensor | None, h0=None):
+    """(outputs (B, T, H), final state) of an nn.LSTM/nn.GRU over ``inp``; packed by
+    ``lengths`` (rows of length 0 are run for one step: callers mask them)."""
+    if lengths is None:
+        return rnn(inp, h0)
+    packed = nn.utils.rnn.pack_padded_sequence(inp, lengths.clamp(min=1).cpu(), batch_first=True,
+                                               enforce_sorted=False)
+    out, last = rnn(packed, h0)
+    out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=inp.shape[1])
+    return out, last
+
+
+def reverse_within(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Each row's first ``lengths[b]`` steps in reverse order (padding stays where it is);
+    its own inverse."""
+    if lengths is None:
+        return x.flip(1)
+    T = x.shape[1]
+    t = torch.arange(T, device=x.device).unsqueeze(0)
+    L = lengths.to(x.device).unsqueeze(1)
+    idx = torch.where(t < L, L - 1 - t, t)
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class SRNN(SequenceModel):
+    """SRNN-Gauss, SRNN-GMM (and any other head); ``vrnn.build`` makes one for family
+    "srnn". See the module docstring for the equations and the state."""
+
+    family = "srnn"
+    scan_impl = "fused"  # or "autograd": how the z-chain runs in training (vrnn.fast.set_scan)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        rnn = nn.LSTM if cfg.cell == "lstm" else nn.GRU
+        self.phi_x = mlp(cfg.x_dim, cfg.phi_x_dim, cfg.phi_x_layers)
+        self.rnn = rnn(cfg.phi_x_dim, cfg.h_dim, cfg.rnn_layers, batch_first=True)          # d_t
+        self.inference_rnn = rnn(cfg.h_dim + cfg.phi_x_dim, cfg.a_dim, cfg.rnn_layers,
+                                 batch_first=True)                                            # a_t
+        self.prior = SplitMLP(cfg.z_dim, cfg.h_dim, cfg.prior_dim, cfg.prior_layers, cfg.z_dim,
+                              cfg.std_floor)
+        self.encoder = SplitMLP(cfg.z_dim, cfg.a_dim, cfg.enc_dim, cfg.enc_layers, cfg.z_dim,
+                                cfg.std_floor)
+        self.decoder = Emission(cfg)
+        self.head = make_head(cfg, cfg.dec_dim)
+
+    # ------------------------------------------------------------------ state
+    def _rnn_state(self, state):
+        return state if self.cfg.cell == "lstm" else state[0]
+
+    def initial_state(self, batch: int, device=None, dtype=None) -> State:
+        """d after reading a zero input from a zero state (so d_1 = f(0, 0)), and z_0 = 0."""
+        p = next(self.parameters())
+        device, dtype = device or p.device, dtype or p.dtype
+        shape = (self.cfg.rnn_layers, batch, self.cfg.h_dim)
+        zeros = (torch.zeros(shape, device=device, dtype=dtype),) * 2
+        _, last = self.rnn(torch.zeros(batch, 1, self.cfg.phi_x_dim, device=device, dtype=dtype),
+                           self._rnn_state(zeros))
+        h, c = last if self.cfg.cell == "lstm" else (last, zeros[1])
+        a = torch.zeros(self.cfg.rnn_layers, batch, self.cfg.a_dim, device=device, dtype=dtype)
+        return h, c, torch.zeros(1, batch, self.cfg.z_dim, device=device, dtype=dtype), a, a
+
+    # --------------------------------------------------------- deterministic
+    def _deterministic(self, x: Tensor, mask: Tensor | None, state: State | None):
+        """d (B, T, H), d after each step (B, T, H), the d-state after each row's last
+        real step, a (B, T, A), and the a-state after each row's last real step."""
+        B = x.shape[0]
+        if state is None:
+            state = self.initial_state(B, x.device, x.dtype)
+        # (rows beyond B are copies: d and a never see z; cuDNN wants a contiguous hx)
+        dh, dc, ah, ac = (s[:, :B].contiguous() for s in (state[0], state[1], state[3], state[4]))
+        fx = self.phi_x(x)
+        lengths = None if mask is None else mask.sum(1).long()
+        out, last = _run(self.rnn, fx, lengths, self._rnn_state((dh, dc)))
+        final = last if self.cfg.cell == "lstm" else (last, dc)
+        empty = None if lengths is None else (lengths == 0).view(1, -1, 1)
+        if empty is not None:  # rows with no real step keep their state
+            final = tuple(torch.where(empty, s0, s1) for s0, s1 in zip((dh, dc), final))
+        d = torch.cat([dh[-1].unsqueeze(1), out[:, :-1]], dim=1)
+        inp = torch.cat([d, fx], dim=-1)
+        if self.cfg.posterior == "smoothing":
+            a, _ = _run(self.inference_rnn, reverse_within(inp, lengths), lengths)
+            a = reverse_within(a, lengths)
+            a_final = (ah, ac)
+        else:  # causal: continues from the previous chunk's a-state
+            a, last = _run(self.inference_rnn, inp, lengths, self._rnn_state((ah, ac)))
+            a_final = last if self.cfg.cell == "lstm" else (last, ac)
+            if empty is not None:
+                a_final = tuple(torch.where(empty, s0, s1) for s0, s1 in zip((ah, ac), a_final))
+        return d, out, final, a, a_final
+
+    def _posterior(self, z_prev: Tensor, pd_t: Tensor, qa_t: Tensor):
+        mu_p, std_p = self.prior.from_parts(z_prev, pd_t)
+        dmu, std_q = self.encoder.from_parts(z_prev, qa_t)
+        mu_q = mu_p + dmu if self.cfg.residual else dmu
+        return mu_q, std_q, mu_p, std_p
+
+    def _chain(self, pd: Tensor, qa: Tensor, eps: Tensor, keep: Tensor | None, z_prev: Tensor,
+               ancestors=None):
+        """The z-chain, the only sequential part: per step the prior and the posterior from
+        z_{t-1} (their d- and a-parts ``pd``, ``qa`` (B, T, .) precomputed and broadcast to
+        the k*B rows of ``eps``), z_t = mu_q + s_q * eps_t, carried where ``keep``, resampled
+        from ``ancestors[t]``. Returns z, mu_q, std_q, mu_p, std_p (rows, T, Z) and the last z.
+        The fused chain (fast_srnn.py, a hand-written backward through time) runs it when it
+        applies; this loop under plain autograd otherwise."""
+        if self.scan_impl == "fused":
+            from ..fast_srnn import chain
+            out = chain(self, pd, qa, eps, keep, z_prev, ancestors)
+            if out is not None:
+                return out
+        T = eps.shape[1]
+        keeps = [None] * T if keep is None else keep.unbind(1)
+        ancestors = [None] * T if ancestors is None else ancestors
+        out = {k: [] for k in ("z", "mu_q", "std_q", "mu_p", "std_p")}
+        for t, (eps_t, keep_t, anc) in enumerate(zip(eps.unbind(1), keeps, ancestors)):
+            mu_q, std_q, mu_p, std_p = self._posterior(z_prev, pd[:, t], qa[:, t])
+            z = mu_q + std_q * eps_t
+            for k, v in (("z", z), ("mu_q", mu_q), ("std_q", std_q), ("mu_p", mu_p), ("std_p", std_p)):
+                out[k].append(v)
+            z_prev = z if keep_t is None else torch.where(keep_t, z, z_prev)
+            if anc is not None:
+                z_prev = z_prev.index_select(0, anc)
+        return (*(torch.stack(out[k], 1) for k in ("z", "mu_q", "std_q", "mu_p", "std_p")), z_prev)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: Tensor, mask: Tensor | None = None, state: State | None = None,
+                noise: Tensor | None = None, samples: int = 1, ancestors=None) -> Trace:
+        """One pass over a batch (see models/base.py for the arguments)."""
+        x, mask = self.check_inputs(x, mask)
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        B, T, _ = x.shape
+        R = samples * B
+        if state is not None and state[2].shape[1] not in (B, R):
+            raise ValueError(f"state has {state[2].shape[1]} rows; expected {B} or samples*B = {R}")
+        d, d_after, d_final, a, a_final = self._deterministic(x, mask, state)
+        pd, qa, ed = self.prior.in_b(d), self.encoder.in_b(a), self.decoder.in_d(d)  # shared
+        x, mask = repeat_rows(x, samples), None if mask is None else repeat_rows(mask, samples)
+        if noise is None:
+            noise = torch.randn(R, T, self.cfg.z_dim, device=x.device, dtype=x.dtype)
+        elif noise.shape != (R, T, self.cfg.z_dim):
+            raise ValueError(f"noise must have shape {(R, T, self.cfg.z_dim)} (samples*B, T, z_dim), "
+                             f"got {tuple(noise.shape)}")
+        if ancestors is not None and len(ancestors) != T:
+            raise ValueError(f"ancestors must have one entry per step ({T}), got {len(ancestors)}")
+        z_prev = x.new_zeros(R, self.cfg.z_dim) if state is None else state[2][0]
+        if z_prev.shape[0] != R:
+            z_prev = repeat_rows(z_prev, samples)
+        keep = None if mask is None else mask.unsqueeze(-1) > 0
+        z, mu_q, std_q, mu_p, std_p, z_prev = self._chain(pd, qa, noise, keep, z_prev, ancestors)
+        params = self.head(self.decoder.from_parts(z, ed))
+        # under autocast the networks run in low precision; the KL and the log-probabilities
+        # in the input's precision (float32)
+        z, mu_q, std_q, mu_p, std_p, params = (t.to(x.dtype) for t in (z, mu_q, std_q, mu_p, std_p, params))
+        kl_dims = gaussian_kl(mu_q, std_q, mu_p, std_p)
+        log_px = self.head.log_prob(params, x)
+        m = torch.ones_like(log_px) if mask is None else mask
+        final = (*(repeat_rows(s, samples, dim=1) for s in d_final), z_prev.unsqueeze(0),
+                 *(repeat_rows(s, samples, dim=1) for s in a_final))
+        return Trace(log_px * m, kl_dims.sum(-1) * m, params, repeat_rows(d, samples),
+                     repeat_rows(d_after, samples), final, m, z, mu_q, std_q, mu_p, std_p,
+                     kl_dims * m.unsqueeze(-1))
+
+    # -------------------------------------------------------------- generation
+    @torch.inference_mode()
+    def generate_step(self, state: State, mean: bool = False):
+        dh, dc, z_prev = state[:3]
+        d = dh[-1]
+        mu_p, std_p = self.prior(z_prev[0], d)
+        z = mu_p + std_p * torch.randn_like(mu_p)
+        params = self.head(self.decoder.from_parts(z, self.decoder.in_d(d)))
+        x = self.head.point(params) if mean else self.head.sample(params)
+        fx = self.phi_x(x).unsqueeze(1)
+        _, last = self.rnn(fx, self._rnn_state((dh, dc)))
+        dh, dc = last if self.cfg.cell == "lstm" else (last, dc)
+        ah, ac = state[3:]
+        if self.cfg.posterior == "filtering":  # the causal posterior's state reads x_t too
+            _, last = self.inference_rnn(torch.cat([d.unsqueeze(1), fx], -1), self._rnn_state((ah, ac)))
+            ah, ac = last if self.cfg.cell == "lstm" else (last, ac)
+        return x, (dh, dc, z.unsqueeze(0), ah, ac)
+
+    # --------------------------------------------------------------------- SMC
+    def smc_features(self, x: Tensor, mask: Tensor | None, state: State | None = None):
+        x, mask = self.check_inputs(x, mask)
+        d, _, _, a, _ = self._deterministic(x, mask, state)
+        return {"x": x.unbind(1), "x0": x, "pd": self.prior.in_b(d).unbind(1),
+                "qa": self.encoder.in_b(a).unbind(1), "ed": self.decoder.in_d(d).unbind(1)}
+
+    def smc_initial(self, features, particles: int, state: State | None = None) -> State:
+        """Particles' state: (z_{t-1},), (K*B, Z); from ``state`` (K*B or B rows) when given."""
+        x = features["x0"]
+        if state is None:
+            return (x.new_zeros(particles * x.shape[0], self.cfg.z_dim),)
+        z = state[2][0]
+        return (repeat_rows(z, particles) if z.shape[0] == x.shape[0] else z,)
+
+    def smc_step(self, features, t: int, particles: State, eps_t: Tensor):
+        (z_prev,) = particles
+        mu_q, std_q, mu_p, std_p = self._posterior(z_prev, features["pd"][t], features["qa"][t])
+        z = mu_q + std_q * eps_t
+        params = self.head(self.decoder.from_parts(z, features["ed"][t])).to(z.dtype)
+        log_px = rows_log_prob(self.head, params, features["x"][t])
+        log_ratio = gaussian_log_prob(z, mu_p, std_p) - standard_log_prob(eps_t, std_q)
+        return log_px, log_ratio, (z,)
