@@ -259,3 +259,27 @@ def test_python_api_checks_its_inputs():
     with pytest.raises(ConfigError, match="phi_x_layers"):
         VRNNConfig(x_dim=3, phi_x_layers=0)
     model.elbo(x, torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32))  # fine
+
+
+def test_every_process_gets_as_many_batches_even_with_fewer_batches_than_processes(monkeypatch):
+    """Padding the batch list cycles it, so that 3 or 4 processes with one batch between
+    them all take a step (a process without one would leave the others waiting)."""
+    import vrnn.train as train_mod
+    for world in (2, 3, 4, 5):
+        counts = []
+        for rank in range(world):
+            monkeypatch.setattr(train_mod, "_world", lambda r=rank, w=world: (r, w))
+            sampler = train_mod.EpochBatches([5] * 10, batch_size=32, shuffle=False)
+            counts.append(len(list(iter(sampler))))
+            assert len(sampler) == counts[-1]
+        assert counts == [1] * world, (world, counts)
+
+
+def test_data_options_are_checked_from_the_python_api_too(tmp_path):
+    from vrnn.data import load
+    data = make_arrays(tmp_path / "a", n=6)
+    for bad in (dict(max_length=-1), dict(max_sequences=0), dict(subsample="4"), dict(chunk_seconds=-1)):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            load(str(data), **bad)
+    assert len(load(str(data), max_sequences=4)) == 4
+    assert max(load(str(data), max_length=5).lengths) == 5

@@ -3,7 +3,8 @@
 A vrnn checkpoint is a Lightning checkpoint with one extra entry, ``"vrnn"``::
 
     {"format": 1, "config": VRNNConfig.to_dict(), "normalizer": Normalizer.state_dict(),
-     "data": {"name", "kind", "meta", "dim", "split_seed", "fractions"}}
+     "data": {"spec", "load_opts", "name", "kind", "meta", "dim", "split_seed", "fractions",
+              "median_length"}, "train": TrainConfig as a dict}
 
 Every value in it is a plain type or a tensor, so ``torch.load(path, weights_only=True)``
 reads it; nothing in a file a user was handed can run code.

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .options import add_arguments, option, parsed
+from .smc import RESAMPLERS, SCHEDULES
+
+ESTIMATORS = ("is", "smc", "all")
 
 EXAMPLES = {
     "train": """examples:
@@ -69,14 +72,14 @@ class EvaluateOptions:
     split: str = option("test", "which split to score", choices=SPLITS, flag="--split")
     estimator: str = option("is", "the log-likelihood estimate: is (importance sampling), smc "
                                   "(particle filter) or all (ELBO, IS and SMC side by side)",
-                            choices=("is", "smc", "all"), flag="--estimator")
+                            choices=ESTIMATORS, flag="--estimator")
     samples: int = option(40, "importance samples or particles K", min=1, flag="--samples")
     resample: str = option("ess", "smc: resample when the ESS is low (ess), always, or never",
-                           choices=("ess", "always", "never"), flag="--resample")
+                           choices=SCHEDULES, flag="--resample")
     ess_threshold: float = option(0.5, "smc: resample when the ESS falls below this fraction of K",
                                   above=0.0, max=1.0, flag="--ess-threshold")
-    resampler: str = option("systematic", "smc: how ancestors are drawn",
-                            choices=("systematic", "multinomial"), flag="--resampler")
+    resampler: str = option("systematic", "smc: how ancestors are drawn", choices=RESAMPLERS,
+                            flag="--resampler")
     batch_size: int = option(32, "sequences per scoring pass at most", min=1, flag="--batch-size")
     max_rows: int = option(4096, "memory cap: sequences x samples in one pass", min=1, flag="--max-rows")
     max_memory: float = option(1024.0, "memory cap of one scoring pass in MiB", above=0.0,

@@ -27,7 +27,6 @@ from .errors import DataError
 from .inference import bits_per_dim, row_step_bytes
 from .train import Prepared
 
-ESTIMATORS = ("is", "smc", "all")
 
 
 def checked_data(spec: str, model, data_desc: dict, ckpt: str):
@@ -127,23 +126,21 @@ def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max
     ``estimator``; of IS under "all"). Non-finite scores (after a float64 retry) are None,
     counted in ``non_finite``.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if estimator not in ("is", "smc", "all"):
+        raise ValueError(f"unknown estimator {estimator!r}; choose is, smc or all")
     latent = model.latent
     methods = ["elbo"] + (["is", "smc"] if estimator == "all" else [estimator]) if latent else ["exact"]
     scored = {m: [] for m in methods}
     lengths, done, n = [], 0, len(sequences)
     retried = 0
-    double = None
+    fallback = Float64Fallback(model)
     for batch, x, mask in padded_batches(model, sequences, batch_size, max_bytes):
         which = [m for m in methods if m != "exact"] or ["elbo"]
         got = _scores(model, x, mask, which, num_samples, max_rows, max_bytes, smc_opts or {})
         bad = ~torch.stack([torch.isfinite(v) for v in got.values()]).all(0)
         if bool(bad.any()):  # float32 overflowed on some sequences: score those in float64
-            if double is None:
-                double = copy.deepcopy(model).double()
-            again = _scores(double, x[bad].double(), mask[bad].double(), which, num_samples, max_rows,
-                            max_bytes, smc_opts or {})
+            again = _scores(fallback.double, x[bad].double(), mask[bad].double(), which, num_samples,
+                            max_rows, max_bytes, smc_opts or {})
             for k in got:
                 got[k] = got[k].double()
                 got[k][bad] = again[k]

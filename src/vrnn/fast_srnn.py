@@ -213,10 +213,10 @@ class ZChain(torch.autograd.Function):
             for k in range(len(body)):
                 grads += [rows(DAx[k + 1]).t() @ rows(U[k]), bsum(DAx[k + 1])]
             grads += [rows(DO).t() @ rows(U[-1]), bsum(DO)]
-        # reorder to chain_args' order: wpz, wqz, prior body..., prior out, encoder body..., encoder out
+        # (grads is in chain_args' order: wpz, wqz, prior body, prior out, encoder body, encoder out)
         need = ctx.needs_input_grad
-        n = B = ctx.seqs
-        k = R // n
+        B = ctx.seqs
+        k = R // B
         per_seq = lambda x: x if k == 1 else x.reshape(T, k, B, x.shape[-1]).sum(1)  # noqa: E731
         dt_pd, dt_qa, dt_eps = ctx.dtypes
         dpd = per_seq(DA[:, :, :Wp]).transpose(0, 1).to(dt_pd) if need[1] else None

@@ -45,8 +45,9 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
     part log p(z) - log q(z) of every IWAE/FIVO weight (a tempered weight). ``free_bits``
     > 0 charges each latent dimension at each step at least that many nats of KL (Kingma
     et al. 2016); it applies to the ELBO's analytic KL only, and is refused for IWAE/FIVO
-    with K > 1. ``normaliser``: the number of real steps to divide by (default: this
-    batch's; truncated BPTT passes the whole batch's, across processes). ``continues`` (B,)
+    with K > 1. ``normaliser``: what the summed bound is divided by (default: this batch's
+    real steps; training passes the whole batch's over all processes, divided by the
+    number of processes, whose gradients DDP averages). ``continues`` (B,)
     (FIVO under truncated BPTT): sequences that go on after this chunk, resampled at its
     end. Returns ``(loss, trace)``; ``trace.bound`` (B,) is the bound per sequence that is
     reported: at ``kl_weight`` 1 and without free bits, except that FIVO under warm-up
@@ -131,7 +132,8 @@ def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: in
     particles (``resample``: "ess" below ``threshold`` * K, "always" or "never";
     ``resampler``: "systematic" or "multinomial"); particles interact, so passes split the
     batch into groups of sequences instead. Both are lower bounds in expectation that
-    tighten as K grows; K=1 is the ELBO's single-draw estimate.
+    tighten as K grows; K=1 is the ELBO's single-draw estimate. ``generator`` seeds the
+    particle filter's draws (IS draws from the global generator: ``torch.manual_seed``).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")

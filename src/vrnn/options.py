@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ class Spec:
 
 
 def option(default, help: str, **spec) -> dataclasses.Field:
-    """A dataclass field carrying its ``Spec``; mutable defaults (tuples) are copied."""
+    """A dataclass field carrying its ``Spec`` (defaults are immutable: None, numbers, texts,
+    tuples)."""
     return field(default=default, metadata={"spec": Spec(help, **spec)})
 
 
@@ -123,6 +125,10 @@ def check(value, typ, spec: Spec, where: str):
         if optional:
             return None
         raise _bad(where, typ, spec, "null")
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        value = int(value)  # numpy integers
+    elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        value = float(value)  # numpy floats
     if isinstance(value, bool):
         if "bool" not in kinds:
             raise _bad(where, typ, spec, value)

@@ -22,8 +22,8 @@ Protocol:
 
 Every (table, dataset, row, seed) run is a ``vrnn train`` then a ``vrnn evaluate`` in its
 own process, ``--jobs`` at a time. Checkpoints go to OUT/runs/ (not committed); the moment
-a run is scored its record is written to OUT/records/<dataset>/<row>-seed<k>.json, to be
-committed: a finished run is never recomputed, and an interrupted one resumes from its
+a run is scored its record is written to OUT/records/<main|wallclock>/<dataset>/
+<row>-seed<k>.json, to be committed: a finished run is never recomputed, and an interrupted one resumes from its
 last checkpoint. The tables, OUT/table1.json, the analysis figure and the samples are
 written from the records (and, for the figure and samples, the checkpoints).
 """
@@ -458,22 +458,26 @@ def summary_table(records, datasets, rows) -> str:
                 continue
             digits = 3 if d == "chorales" else 1
             mean, se = _mean_se(vals)
-            el = [r["elbo"] for r in recs]
-            prefix = "" if recs[0]["exact"] else f">= {np.mean(el):,.{digits}f} ~ "
+            el = [r["elbo"] for r in recs if r["elbo"] is not None]
+            prefix = "" if recs[0]["exact"] else (f">= {np.mean(el):,.{digits}f} ~ " if len(el) == len(recs)
+                                                  else ">= n/a ~ ")
             cells.append(prefix + _fmt(mean, se, digits))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def notes(setup: str, datasets) -> str:
-    s = SETUPS[setup]
+def notes(records, datasets) -> str:
+    """The protocol as the records ran it (their own configs: scaled caps, actual seeds)."""
     parts = []
     for d in datasets:
-        c = s[d]
-        data = ", ".join(f"{k} {v}" for k, v in c.get("data", {}).items()) or "as registered"
-        parts.append(f"{d}: seeds {c['seeds']} on split {c['split_seed']}, data {data}, patience "
-                     f"{c['train']['patience']} epochs, cap {c['train']['max_steps']:,} optimiser steps, "
-                     f"batch {c['train']['batch_size']}")
+        recs = [r for r in records if r["dataset"] == d]
+        if not recs:
+            continue
+        tc, data = recs[0]["config"]["train"], recs[0]["config"].get("data", {})
+        seeds = sorted({r["seed"] for r in recs})
+        data = ", ".join(f"{k} {v}" for k, v in data.items()) or "as registered"
+        parts.append(f"{d}: seeds {seeds} on split {tc['split_seed']}, data {data}, patience "
+                     f"{tc['patience']} epochs, cap {tc['max_steps']:,} optimiser steps, batch {tc['batch_size']}")
     return "; ".join(parts)
 
 
@@ -488,7 +492,7 @@ def report(out: Path, setup: str, datasets, command: str, log=print) -> dict:
         "'>= a ~ b ± s': ELBO a and 40-sample importance-sampled estimate b (latent rows), mean ± "
         "standard error over seeds; a single number: exact log-likelihood (RNN rows). Test "
         "split, one split for every row and seed, globally normalised data (higher is better). "
-        f"Protocol: {notes(setup, cols)}. Hardware: {hw}. Command: `{command}`")
+        f"Protocol: {notes(main, cols)}. Hardware: {hw}. Command: `{command}`")
     md = ["# Table 1 (paired, trained to convergence)", "", summary_table(main, cols, PAPER_ROWS), "",
           legend, ""]
     for d in cols:
@@ -507,8 +511,7 @@ def report(out: Path, setup: str, datasets, command: str, log=print) -> dict:
     wall = [r for r in records if r["table"] == "wallclock"]
     if wall:
         write_text(out / "wallclock.md", wallclock_table(wall, setup))
-    js = {"setup": setup, "command": command, "hardware": hw, "protocol": {d: SETUPS[setup][d] for d in cols},
-          "runs": records}
+    js = {"setup": setup, "command": command, "hardware": hw, "runs": records}
     write_text(out / "table1.json", json.dumps(js, indent=1) + "\n")
     log("\n".join(md))
     return js
@@ -523,8 +526,8 @@ def ar_table(records, dataset: str) -> str:
              "| output | RNN | VRNN | VRNN - RNN | VRNN wins |", "| --- | --- | --- | --- | --- |"]
     for name, rnn, vrnn in (("diagonal Gaussian", "rnn-gauss", "vrnn-gauss"), ("GMM (20)", "rnn-gmm", "vrnn-gmm"),
                             ("autoregressive", "rnn-ar", "vrnn-ar")):
-        a = [r["log_likelihood"] for r in records if r["model"] == rnn]
-        b = [r["log_likelihood"] for r in records if r["model"] == vrnn]
+        a = [r["log_likelihood"] for r in records if r["model"] == rnn and r["log_likelihood"] is not None]
+        b = [r["log_likelihood"] for r in records if r["model"] == vrnn and r["log_likelihood"] is not None]
         if not a or not b:
             continue
         d = paired(records, vrnn, rnn)
@@ -536,7 +539,7 @@ def ar_table(records, dataset: str) -> str:
 
 def wallclock_table(records, setup: str) -> str:
     ours, ref = "vrnn-gmm", "vrnn-gmm-stepwise"
-    minutes = SETUPS[setup]["asterisk-en"]["wallclock_minutes"]
+    minutes = records[0]["config"]["train"]["max_time_minutes"]
     lines = [f"# Equal wall clock: ours against the public style (asterisk-en, {minutes:g} min per run)", "",
              "| implementation | params | optimiser steps | ELBO | IS (K=40) | SMC (K=40) |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -545,7 +548,8 @@ def wallclock_table(records, setup: str) -> str:
         recs = [r for r in records if r["model"] == row]
         if not recs:
             continue
-        cells = [_fmt(*_mean_se([r[k] for r in recs]), 1) for k in ("elbo", "log_likelihood", "log_likelihood_smc")]
+        cells = [_fmt(*_mean_se(v), 1) if len(v := [r[k] for r in recs if r[k] is not None]) == len(recs)
+                 else "n/a" for k in ("elbo", "log_likelihood", "log_likelihood_smc")]
         steps = _fmt(*_mean_se([r["steps"] for r in recs]), 0)
         lines.append(f"| {name} | {recs[0]['params']:,} | {steps} | " + " | ".join(cells) + " |")
     d = paired(records, ours, ref)
@@ -636,8 +640,12 @@ def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
         if unknown:
             raise ConfigError(f"{name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     tables = list(tables or TABLES)
-    command = "vrnn reproduce --setup " + setup + (f" --datasets {','.join(datasets)}"
-                                                  if set(datasets) != set(DATASETS) else "")
+    command = "vrnn reproduce --setup " + setup + "".join(
+        f" {flag} {','.join(map(str, v)) if isinstance(v, list) else v}" for flag, v in
+        (("--datasets", datasets if set(datasets) != set(DATASETS) else None), ("--rows", rows),
+         ("--tables", tables if tables and set(tables) != set(TABLES) else None), ("--seeds", seeds),
+         ("--accelerator", accelerator), ("--budget-scale", budget_scale if budget_scale != 1.0 else None))
+        if v)
     if report_only:
         return report(out, setup, datasets, command + " --report-only", log)
     x_dims, sample_seqs = {}, {}

@@ -23,11 +23,14 @@ The particles of all sequences run as one batch of K*B rows (sample-major: row k
 particle k of sequence b), and what does not depend on z is computed once per sequence
 (``model.smc_features``). Resampling is one gather of the particles' state.
 
-FIVO (``fivo``) trains on this log Z: the filter runs once without gradients to draw the
-noise and the ancestors, then the model's ordinary batched pass (the fused scan, with a
-gather of the state after each resampling step) recomputes the same weights with
-gradients, and log Z is summed over the same segments. No gradient flows through the
-ancestor indices (as in the FIVO paper).
+FIVO (``inference.objective(bound="fivo")``) trains on this log Z: the filter runs once
+without gradients to draw the noise and the ancestors, then the model's ordinary batched
+pass (the fused scan, with a gather of the state after each resampling step) recomputes
+the same weights with gradients, and log Z is summed over the same segments. No gradient
+flows through the ancestor indices (as in the FIVO paper). In float32 and float64 the two
+passes give the same weights to rounding; under bf16 autocast they differ at bf16
+precision (the filter's modules and the fused scan cast differently), so the resampling
+was decided on slightly different weights than the ones summed.
 """
 
 from __future__ import annotations
@@ -43,9 +46,11 @@ SCHEDULES = ("ess", "always", "never")
 
 
 # ------------------------------------------------------------------ resampling
-def effective_sample_size(log_w: Tensor) -> Tensor:
-    """(sum_k w_k)^2 / sum_k w_k^2 over dim 0, from log-weights (K, ...), in log space."""
-    return torch.exp(2.0 * torch.logsumexp(log_w, 0) - torch.logsumexp(2.0 * log_w, 0))
+def effective_sample_size(log_w: Tensor, lse: Tensor | None = None) -> Tensor:
+    """(sum_k w_k)^2 / sum_k w_k^2 over dim 0, from log-weights (K, ...), in log space
+    (``lse``: logsumexp(log_w, 0) when the caller has it already)."""
+    lse = torch.logsumexp(log_w, 0) if lse is None else lse
+    return torch.exp(2.0 * lse - torch.logsumexp(2.0 * log_w, 0))
 
 
 def ancestors(log_w: Tensor, uniforms: Tensor, method: str = "systematic") -> Tensor:
@@ -155,7 +160,7 @@ def particle_filter(model, x: Tensor, mask: Tensor | None = None, particles: int
             keep = keep_rows[:, t]
             parts = tuple(torch.where(keep.view(R, *([1] * (n.dim() - 1))), n, o) for n, o in zip(new, parts))
         lse = torch.logsumexp(W, 0)
-        ess = torch.exp(2.0 * lse - torch.logsumexp(2.0 * W, 0))  # effective_sample_size(W)
+        ess = effective_sample_size(W, lse)
         ess_all[:, t] = ess if full else torch.where(real, ess, 0.0)
         is_last = is_last_all[:, t]
         want = None

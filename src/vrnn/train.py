@@ -27,6 +27,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -44,8 +45,8 @@ from .options import check_instance, option
 from .smc import RESAMPLERS, SCHEDULES
 from .writers import write_text
 
-# Model sizes per data kind, small enough to train on two CPU cores in minutes.
-# The paper's sizes are in docs/paper.md; pass --config to use them.
+# Model sizes per data kind, small enough to train on two CPU cores in minutes. The
+# paper's sizes are those of `vrnn reproduce --setup paper`; pass --config to use them.
 KIND_DEFAULTS: dict[str, dict] = {
     "handwriting": dict(h_dim=128, z_dim=16, phi_x_dim=64, phi_z_dim=64, enc_dim=64,
                         prior_dim=64, dec_dim=64),
@@ -127,6 +128,9 @@ class TrainConfig:
         if self.objective == "iwae" and self.particles > 1 and self.tbptt:
             raise ConfigError("--objective iwae weighs whole sequences and cannot be cut by --tbptt; "
                               "use --objective fivo, which resamples at each chunk's end")
+        if self.scan == "stepwise" and self.particles > 1:
+            raise ConfigError("scan 'stepwise' (every network in the loop, for comparisons) runs one "
+                              "sample per sequence; use --particles 1 or scan 'fused'")
         if self.objective != "elbo" and self.particles > 1 and self.free_bits > 0:
             raise ConfigError(f"--free-bits applies to the ELBO's KL term, not to --objective "
                               f"{self.objective} (use --kl-warmup to temper it)")
@@ -228,7 +232,9 @@ class EpochBatches(Sampler):
     def __iter__(self):
         batches = self._batches()
         rank, world = _world()
-        batches += batches[: -(-len(batches) // world) * world - len(batches)]
+        need = -(-len(batches) // world) * world  # every process gets as many (cycled)
+        if batches and need > len(batches):
+            batches = (batches * -(-need // len(batches)))[:need]
         return iter(batches[rank::world])
 
 
@@ -425,6 +431,7 @@ class _AppendingWriter(ExperimentWriter):
 
 class AppendingCSVLogger(CSVLogger):
     @property
+    @rank_zero_experiment
     def experiment(self) -> _ExperimentWriter:
         if self._experiment is None:
             os.makedirs(self.root_dir, exist_ok=True)

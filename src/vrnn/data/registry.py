@@ -256,10 +256,10 @@ def _clean_opts(spec: str, opts: dict, kind: str) -> dict:
     for key, value in opts.items():
         if key not in declared:
             raise ConfigError(f"{spec}: unknown data option {key!r} (known: {', '.join(sorted(declared))})")
-        if value is None or key in GENERIC:
+        if value is None:
             continue
         check(value, *declared[key], f"{spec}: data option {key}")
-        if kind in APPLIES[key] or spec in APPLIES[key]:
+        if key not in GENERIC and (kind in APPLIES[key] or spec in APPLIES[key]):
             out[key] = value
     return out
 
@@ -313,7 +313,8 @@ def load(spec, **opts) -> SequenceSet:
     ``max_length`` shrink any source after loading (``shrink``).
     """
     spec = str(spec)
-    return shrink(_load_source(spec, opts), opts.get("max_sequences"), opts.get("max_length"))
+    data = _load_source(spec, opts)  # (checks every option, the generic ones too)
+    return shrink(data, opts.get("max_sequences"), opts.get("max_length"))
 
 
 def _load_source(spec: str, opts: dict) -> SequenceSet:

@@ -97,7 +97,8 @@ class Trace:
     kl: Tensor            # (B, T) KL(q || prior), summed over z dims (zeros for RNN rows)
     params: Tensor        # (B, T, P) output-head parameters
     h_prev: Tensor        # (B, T, H) the deterministic state each step's networks saw
-    h: Tensor             # (B, T, H) the deterministic state after step t
+    h: Tensor             # (B, T, H) the deterministic state after step t (after resampling,
+                          #   where ``ancestors`` resampled after step t)
     state: State          # the state after each row's last real step
     mask: Tensor          # (B, T) float, 1 on real steps
     z: Tensor | None = None        # (B, T, Z) the posterior sample

@@ -212,12 +212,8 @@ class VRNN(SequenceModel):
         enc, cell = self.encoder, self.cell
         hs, cs = list(state[0].unbind(0)), list(state[1].unbind(0))
         single = cell.layers == 1
-        if single:  # one matmul for both consumers of h_{t-1}
-            w = torch.cat([enc.in_h.weight, cell.w_h.weight], dim=0)
-            b = None
-            if cell.w_h.bias is not None:
-                b = torch.cat([cell.w_h.bias.new_zeros(enc.in_h.out_features), cell.w_h.bias])
-            split = [enc.in_h.out_features, cell.w_h.out_features]
+        if single:
+            w, b, split = self._h_weights()
         T = ax.shape[1]
         keeps = [None] * T if keep is None else keep.unbind(1)
         ancestors = [None] * T if ancestors is None else ancestors
@@ -280,6 +276,15 @@ class VRNN(SequenceModel):
         return Trace(log_px * m, kl_dims.sum(-1) * m, params, h_prev, h, final, m, z, mu_q, std_q,
                      mu_p, std_p, kl_dims * m.unsqueeze(-1))
 
+    def _h_weights(self):
+        """The encoder's and the cell's weights on h_{t-1} as one matmul (one layer): (w, b,
+        split sizes)."""
+        enc, cell = self.encoder, self.cell
+        w = torch.cat([enc.in_h.weight, cell.w_h.weight], dim=0)
+        b = None if cell.w_h.bias is None else torch.cat([cell.w_h.bias.new_zeros(enc.in_h.out_features),
+                                                          cell.w_h.bias])
+        return w, b, [enc.in_h.out_features, cell.w_h.out_features]
+
     # -------------------------------------------------------------- generation
     @torch.inference_mode()
     def generate_step(self, state: State, mean: bool = False):
@@ -298,12 +303,9 @@ class VRNN(SequenceModel):
     def smc_features(self, x: Tensor, mask: Tensor | None, state: State | None = None):
         x, _ = self.check_inputs(x, mask)
         fx = self.phi_x(x)
-        enc, cell = self.encoder, self.cell
-        w = torch.cat([enc.in_h.weight, cell.w_h.weight], dim=0)  # both consumers of h_{t-1}
-        b = None if cell.w_h.bias is None else torch.cat([cell.w_h.bias.new_zeros(enc.in_h.out_features),
-                                                          cell.w_h.bias])
-        return {"x": x.unbind(1), "B": x.shape[0], "ax": enc.in_x(fx).unbind(1),
-                "gx": cell.w_x(fx).unbind(1), "w_h": (w, b), "x0": x}
+        return {"x": x.unbind(1), "B": x.shape[0], "ax": self.encoder.in_x(fx).unbind(1),
+                "gx": self.cell.w_x(fx).unbind(1), "w_h": self._h_weights() if self.cfg.rnn_layers == 1 else None,
+                "x0": x}
 
     def smc_initial(self, features, particles: int, state: State | None = None) -> State:
         """Particles' state: (h_1, .., h_L, c_1, .., c_L), each (K*B, H); from ``state``
@@ -320,8 +322,8 @@ class VRNN(SequenceModel):
         hs, cs = list(particles[:L]), list(particles[L:])
         top = hs[-1]
         if L == 1:
-            w, b = features["w_h"]
-            e_h, g_h = F.linear(top, w, b).split([enc.in_h.out_features, cell.w_h.out_features], dim=-1)
+            w, b, split = features["w_h"]
+            e_h, g_h = F.linear(top, w, b).split(split, dim=-1)
         else:
             e_h, g_h = enc.in_h(top), cell.w_h(hs[0])
         mu_q, std_q = enc.from_first_layer(add_shared(features["ax"][t], e_h))
