@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import ReferenceVRNN  # noqa: E402
 
 import vrnn  # noqa: E402
-from vrnn import VRNNConfig, build  # noqa: E402
+from vrnn import VRNNConfig  # noqa: E402
 from vrnn.fast import set_scan  # noqa: E402
 from vrnn.inference import log_likelihood, log_weights  # noqa: E402
 
@@ -92,7 +92,7 @@ def build(impl: str, wl: dict, device: str, seed: int = 0):
         model = ReferenceVRNN(wl["x_dim"], wl["h"], wl["z"]).to(device)
         loss_fn = lambda x: -model(x).sum() / (x.shape[0] * x.shape[1])  # noqa: E731
         return model, loss_fn
-    model = build(VRNNConfig.preset("vrnn-gauss", x_dim=wl["x_dim"], h_dim=wl["h"],
+    model = vrnn.build(VRNNConfig.preset("vrnn-gauss", x_dim=wl["x_dim"], h_dim=wl["h"],
                                     z_dim=wl["z"])).to(device)
     set_scan(model, "autograd" if impl == "autograd" else "fused")
     loss_fn = lambda x: -model.elbo(x).sum() / (x.shape[0] * x.shape[1])  # noqa: E731
@@ -316,7 +316,7 @@ def verify(device: str) -> list[str]:
                 torch.manual_seed(0)
                 cfg = VRNNConfig.preset("vrnn-gauss", x_dim=5, h_dim=16, z_dim=4, cell=cell,
                                         enc_layers=2)
-                model = set_scan(build(cfg).to(device, torch.float64), impl)
+                model = set_scan(vrnn.build(cfg).to(device, torch.float64), impl)
                 g = torch.Generator().manual_seed(1)
                 x = torch.randn(4, 9, 5, generator=g, dtype=torch.float64).to(device)
                 noise = torch.randn(4, 9, 4, generator=g, dtype=torch.float64).to(device)

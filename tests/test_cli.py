@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import soundfile as sf
 import torch
 
@@ -28,18 +27,6 @@ def make_arrays(folder: Path, n=12, T=(6, 14), D=3, seed=0, scale=5.0, offset=10
         walk = np.cumsum(rng.normal(size=(t, D)), axis=0)
         np.save(folder / f"seq{i:02d}.npy", (offset + scale * walk).astype(np.float32))
     return folder
-
-
-@pytest.fixture
-def arrays(tmp_path):
-    return make_arrays(tmp_path / "arrays")
-
-
-@pytest.fixture
-def tiny_config(tmp_path):
-    p = tmp_path / "tiny.json"
-    p.write_text(json.dumps(TINY))
-    return p
 
 
 def run(*argv) -> int:

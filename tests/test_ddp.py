@@ -12,11 +12,11 @@ import torch
 from test_cli import TINY, make_arrays
 
 
-def _train(data, out, config, batch, devices, model="rnn-gauss", epochs=2):
+def _train(data, out, config, batch, devices, model="rnn-gauss", epochs=2, extra=()):
     exe = Path(sys.executable).with_name("vrnn")
     cmd = [str(exe), "--threads", "1", "train", "--data", str(data), "--model", model,
            "--out", str(out), "--max-epochs", str(epochs), "--batch-size", str(batch), "--config",
-           str(config), "--no-progress", "--lr", "0.01"]
+           str(config), "--no-progress", "--lr", "0.01", *extra]
     if devices > 1:
         cmd += ["--devices", str(devices), "--strategy", "ddp", "--accelerator", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

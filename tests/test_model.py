@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reference_vrnn import reference_vrnn
-from vrnn import VRNN, VRNNConfig, build
+from vrnn import VRNNConfig, build
 from vrnn.config import PRESETS
 from vrnn.errors import ConfigError
 from vrnn.inference import latents, objective

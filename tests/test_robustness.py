@@ -6,29 +6,15 @@ from __future__ import annotations
 
 import errno
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from test_cli import TINY, _one_line_error, make_arrays, run, train
-from vrnn import VRNNConfig, build, checkpoint
+from test_ddp import _train as _train_subprocess
+from vrnn import VRNNConfig, build
 from vrnn.errors import ConfigError
-
-
-@pytest.fixture
-def arrays(tmp_path):
-    return make_arrays(tmp_path / "arrays")
-
-
-@pytest.fixture
-def tiny_config(tmp_path):
-    p = tmp_path / "tiny.json"
-    p.write_text(json.dumps(TINY))
-    return p
 
 
 # ------------------------------------------------------------ truncated BPTT, DDP
@@ -63,18 +49,6 @@ def test_tbptt_chunks_are_normalised_by_the_whole_batch(tmp_path, tiny_config, m
     assert n == sum(s for _, s, _, _ in seen)  # every chunk divides by the batch's total
     for _, steps, loss, neg_bound in seen:
         np.testing.assert_allclose(loss, neg_bound / n, rtol=1e-5)  # not neg_bound / steps
-
-
-def _train_subprocess(data, out, config, batch, devices, model="rnn-gauss", epochs=2, extra=()):
-    exe = Path(sys.executable).with_name("vrnn")
-    cmd = [str(exe), "--threads", "1", "train", "--data", str(data), "--model", model,
-           "--out", str(out), "--max-epochs", str(epochs), "--batch-size", str(batch), "--config",
-           str(config), "--no-progress", "--lr", "0.01", *extra]
-    if devices > 1:
-        cmd += ["--devices", str(devices), "--strategy", "ddp", "--accelerator", "cpu"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return torch.load(out / "last.ckpt", weights_only=True)
 
 
 def test_ddp_with_tbptt_and_unequal_lengths_matches_one_process(tmp_path):

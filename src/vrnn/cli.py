@@ -300,7 +300,7 @@ def cmd_evaluate(a) -> int:
     fmt = lambda v, d=2: "n/a (non-finite)" if v is None else f"{v:.{d}f}"  # noqa: E731
     print(f"{model.cfg.name} on {data.name} ({o.split} split, {res['num_sequences']} sequences, "
           f"{res['num_steps']} steps)")
-    names = {"elbo": "ELBO               >=", "is": f"log-likelihood IS  ~= ", "smc": f"log-likelihood SMC ~= ",
+    names = {"elbo": "ELBO               >=", "is": "log-likelihood IS  ~= ", "smc": "log-likelihood SMC ~= ",
              "exact": "log-likelihood      ="}
     for k, f in res["estimators"].items():
         extra = f" (K={o.samples})" if k in ("is", "smc") else (" (exact)" if k == "exact" else "")

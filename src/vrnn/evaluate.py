@@ -24,7 +24,7 @@ import torch
 from . import checkpoint
 from .data import load, pad_batch, split
 from .errors import DataError
-from .inference import bits_per_dim, row_step_bytes
+from .inference import row_step_bytes
 from .train import Prepared
 
 

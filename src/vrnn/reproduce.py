@@ -378,8 +378,68 @@ def describe_plan(jobs, out: Path, x_dims, sample_seqs, jobs_at_once: int, log=p
 
 
 # ---------------------------------------------------------------------- tables
+def training_curve_facts(metrics_csv: Path) -> dict | None:
+    """From a run's metrics.csv: the epoch of the best validation bound, the bound there,
+    the training bound and the KL per sequence of that epoch (train and valid), the last
+    epoch's validation bound: evidence on overfitting, budget and KL collapse."""
+    import csv
+    if not metrics_csv.exists():
+        return None
+    train, valid = {}, {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            e = int(row["epoch"])
+            if row.get("train/bound"):
+                train[e] = (float(row["train/bound"]), float(row["train/kl"] or "nan"))
+            if row.get("valid/bound"):
+                valid[e] = (float(row["valid/bound"]), float(row["valid/kl"] or "nan"))
+    if not valid:
+        return None
+    best = max(valid, key=lambda e: valid[e][0])
+    last = max(valid)
+    return {"best_epoch": best, "epochs_logged": last + 1, "valid_bound_best": valid[best][0],
+            "valid_kl_best": valid[best][1], "train_bound_at_best": train.get(best, (None,))[0],
+            "train_kl_at_best": train.get(best, (None, None))[1], "valid_bound_last": valid[last][0]}
+
+
 def load_records(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "records").rglob("*.json"))]
+    """Every record; one still without its training-curve facts gets them from its run's
+    logs when they are here (and is rewritten), so that the committed records carry them."""
+    from .writers import write_text
+    records = []
+    for p in sorted((out / "records").rglob("*.json")):
+        rec = json.loads(p.read_text())
+        if "curve" not in rec:
+            facts = training_curve_facts(out / "runs" / p.parent.parent.name / rec["dataset"] /
+                                         f"{rec['model']}-seed{rec['seed']}" / "ckpt" / "logs" / "csv" /
+                                         "metrics.csv")
+            if facts is not None:
+                rec["curve"] = facts
+                write_text(p, json.dumps(rec, indent=1) + "\n")
+        records.append(rec)
+    return records
+
+
+def diagnostics_table(records, dataset: str, rows: list[str]) -> str:
+    """Per row, means over seeds: the best epoch and the epochs logged, the training and
+    validation bounds at the best epoch (their gap: overfitting), the validation KL there
+    (near 0: a collapsed posterior), and how many runs stopped early."""
+    lines = [f"**{dataset}: training curves** (means over seeds; bounds and KL in nats per sequence, "
+             "at the epoch of the best validation bound)", "",
+             "| model | best epoch / epochs | train bound | valid bound | gap | valid KL | stopped early |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        recs = [r for r in records if r["dataset"] == dataset and r["model"] == row and r.get("curve")]
+        if not recs:
+            continue
+        c = [r["curve"] for r in recs]
+        mean = lambda k: np.mean([x[k] for x in c if x[k] is not None])  # noqa: E731
+        gap = np.mean([x["train_bound_at_best"] - x["valid_bound_best"] for x in c
+                       if x["train_bound_at_best"] is not None])
+        lines.append(f"| {row} | {mean('best_epoch'):.0f} / {mean('epochs_logged'):.0f} | "
+                     f"{mean('train_bound_at_best'):,.1f} | {mean('valid_bound_best'):,.1f} | {gap:,.1f} | "
+                     f"{mean('valid_kl_best'):,.1f} | {sum(r['converged'] for r in recs)} of {len(recs)} |")
+    return "\n".join(lines)
 
 
 def _mean_se(values) -> tuple[float, float]:
@@ -507,6 +567,10 @@ def report(out: Path, setup: str, datasets, command: str, log=print) -> dict:
         beyond += [dataset_table(recs, d, rows, best_rnn(recs)), ""]
         if DATASETS[d]["speech"] and any(r["model"] in AR_ROWS for r in recs):
             beyond += [ar_table(recs, d), ""]
+    beyond += ["# Training curves: the evidence behind the tables", ""]
+    for d in cols:
+        rows = [r for r in PAPER_ROWS + BEYOND_ROWS if r in rows_for(d, "paper") + rows_for(d, "beyond")]
+        beyond += [diagnostics_table(main, d, rows), ""]
     write_text(out / "beyond.md", "\n".join(beyond))
     wall = [r for r in records if r["table"] == "wallclock"]
     if wall:

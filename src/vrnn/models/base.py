@@ -190,6 +190,21 @@ class SequenceModel(nn.Module):
         x = x.masked_fill(mask.unsqueeze(-1) == 0, 0.0)  # padded values never reach a network
         return x, mask
 
+    def noise_for(self, noise: Tensor | None, rows: int, T: int, like: Tensor) -> Tensor:
+        """The reparameterisation noise (rows, T, z_dim): standard normal draws, or the
+        given ``noise`` checked for its shape."""
+        shape = (rows, T, self.cfg.z_dim)
+        if noise is None:
+            return torch.randn(shape, device=like.device, dtype=like.dtype)
+        if noise.shape != shape:
+            raise ValueError(f"noise must have shape {shape} (samples*B, T, z_dim), got {tuple(noise.shape)}")
+        return noise
+
+    @staticmethod
+    def check_ancestors(ancestors, T: int) -> None:
+        if ancestors is not None and len(ancestors) != T:
+            raise ValueError(f"ancestors must have one entry per step ({T}), got {len(ancestors)}")
+
     # ------------------------------------------------------------ the verbs
     def elbo(self, x: Tensor, mask: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
         """Timestep-wise ELBO per sequence (nats), Tensor[B]; exact log p(x) for RNN rows."""

@@ -185,13 +185,8 @@ class SRNN(SequenceModel):
         d, d_after, d_final, a, a_final = self._deterministic(x, mask, state)
         pd, qa, ed = self.prior.in_b(d), self.encoder.in_b(a), self.decoder.in_d(d)  # shared
         x, mask = repeat_rows(x, samples), None if mask is None else repeat_rows(mask, samples)
-        if noise is None:
-            noise = torch.randn(R, T, self.cfg.z_dim, device=x.device, dtype=x.dtype)
-        elif noise.shape != (R, T, self.cfg.z_dim):
-            raise ValueError(f"noise must have shape {(R, T, self.cfg.z_dim)} (samples*B, T, z_dim), "
-                             f"got {tuple(noise.shape)}")
-        if ancestors is not None and len(ancestors) != T:
-            raise ValueError(f"ancestors must have one entry per step ({T}), got {len(ancestors)}")
+        noise = self.noise_for(noise, R, T, x)
+        self.check_ancestors(ancestors, T)
         z_prev = x.new_zeros(R, self.cfg.z_dim) if state is None else state[2][0]
         if z_prev.shape[0] != R:
             z_prev = repeat_rows(z_prev, samples)

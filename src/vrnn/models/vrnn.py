@@ -170,13 +170,8 @@ class VRNN(SequenceModel):
             state = tuple(repeat_rows(s, samples, dim=1) for s in state)
         elif state[0].shape[1] != R:
             raise ValueError(f"state has {state[0].shape[1]} rows; expected {B} or samples*B = {R}")
-        if noise is None:
-            noise = torch.randn(R, T, self.cfg.z_dim, device=x.device, dtype=x.dtype)
-        elif noise.shape != (R, T, self.cfg.z_dim):
-            raise ValueError(f"noise must have shape {(R, T, self.cfg.z_dim)} (samples*B, T, z_dim), "
-                             f"got {tuple(noise.shape)}")
-        if ancestors is not None and len(ancestors) != T:
-            raise ValueError(f"ancestors must have one entry per step ({T}), got {len(ancestors)}")
+        noise = self.noise_for(noise, R, T, x)
+        self.check_ancestors(ancestors, T)
         keep = None if mask is None else mask.unsqueeze(-1) > 0
         h_prev, mu_q, std_q, z, fz, state = self._scan(ax, gx, noise, keep, state, ancestors)
         mu_p, std_p = self.prior_params(h_prev)
