@@ -172,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
     t.add_argument("--config", help="JSON file: {\"model\": {...}, \"train\": {...}, \"data\": {...}}")
     t.add_argument("--no-progress", action="store_true")
-    add_arguments(t, VRNNConfig)
+    add_arguments(t, VRNNConfig, default_text="by the row and the data kind (vrnn.train.KIND_DEFAULTS)")
     add_arguments(t, TrainConfig)
 
     e = cmd("evaluate", "ELBO and log-likelihood estimates of a checkpoint on data, normalised "

@@ -81,8 +81,9 @@ def _kinds(typ) -> tuple[set, bool]:
     return kinds, optional
 
 
-def describe(typ, spec: Spec) -> str:
-    """What the option accepts, in words: 'an integer >= 1', 'one of lstm, gru', ..."""
+def describe(typ, spec: Spec, cli: bool = False) -> str:
+    """What the option accepts, in words: 'an integer >= 1', 'one of lstm, gru', ...
+    (``cli``: for a flag's help, where an unset option is simply not given)."""
     kinds, optional = _kinds(typ)
     if spec.choices is not None:
         text = "one of " + ", ".join(str(c) for c in spec.choices)
@@ -106,7 +107,7 @@ def describe(typ, spec: Spec) -> str:
             bounds.append(f"<= {spec.max:g}")
         if bounds:
             text += " " + " and ".join(bounds)
-    return text + (" (or null)" if optional and spec.choices is None else "")
+    return text + (" (or null)" if optional and spec.choices is None and not cli else "")
 
 
 def _bad(where: str, typ, spec: Spec, value) -> ConfigError:
@@ -220,15 +221,20 @@ def check_instance(obj) -> None:
         setattr(obj, fname, check(getattr(obj, fname), typ, spec, f"{name}.{fname}"))
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, names=None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls, names=None, default_text: str | None = None) -> None:
     """Add the flags of ``cls``'s options (those with a flag; ``names`` to choose some).
-    Values stay text here; ``parsed`` converts and checks them through the declaration."""
+    Values stay text here; ``parsed`` converts and checks them through the declaration.
+    ``default_text`` replaces the declared defaults in the help (where the command picks
+    them, e.g. by data kind)."""
     for name, typ, spec, default in specs(cls):
         if spec.flag is None or (names is not None and name not in names):
             continue
         kinds, _ = _kinds(typ)
-        shown = "" if default is None or default is dataclasses.MISSING else f"; default {default}"
-        help_ = f"{spec.help} ({describe(typ, spec)}{shown})"
+        if default_text is not None:
+            shown = f"; default {default_text}"
+        else:
+            shown = "" if default is None or default is dataclasses.MISSING else f"; default {default}"
+        help_ = f"{spec.help} ({describe(typ, spec, cli=True)}{shown})"
         if kinds == {"bool"} and default is False:
             parser.add_argument(spec.flag, dest=name, action="store_const", const="true",
                                 default=None, help=spec.help)
