@@ -257,3 +257,15 @@ def test_data_options_are_checked_from_the_python_api_too(tmp_path):
             load(str(data), **bad)
     assert len(load(str(data), max_sequences=4)) == 4
     assert max(load(str(data), max_length=5).lengths) == 5
+
+
+def test_demo_runs_twice_in_a_row(tmp_path, capsys):
+    """`vrnn demo` (what `make demo` runs) a second time resumes its finished run and writes
+    its outputs again, the training curves from the kept logs included."""
+    out = tmp_path / "demo"
+    for _ in range(2):
+        assert run("demo", "--out", out, "--max-epochs", 1) == 0
+        for name in ("samples.png", "test_data.png", "training_curve.png", "evaluation.json"):
+            assert (out / name).stat().st_size > 0, name
+    printed = capsys.readouterr().out
+    assert "(resuming)" in printed and json.loads((out / "evaluation.json").read_text())["elbo"] is not None
