@@ -289,8 +289,8 @@ def make_srnn(seed=0, **kw):
     return build(cfg).double()
 
 
-@pytest.mark.parametrize("kw", [{}, dict(residual=False), dict(enc_layers=2, prior_layers=3),
-                                dict(posterior="filtering", cell="gru")],
+@pytest.mark.parametrize("kw", [{}, dict(residual=False), dict(enc_layers=3, prior_layers=3),
+                                dict(posterior="filtering", cell="gru", enc_layers=2, prior_layers=2)],
                          ids=["resq", "no-resq", "deep", "filtering-gru"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_srnn_fused_chain_equals_autograd(kw, masked):
@@ -328,7 +328,7 @@ def test_srnn_fused_chain_equals_autograd(kw, masked):
 
 def test_srnn_fused_chain_gradcheck():
     from vrnn.fast_srnn import ZChain, chain_args
-    model = make_srnn(seed=1, enc_layers=2)
+    model = make_srnn(seed=1, enc_layers=2, prior_layers=2)
     meta, params = chain_args(model)
     params = [p.detach().clone().requires_grad_() for p in params]
     g = torch.Generator().manual_seed(5)
@@ -344,6 +344,15 @@ def test_srnn_fused_chain_gradcheck():
         return ZChain.apply(meta + (torch.double,), pd, qa, eps, keep, anc, z0, *ps)
 
     assert torch.autograd.gradcheck(f, (pd, qa, eps, z0, *params), eps=1e-6, atol=1e-6)
+
+
+def test_srnn_chain_of_unequal_depths_falls_back():
+    from vrnn.fast_srnn import supports as chain_supports
+    model = set_scan(make_srnn(enc_layers=2, prior_layers=1), "fused")
+    assert not chain_supports(model)
+    tr = model(torch.randn(2, 4, 3, dtype=torch.double))
+    assert "ZChain" not in type(tr.z.grad_fn).__name__
+    (tr.log_px - tr.kl).sum().backward()  # the autograd loop ran
 
 
 def test_srnn_fused_chain_under_bf16_autocast():

@@ -91,7 +91,8 @@ def test_never_resampling_is_importance_sampling(preset):
     lw = log_weights(model, x, mask, samples=K)
     with torch.no_grad():
         tr = model(x, mask, samples=K, noise=eps)
-        torch.testing.assert_close(lw, (tr.log_px + log_ratio(tr)).sum(1), rtol=0, atol=0)
+        # (with and without grad: the fused chain and the loop round apart at 1e-15)
+        torch.testing.assert_close(lw, (tr.log_px + log_ratio(tr)).sum(1), rtol=1e-12, atol=1e-12)
     want = torch.logsumexp(lw.view(K, B), 0) - math.log(K)
     filt = particle_filter(model, x, mask, K, resample="never", noise=eps)
     torch.testing.assert_close(filt.log_z, want, rtol=1e-12, atol=1e-12)
