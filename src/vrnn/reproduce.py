@@ -620,7 +620,9 @@ def wallclock_table(records, setup: str) -> str:
     if d is not None:
         lines += ["", f"Paired difference (ours - public style), IS: {_fmt(d[0], d[1], 1)} nats per "
                   f"0.5 s sequence; ours wins {d[2]} of {d[3]} seeds. Both runs of a seed trained at the "
-                  "same time, one per core, the same architecture and parameter count, the same split."]
+                  "same time under the same load (`vrnn reproduce` runs them side by side, one per core), "
+                  "the same architecture and parameter count, the same split; the step counts differ "
+                  "between seeds where the machine's load did."]
     return "\n".join(lines) + "\n"
 
 
