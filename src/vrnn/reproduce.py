@@ -565,6 +565,8 @@ def report(out: Path, setup: str, datasets, command: str, log=print) -> dict:
         recs = [r for r in main if r["dataset"] == d]
         rows = [r for r in PAPER_ROWS + BEYOND_ROWS if r in rows_for(d, "paper") + rows_for(d, "beyond")]
         beyond += [dataset_table(recs, d, rows, best_rnn(recs)), ""]
+        if (table := counterpart_table(recs, d)) is not None:
+            beyond += [table, ""]
         if DATASETS[d]["speech"] and any(r["model"] in AR_ROWS for r in recs):
             beyond += [ar_table(recs, d), ""]
     beyond += ["# Training curves: the evidence behind the tables", ""]
@@ -599,6 +601,30 @@ def ar_table(records, dataset: str) -> str:
                      f"{'n/a' if d is None else _fmt(d[0], d[1], digits)} | "
                      f"{'' if d is None else f'{d[2]} of {d[3]}'} |")
     return "\n".join(lines)
+
+
+# each successor row against the paper row it changes one thing of
+COUNTERPARTS = {"srnn-gauss": "vrnn-gauss", "srnn-gmm": "vrnn-gmm", "vrnn-gauss-iwae": "vrnn-gauss",
+                "vrnn-gauss-fivo": "vrnn-gauss", "rnn-ar": "rnn-gauss", "vrnn-ar": "vrnn-gauss"}
+
+
+def counterpart_table(records, dataset: str) -> str | None:
+    """Paired differences of each successor row to its paper counterpart, scored by IS (or
+    exact) and by SMC (K=40): what the change alone gives on this dataset."""
+    digits = 3 if dataset == "chorales" else 1
+    lines = [f"**{dataset}: each change alone** (paired differences to the paper row it changes; "
+             "mean ± standard error over the seeds both have, wins)", "",
+             "| row | against | Δ IS / exact | wins | Δ SMC (K=40) | wins | seeds |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row, ref in COUNTERPARTS.items():
+        d = paired(records, row, ref)
+        if d is None:
+            continue
+        smc = paired(records, row, ref, "log_likelihood_smc")
+        lines.append(f"| {row} | {ref} | {_fmt(d[0], d[1], digits)} | {d[2]} of {d[3]} | "
+                     + (f"{_fmt(smc[0], smc[1], digits)} | {smc[2]} of {smc[3]} |" if smc else "n/a | |")
+                     + f" {d[3]} |")
+    return "\n".join(lines) if len(lines) > 4 else None
 
 
 def wallclock_table(records, setup: str) -> str:
@@ -682,12 +708,31 @@ def write_samples(out: Path, run_dirs: dict) -> list[Path]:
     return written
 
 
-def _with_checkpoints(jobs) -> dict:
-    seed0 = {}
-    for j in jobs:
-        if j["table_dir"] == "main" and (Path(j["dir"]) / "ckpt" / "best.ckpt").exists():
-            seed0.setdefault((j["dataset"], j["row"]), j["dir"])
-    return seed0
+def first_checkpoints(out: Path, records) -> dict:
+    """(dataset, row) -> the run folder of the row's lowest recorded seed whose checkpoint is
+    here (checkpoints are not committed: a fresh clone has none)."""
+    runs = {}
+    for r in sorted((r for r in records if r["table"] != "wallclock"), key=lambda r: r["seed"]):
+        run = out / "runs" / "main" / r["dataset"] / f"{r['model']}-seed{r['seed']}"
+        if (run / "ckpt" / "best.ckpt").exists():
+            runs.setdefault((r["dataset"], r["model"]), run)
+    return runs
+
+
+def figures(out: Path, records, log=print) -> list[Path]:
+    """The samples of every row, and the analysis figure (VRNN-Gauss and SRNN-Gauss under one
+    test utterance, fillets-cs when both are trained there), from the checkpoints here."""
+    runs = first_checkpoints(out, records)
+    if not runs:
+        log(f"[reproduce] no checkpoints under {out / 'runs'}: the figure and samples are left as they are")
+        return []
+    written = write_samples(out / "samples", runs)
+    for ds in ("fillets-cs", "asterisk-en"):  # the longer utterances first; both models if there
+        pair = {m: runs[(ds, m)] for m in ("vrnn-gauss", "srnn-gauss") if (ds, m) in runs}
+        if len(pair) == 2 or (pair and ds == "asterisk-en"):
+            written.append(analysis_figure(pair, ds, out / "analysis.png"))
+            break
+    return written
 
 
 # ------------------------------------------------------------------------ main
@@ -713,7 +758,10 @@ def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
          ("--accelerator", accelerator), ("--budget-scale", budget_scale if budget_scale != 1.0 else None))
         if v)
     if report_only:
-        return report(out, setup, datasets, command + " --report-only", log)
+        js = report(out, setup, datasets, command + " --report-only", log)
+        written = figures(out, js["runs"], log)
+        log(f"[reproduce] wrote the tables, {out / 'table1.json'} and {len(written)} figures/samples")
+        return js
     x_dims, sample_seqs = {}, {}
     for ds in datasets:  # fetch and cache once, before the parallel jobs
         if ds in ("asterisk-en", "fillets-cs"):
@@ -748,13 +796,7 @@ def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
     failed = [j["dir"] for j, r in zip(rest + wall, outcomes) if r is None]
     js = report(out, setup, datasets, command, log)
     js["wall_minutes"] = round((time.time() - t0) / 60, 1)
-    seed0 = _with_checkpoints(todo)
-    written = write_samples(out / "samples", seed0)
-    for ds in ("asterisk-en", "fillets-cs"):
-        runs = {m: seed0[(ds, m)] for m in ("vrnn-gauss", "srnn-gauss") if (ds, m) in seed0}
-        if runs:
-            written.append(analysis_figure(runs, ds, out / "analysis.png"))
-            break
+    written = figures(out, js["runs"], log)
     log(f"[reproduce] wrote the tables, {out / 'table1.json'} and {len(written)} figures/samples "
         f"in {js['wall_minutes']} min")
     if failed:

@@ -1,0 +1,127 @@
+"""The reproduction's bookkeeping, without training: the plan (one split, shared runs, caps),
+parameter matching, the records, the paired statistics and the tables written from the
+records alone (`vrnn reproduce --report-only`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from vrnn import reproduce as rp
+
+X_DIMS = {"asterisk-en": 200, "fillets-cs": 200, "lasa": 3, "chorales": 46}
+
+
+def fake_record(dataset: str, row: str, seed: int, ll: float, table: str = "paper") -> dict:
+    """A record as run_job writes it, from made-up scores."""
+    job = {"table": table, "dataset": dataset, "row": row, "preset": rp.ROWS[row].preset, "seed": seed,
+           "params": 1000, "config": {"model": {}, "train": {"split_seed": 0, "patience": 5, "max_steps": 100,
+                                                             "batch_size": 4}, "data": {}}}
+    exact = rp.ROWS[row].preset.startswith("rnn-")
+    fig = lambda v: {"per_sequence": v, "per_sequence_raw": v + 10, "per_step": v, "per_step_raw": v}  # noqa: E731
+    est = {"exact": fig(ll)} if exact else {"elbo": fig(ll - 2), "is": fig(ll), "smc": fig(ll + 1)}
+    res = {"estimators": est, "exact": exact, "num_sequences": 5, "num_steps": 50, "family": "x"}
+    summary = {"steps": 100, "epochs": 3, "seconds": 1.0, "converged": True, "stopped": "early",
+               "best_valid_bound": ll}
+    return rp.make_record(job, res, summary, {"seed": 0, "test_sha1": "abc"})
+
+
+def write_records(out: Path, records) -> None:
+    for r in records:
+        p = out / "records" / ("wallclock" if r["table"] == "wallclock" else "main") / r["dataset"]
+        p.mkdir(parents=True, exist_ok=True)
+        (p / f"{r['model']}-seed{r['seed']}.json").write_text(json.dumps(r))
+
+
+def test_paired_differences_use_the_common_seeds_only():
+    recs = [fake_record("lasa", "vrnn-gauss", s, v) for s, v in ((0, 10.0), (1, 12.0), (2, 20.0))]
+    recs += [fake_record("lasa", "rnn-gauss", s, v) for s, v in ((0, 9.0), (1, 13.0))]
+    mean, se, wins, n = rp.paired(recs, "vrnn-gauss", "rnn-gauss")
+    assert (mean, wins, n) == (0.0, 1, 2)  # differences +1 and -1; seed 2 has no partner
+    assert se == pytest.approx(1.0)  # std 1.414 / sqrt 2
+    assert rp.paired(recs, "vrnn-gmm", "rnn-gauss") is None
+    assert rp.best_rnn(recs + [fake_record("lasa", "rnn-gmm", 0, 30.0)]) == "rnn-gmm"
+
+
+def test_plan_runs_every_row_on_one_split_and_shares_the_paper_rows(tmp_path):
+    jobs = rp.plan("cpu", tmp_path, list(X_DIMS), X_DIMS, None, 1.0)
+    keys = [(j["table_dir"], j["dataset"], j["row"], j["seed"]) for j in jobs]
+    assert len(keys) == len(set(keys))  # a row run once even where two tables show it
+    for j in jobs:
+        s = rp.SETUPS["cpu"][j["dataset"]]
+        assert j["config"]["train"]["split_seed"] == s["split_seed"]  # one split per dataset
+        assert j["seed"] in s["seeds"]
+        if j["table"] == "wallclock":
+            assert "max_steps" not in j["config"]["train"]
+            assert j["config"]["train"]["max_time_minutes"] == s["wallclock_minutes"]
+        else:
+            assert j["config"]["train"]["max_steps"] == s["train"]["max_steps"]
+    chorales = {j["row"] for j in jobs if j["dataset"] == "chorales"}
+    assert not chorales & (rp.GMM_ROWS | rp.AR_ROWS)  # binary data: no mixtures, no speech-only rows
+    assert {"rnn-ar", "vrnn-ar"} <= {j["row"] for j in jobs if j["dataset"] == "fillets-cs"}
+    assert {j["row"] for j in jobs if j["table"] == "wallclock"} == set(rp.WALLCLOCK_ROWS)
+    fivo = [j for j in jobs if j["row"] == "vrnn-gauss-fivo"]
+    assert fivo and all(j["config"]["train"]["objective"] == "fivo" and j["config"]["train"]["particles"] == 4
+                        for j in fivo)
+    small = rp.plan("cpu", tmp_path, ["lasa"], X_DIMS, None, 0.1, rows=["vrnn-gauss"], seeds=2)
+    assert [(j["row"], j["seed"], j["config"]["train"]["max_steps"]) for j in small] == [
+        ("vrnn-gauss", 0, 600), ("vrnn-gauss", 1, 600)]
+
+
+@pytest.mark.parametrize("row", ["vrnn-gauss", "vrnn-gmm", "srnn-gauss", "vrnn-ar", "rnn-ar"])
+def test_rows_are_parameter_matched_to_rnn_gauss(row):
+    base = rp.SETUPS["cpu"]["lasa"]["model"]
+    target = rp.count_params("rnn-gauss", 3, rp._model_fields(rp.ROWS["rnn-gauss"], "lasa", base))
+    fields = rp.match_params(rp.ROWS[row], "lasa", 3, base)
+    n = rp.count_params(rp.ROWS[row].preset, 3, fields)
+    assert abs(n - target) / target < 0.02, (row, n, target)
+
+
+def test_report_writes_every_table_from_the_records_alone(tmp_path):
+    recs = []
+    for s in (0, 1, 2):
+        recs += [fake_record("lasa", "rnn-gauss", s, 100.0 + s), fake_record("lasa", "rnn-gmm", s, 110.0 + s),
+                 fake_record("lasa", "vrnn-gauss", s, 120.0 + s), fake_record("lasa", "srnn-gauss", s, 125.0 + 2 * s),
+                 fake_record("lasa", "vrnn-gauss-fivo", s, 119.0)]
+    recs += [fake_record("asterisk-en", "vrnn-gmm", s, -5.0 * s, "wallclock") for s in (0, 1)]
+    recs += [fake_record("asterisk-en", "vrnn-gmm-stepwise", s, -6.0 * s, "wallclock") for s in (0, 1)]
+    for r in recs:
+        if r["table"] == "wallclock":
+            r["config"]["train"]["max_time_minutes"] = 8.0
+    write_records(tmp_path, recs)
+    js = rp.report(tmp_path, "cpu", list(rp.DATASETS), "vrnn reproduce --report-only", log=lambda *_: None)
+
+    assert len(js["runs"]) == len(recs)
+    for r in json.loads((tmp_path / "table1.json").read_text())["runs"]:
+        for key in ("dataset", "model", "objective", "seed", "params", "elbo", "log_likelihood",
+                    "log_likelihood_smc", "log_likelihood_raw", "unit", "steps", "seconds", "converged", "split"):
+            assert key in r, key
+    fivo = [r for r in js["runs"] if r["model"] == "vrnn-gauss-fivo"]
+    assert {r["objective"] for r in fivo} == {"fivo"}
+
+    table1 = (tmp_path / "table1.md").read_text()
+    assert "| vrnn-gauss | >= 119.0 ~ 121.0 ± 0.6 |" in table1  # mean of 120, 121, 122; SE 1/sqrt 3
+    assert "srnn-gauss" not in table1  # the paper's rows only
+    beyond = (tmp_path / "beyond.md").read_text()
+    # paired to its counterpart: srnn - vrnn = 5, 6, 7 -> 6.0 ± 0.6, 3 of 3; fivo: -1, -2, -3
+    assert "| srnn-gauss | vrnn-gauss | 6.0 ± 0.6 | 3 of 3 |" in beyond
+    assert "| vrnn-gauss-fivo | vrnn-gauss | -2.0 ± 0.6 | 0 of 3 |" in beyond
+    wall = (tmp_path / "wallclock.md").read_text()
+    assert "ours wins 1 of 2 seeds" in wall  # seed 0 ties (not a win), seed 1 +1
+    assert not math.isnan(js["runs"][0]["log_likelihood"])
+    said = []
+    assert rp.figures(tmp_path, js["runs"], log=said.append) == []  # no checkpoints in a fresh clone
+    assert "left as they are" in said[0]
+
+
+def test_samples_come_from_the_lowest_seed_with_a_checkpoint(tmp_path):
+    recs = [fake_record("lasa", "vrnn-gauss", s, 1.0) for s in (2, 0, 1)]
+    for s in (1, 2):  # seed 0's checkpoint is not here
+        ckpt = tmp_path / "runs" / "main" / "lasa" / f"vrnn-gauss-seed{s}" / "ckpt"
+        ckpt.mkdir(parents=True)
+        (ckpt / "best.ckpt").write_bytes(b"")
+    assert rp.first_checkpoints(tmp_path, recs) == {
+        ("lasa", "vrnn-gauss"): tmp_path / "runs" / "main" / "lasa" / "vrnn-gauss-seed1"}
