@@ -125,3 +125,23 @@ def test_samples_come_from_the_lowest_seed_with_a_checkpoint(tmp_path):
         (ckpt / "best.ckpt").write_bytes(b"")
     assert rp.first_checkpoints(tmp_path, recs) == {
         ("lasa", "vrnn-gauss"): tmp_path / "runs" / "main" / "lasa" / "vrnn-gauss-seed1"}
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_afresh(tmp_path, monkeypatch):
+    """Killed before the first epoch ended, a run leaves logs but no last.ckpt: `vrnn train`
+    would refuse that folder without --resume, and there is nothing to resume."""
+    job = rp.plan("cpu", tmp_path, ["lasa"], X_DIMS, None, 1.0, rows=["vrnn-gauss"], seeds=1)[0]
+    logs = Path(job["dir"]) / "ckpt" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "metrics.csv").write_text("epoch\n")
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append((cmd, logs.exists()))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(rp.subprocess, "run", fake_run)
+    with pytest.raises(RuntimeError, match="stop here"):
+        rp.run_job(job, tmp_path, log=lambda *_: None)
+    (cmd, had_logs), = calls
+    assert "train" in cmd and "--resume" not in cmd and not had_logs

@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -251,6 +252,8 @@ def run_job(job: dict, out: Path, log=print) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     write_text(run / "config.json", json.dumps(job["config"], indent=1))
     ckpt = run / "ckpt"
+    if ckpt.exists() and not (ckpt / "last.ckpt").exists() and not (ckpt / "summary.json").exists():
+        shutil.rmtree(ckpt)  # stopped before its first checkpoint: nothing to resume, start afresh
     if not (ckpt / "summary.json").exists():  # training not finished: (re)start or resume
         train = _vrnn_cmd("train", "--data", job["dataset"], "--model", job["preset"], "--out", ckpt,
                           "--seed", job["seed"], "--max-epochs", 100000, "--config", run / "config.json",
