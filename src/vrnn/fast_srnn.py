@@ -49,11 +49,12 @@ def chain_args(model):
     """(meta, weights) for ``ZChain.apply``: the prior's and the posterior's weights,
     layer by layer: [W_pz, W_qz, (W_p, b_p, W_q, b_q) per body layer, W_pg, b_pg, W_qg, b_qg]."""
     p, q = model.prior, model.encoder
+    body_p = _linears(p.body)
     params = [p.in_a.weight, q.in_a.weight]
-    for lp, lq in zip(_linears(p.body), _linears(q.body)):
+    for lp, lq in zip(body_p, _linears(q.body)):
         params += [lp.weight, lp.bias, lq.weight, lq.bias]
     params += [p.gauss.out.weight, p.gauss.out.bias, q.gauss.out.weight, q.gauss.out.bias]
-    return (len(_linears(p.body)), float(p.gauss.std_floor), bool(model.cfg.residual)), params
+    return (len(body_p), float(p.gauss.std_floor), bool(model.cfg.residual)), params
 
 
 def chain(model, pd: Tensor, qa: Tensor, eps: Tensor, keep: Tensor | None, z0: Tensor, ancestors=None):
