@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -284,3 +285,15 @@ def test_bf16_mixed_training_on_cpu_runs_the_fused_scan(arrays, tiny_config, tmp
     state = torch.load(out / "last.ckpt", weights_only=True)["state_dict"]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all()
                for v in state.values() if v.is_floating_point())
+
+
+def test_subnormals_are_flushed_while_a_command_runs_unless_kept(monkeypatch):
+    from vrnn import cli
+
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, "data", lambda args: seen.append(float(torch.tensor([1e-39]) * 1.0)) or 0)
+    assert main(["data", "list"]) == 0
+    assert main(["--denormals", "keep", "data", "list"]) == 0
+    assert seen == [0.0, pytest.approx(1e-39, rel=1e-3)]  # 1e-39 is subnormal in float32
+    assert float(torch.tensor([1e-39]) * 1.0) > 0  # restored when main returns
+    assert main(["--denormals", "nope", "data", "list"]) == 2

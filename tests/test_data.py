@@ -395,7 +395,7 @@ def test_unreadable_xml_in_a_folder_is_an_error(tmp_path, monkeypatch):
 
 
 def test_registered_names():
-    assert {"lasa", "chorales", "asterisk-en", "fillets-cs", "iam"} <= set(DATASETS)
+    assert {"lasa", "chorales", "folk", "asterisk-en", "fillets-cs", "iam"} <= set(DATASETS)
     expect_error("asterisk-en", "asterisk-en: not fetched yet; run `vrnn data fetch asterisk-en`")
     expect_error("fillets-cs", "fillets-cs: not fetched yet")
     expect_error("iam", "iam:")
@@ -462,6 +462,37 @@ def test_chorale_parsing_on_two_files():
         assert r.ndim == 2 and 24 <= len(r) <= 200 and set(np.unique(r)) <= {0.0, 1.0}
         assert 1 <= r.sum(1).max() <= 4
     assert 36 <= low <= 60
+
+
+TUNE = """X: 1
+T:Test -- Reel
+M:2/4
+L:1/8
+K:G
+G2 AB | c/2d/2 e z B |
+"""
+
+
+def test_folk_parsing_on_handmade_abc(tmp_path):
+    from vrnn.data.pianoroll import FOLK_STEP, parse_folk
+
+    (tmp_path / "a.abc").write_text(TUNE)
+    (tmp_path / "b.abc").write_text("X: 1\nT:Empty\nK:C\n")  # no notes: skipped
+    rolls, names, low, skipped = parse_folk(sorted(tmp_path.glob("*.abc")))
+    assert FOLK_STEP == 0.5 and names == ["a"] and skipped == ["b.abc"]
+    # eighth-note frames: G G A B | c (d starts between frames) e rest B; G4 = 67 .. E5 = 76
+    assert low == 67 and rolls[0].shape == (8, 76 - 67 + 1)
+    on = [[low + int(j) for j in np.flatnonzero(r)] for r in rolls[0]]
+    assert on == [[67], [67], [69], [71], [72], [76], [], [71]]
+
+
+@pytest.mark.slow
+def test_folk_full_corpus():
+    d = load("folk")
+    assert d.kind == "pianoroll" and len(d) > 1000 and d.meta["step_quarter"] == 0.5
+    multi = sum(int((r.sum(1) > 1).sum()) for r in d.sequences)
+    assert 0 < multi < 0.01 * sum(d.lengths)  # melodies, with a few double stops and chords
+    assert load("folk").lengths == d.lengths  # from the cache
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 
 from vrnn import reproduce as rp
 
-X_DIMS = {"asterisk-en": 200, "fillets-cs": 200, "lasa": 3, "chorales": 46}
+X_DIMS = {"asterisk-en": 200, "fillets-cs": 200, "lasa": 3, "chorales": 46, "folk": 39}
 
 
 def fake_record(dataset: str, row: str, seed: int, ll: float, table: str = "paper") -> dict:
@@ -61,6 +61,8 @@ def test_plan_runs_every_row_on_one_split_and_shares_the_paper_rows(tmp_path):
             assert j["config"]["train"]["max_steps"] == s["train"]["max_steps"]
     chorales = {j["row"] for j in jobs if j["dataset"] == "chorales"}
     assert not chorales & (rp.GMM_ROWS | rp.AR_ROWS)  # binary data: no mixtures, no speech-only rows
+    folk = {j["row"] for j in jobs if j["dataset"] == "folk"}
+    assert folk == {"rnn-gauss", "vrnn-i-gauss", "vrnn-gauss"}  # a Table 1 column only
     assert {"rnn-ar", "vrnn-ar"} <= {j["row"] for j in jobs if j["dataset"] == "fillets-cs"}
     assert {j["row"] for j in jobs if j["table"] == "wallclock"} == set(rp.WALLCLOCK_ROWS)
     fivo = [j for j in jobs if j["row"] == "vrnn-gauss-fivo"]

@@ -65,6 +65,10 @@ SPLITS = ("train", "valid", "test", "all")
 class GlobalOptions:
     threads: int | None = option(None, "intra-op CPU threads (default 1, or $VRNN_THREADS; "
                                        "measured fastest here)", min=1, flag="--threads")
+    denormals: str = option("flush", "CPU: flush subnormal floats to zero (x86 FTZ/DAZ; a mixture's "
+                                     "gradient is full of them and they slow matrix products many "
+                                     "times over), or keep them", choices=("flush", "keep"),
+                            flag="--denormals")
 
 
 @dataclass
@@ -156,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
         "their family: train, evaluate and sample on speech, handwriting, music and your own arrays.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"models: {', '.join(PRESETS)}\n"
-               "datasets: lasa, chorales, asterisk-en, fillets-cs, or any path\n"
+               "datasets: lasa, chorales, folk, asterisk-en, fillets-cs, or any path\n"
                "run `vrnn COMMAND --help` for the options and examples of each command")
     add_arguments(p, GlobalOptions)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -479,9 +483,16 @@ def main(argv=None) -> int:
         g = GlobalOptions(**parsed(GlobalOptions, args))
         import torch
         from .train import default_threads
+        # before the thread pool exists: its threads inherit the flag (set later, only this
+        # thread would flush; benchmarks/denormals.py)
+        flushed = g.denormals == "flush" and torch.set_flush_denormal(True)
         torch.set_num_threads(g.threads or default_threads())
         _quiet_lightning()
-        return COMMANDS[args.command](args)
+        try:
+            return COMMANDS[args.command](args)
+        finally:
+            if flushed:
+                torch.set_flush_denormal(False)  # main() called in a longer-lived process
     except VRNNError as exc:
         _err(f"{command}: error: {exc}")
         return 2

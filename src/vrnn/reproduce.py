@@ -97,6 +97,8 @@ DATASETS = {
     "fillets-cs": {"plays": "TIMIT", "unit": "nats per utterance", "speech": True},
     "lasa": {"plays": "IAM-OnDB", "unit": "nats per trajectory", "speech": False},
     "chorales": {"plays": "JSB Chorales", "unit": "nats per step", "speech": False, "binary": True},
+    # a Table 1 column only (the successors' rows were not run on it)
+    "folk": {"plays": "Nottingham", "unit": "nats per step", "speech": False, "binary": True, "beyond": False},
 }
 
 
@@ -122,6 +124,9 @@ SETUPS = {
                      train=dict(batch_size=16, lr=1e-3, patience=20, max_steps=6000)),
         "chorales": dict(model=_mlps(64, 16, 64, 1), seeds=[0, 1, 2], split_seed=0,
                          train=dict(batch_size=16, lr=1e-3, patience=20, max_steps=6000)),
+        "folk": dict(model=_mlps(64, 16, 64, 1), seeds=[0, 1, 2], split_seed=0,
+                     data=dict(max_sequences=400, max_length=64),
+                     train=dict(batch_size=16, lr=1e-3, patience=20, max_steps=6000)),
     },
     # The paper's sizes (docs/paper.md); meant for a GPU: --accelerator gpu.
     "paper": {
@@ -134,6 +139,8 @@ SETUPS = {
                      train=dict(batch_size=32, lr=3e-4, patience=20, max_steps=100000)),
         "chorales": dict(model=_mlps(1200, 50, 250, 1), seeds=[0, 1, 2], split_seed=0,
                          train=dict(batch_size=32, lr=3e-4, patience=20, max_steps=100000)),
+        "folk": dict(model=_mlps(1200, 50, 250, 1), seeds=[0, 1, 2], split_seed=0,
+                     train=dict(batch_size=32, lr=3e-4, patience=20, max_steps=100000)),
     },
 }
 SAMPLES = 40  # K of the IS and SMC estimates, as in the paper
@@ -146,6 +153,8 @@ def rows_for(dataset: str, table: str) -> list[str]:
     d = DATASETS[dataset]
     if table == "wallclock":
         return list(WALLCLOCK_ROWS) if dataset == "asterisk-en" else []
+    if table == "beyond" and not d.get("beyond", True):
+        return []
     rows = PAPER_ROWS if table == "paper" else BEYOND_ROWS
     return [r for r in rows if not (d.get("binary") and r in GMM_ROWS) and (d["speech"] or r not in AR_ROWS)]
 
@@ -297,7 +306,7 @@ class _Identity:
 
 def make_record(job: dict, res: dict, summary: dict, split: dict) -> dict:
     """One run's record: what the tables need, in the paper's unit and the data's own."""
-    per_step = job["dataset"] == "chorales"  # the music literature reports per step
+    per_step = DATASETS[job["dataset"]]["unit"] == "nats per step"  # as the music literature reports
     est = res["estimators"]
     key = "per_step" if per_step else "per_sequence"
 
@@ -469,6 +478,10 @@ def paired(records, row: str, ref: str, key: str = "log_likelihood"):
     return mean, se, sum(x > 0 for x in d), len(d)
 
 
+def _digits(dataset: str) -> int:
+    return 3 if DATASETS[dataset]["unit"] == "nats per step" else 1
+
+
 def best_rnn(records) -> str | None:
     rnn = [r for r in records if r["model"] in ("rnn-gauss", "rnn-gmm") and r["log_likelihood"] is not None]
     if not rnn:
@@ -478,7 +491,7 @@ def best_rnn(records) -> str | None:
 
 
 def dataset_table(records, dataset: str, rows: list[str], ref: str | None) -> str:
-    digits = 3 if dataset == "chorales" else 1
+    digits = _digits(dataset)
     lines = [f"**{dataset}** ({DATASETS[dataset]['plays']}; {DATASETS[dataset]['unit']}; "
              f"paired differences to {ref or 'n/a'})", "",
              "| model | params | ELBO | IS / exact | SMC | IS, data's units | Δ vs best RNN | wins | "
@@ -519,7 +532,7 @@ def summary_table(records, datasets, rows) -> str:
             if not recs or len(vals) != len(recs):
                 cells.append("n/a")
                 continue
-            digits = 3 if d == "chorales" else 1
+            digits = _digits(d)
             mean, se = _mean_se(vals)
             el = [r["elbo"] for r in recs if r["elbo"] is not None]
             prefix = "" if recs[0]["exact"] else (f">= {np.mean(el):,.{digits}f} ~ " if len(el) == len(recs)
@@ -562,6 +575,7 @@ def report(out: Path, setup: str, datasets, command: str, log=print) -> dict:
         recs = [r for r in main if r["dataset"] == d]
         md += [dataset_table(recs, d, [r for r in PAPER_ROWS if r in rows_for(d, "paper")], best_rnn(recs)), ""]
     write_text(out / "table1.md", "\n".join(md))
+    cols = [d for d in cols if rows_for(d, "beyond")]
     beyond = ["# Beyond the paper: SRNN, IWAE and FIVO training, the autoregressive output", "",
               summary_table(main, cols, PAPER_ROWS[:2] + BEYOND_ROWS), "", legend, ""]
     for d in cols:
@@ -614,7 +628,7 @@ COUNTERPARTS = {"srnn-gauss": "vrnn-gauss", "srnn-gmm": "vrnn-gmm", "vrnn-gauss-
 def counterpart_table(records, dataset: str) -> str | None:
     """Paired differences of each successor row to its paper counterpart, scored by IS (or
     exact) and by SMC (K=40): what the change alone gives on this dataset."""
-    digits = 3 if dataset == "chorales" else 1
+    digits = _digits(dataset)
     lines = [f"**{dataset}: each change alone** (paired differences to the paper row it changes; "
              "mean ± standard error over the seeds both have, wins)", "",
              "| row | against | Δ IS / exact | wins | Δ SMC (K=40) | wins | seeds |",
@@ -686,7 +700,8 @@ def analysis_figure(runs: dict, dataset: str, path: Path) -> Path:
 
 
 def write_samples(out: Path, run_dirs: dict) -> list[Path]:
-    """Handwriting grids, a few seconds of speech per speech model, a chorale as MIDI."""
+    """Handwriting grids, a few seconds of speech per speech model, 64 steps of each
+    piano-roll model as MIDI."""
     from . import checkpoint
     from .writers import plot_handwriting, plot_pianoroll, plot_waveform, write_midi, write_wav
     written = []
@@ -703,10 +718,11 @@ def write_samples(out: Path, run_dirs: dict) -> list[Path]:
             x = normalizer.invert(model.sample(1, steps)).numpy()[0]
             written.append(write_wav(out / f"{name}.wav", x, rate))
             written.append(plot_waveform(out / f"{name}.png", x.reshape(-1), rate, title=name))
-        elif ds == "chorales":
+        elif DATASETS[ds].get("binary"):
             roll = model.sample(1, 64).numpy()[0]
             lowest = desc["meta"].get("lowest_pitch", 36)
-            written.append(write_midi(out / f"{name}.mid", roll, lowest))
+            step = desc["meta"].get("step_quarter", 1.0)
+            written.append(write_midi(out / f"{name}.mid", roll, lowest, step))
             written.append(plot_pianoroll(out / f"{name}.png", roll, lowest, title=name))
     return written
 

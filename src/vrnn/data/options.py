@@ -16,7 +16,7 @@ class DataOptions:
     chunk_seconds: float | None = option(None, "speech: cut into chunks of this many seconds "
                                                 "(0: whole utterances)", min=0.0)
     min_rms: float | None = option(None, "speech: drop clips quieter than this RMS", min=0.0)
-    refresh: bool | None = option(None, "chorales: parse the corpus again instead of the cache")
+    refresh: bool | None = option(None, "chorales, folk: parse the corpus again instead of the cache")
     dequantize: bool | None = option(None, "IAM-style XML: add uniform noise in [-0.5, 0.5) to the "
                                            "integer offsets (default true)")
     max_sequences: int | None = option(None, "any data: keep this many sequences, a seeded draw "
@@ -32,7 +32,7 @@ APPLIES = {
     "frame_size": ("speech",),
     "chunk_seconds": ("speech",),
     "min_rms": ("speech",),
-    "refresh": ("chorales",),
+    "refresh": ("chorales", "folk"),
     "dequantize": ("iam",),
 }
 GENERIC = ("max_sequences", "max_length")  # applied after loading, to any source

