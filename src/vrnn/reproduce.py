@@ -575,10 +575,10 @@ def report(out: Path, setup: str, datasets, command: str, log=print) -> dict:
         recs = [r for r in main if r["dataset"] == d]
         md += [dataset_table(recs, d, [r for r in PAPER_ROWS if r in rows_for(d, "paper")], best_rnn(recs)), ""]
     write_text(out / "table1.md", "\n".join(md))
-    cols = [d for d in cols if rows_for(d, "beyond")]
+    successors = [d for d in cols if rows_for(d, "beyond")]
     beyond = ["# Beyond the paper: SRNN, IWAE and FIVO training, the autoregressive output", "",
-              summary_table(main, cols, PAPER_ROWS[:2] + BEYOND_ROWS), "", legend, ""]
-    for d in cols:
+              summary_table(main, successors, PAPER_ROWS[:2] + BEYOND_ROWS), "", legend, ""]
+    for d in successors:
         recs = [r for r in main if r["dataset"] == d]
         rows = [r for r in PAPER_ROWS + BEYOND_ROWS if r in rows_for(d, "paper") + rows_for(d, "beyond")]
         beyond += [dataset_table(recs, d, rows, best_rnn(recs)), ""]
