@@ -126,7 +126,7 @@ SETUPS = {
                          train=dict(batch_size=16, lr=1e-3, patience=20, max_steps=6000)),
         "folk": dict(model=_mlps(64, 16, 64, 1), seeds=[0, 1, 2], split_seed=0,
                      data=dict(max_sequences=400, max_length=64),
-                     train=dict(batch_size=16, lr=1e-3, patience=20, max_steps=6000)),
+                     train=dict(batch_size=16, lr=1e-3, patience=20, max_steps=15000)),
     },
     # The paper's sizes (docs/paper.md); meant for a GPU: --accelerator gpu.
     "paper": {

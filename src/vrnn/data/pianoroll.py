@@ -101,23 +101,33 @@ def chorale_paths() -> list[Path]:
     return sorted(by_stem.values(), key=lambda p: p.name)
 
 
+def _parse_all(paths, read, step_quarter: float, name: str, progress, every: int):
+    """(frames per piece, names, skipped file names): ``read(path)`` gives a music21 stream,
+    or None for a file to skip; pieces of fewer than two frames are skipped too."""
+    all_frames, names, skipped = [], [], []
+    for i, p in enumerate(paths):
+        score = read(p)
+        frames = [] if score is None else active_pitches(score, step_quarter)
+        if len(frames) < 2:
+            skipped.append(p.name)
+            continue
+        all_frames.append(frames)
+        names.append(p.stem)
+        if progress and (i + 1) % every == 0:
+            progress(f"{name}: parsed {i + 1}/{len(paths)}")
+    return all_frames, names, skipped
+
+
 def parse_chorales(paths=None, progress=None) -> tuple[list[np.ndarray], list[str], int]:
     """(rolls, names, lowest_pitch) of the four-part chorales among ``paths``."""
     from music21 import converter
 
-    paths = chorale_paths() if paths is None else [Path(p) for p in paths]
-    all_frames, names = [], []
-    for i, p in enumerate(paths):
+    def four_parts(p):
         score = converter.parse(str(p))
-        if len(score.parts) != 4:
-            continue
-        frames = active_pitches(score, 1.0)
-        if len(frames) < 2:
-            continue
-        all_frames.append(frames)
-        names.append(p.stem)
-        if progress and (i + 1) % 50 == 0:
-            progress(f"chorales: parsed {i + 1}/{len(paths)}")
+        return score if len(score.parts) == 4 else None
+
+    paths = chorale_paths() if paths is None else [Path(p) for p in paths]
+    all_frames, names, _ = _parse_all(paths, four_parts, 1.0, "chorales", progress, 50)
     if not all_frames:
         raise DataError("chorales: no four-part chorales found in the music21 corpus")
     rolls, lo = _rolls(all_frames)
@@ -142,24 +152,17 @@ def parse_folk(paths=None, progress=None) -> tuple[list[np.ndarray], list[str], 
     or hold fewer than two frames."""
     from music21 import converter
 
-    paths = folk_paths() if paths is None else [Path(p) for p in paths]
-    all_frames, names, skipped = [], [], []
-    for i, p in enumerate(paths):
+    def first_tune(p):
         try:
             score = converter.parse(str(p), format="abc")
         except Exception:  # music21's ABC parser raises many kinds on a malformed tune
-            skipped.append(p.name)
-            continue
+            return None
         if hasattr(score, "scores"):  # an Opus: several tunes in one file
-            score = score.scores[0] if len(score.scores) else score
-        frames = active_pitches(score, FOLK_STEP)
-        if len(frames) < 2:
-            skipped.append(p.name)
-            continue
-        all_frames.append(frames)
-        names.append(p.stem)
-        if progress and (i + 1) % 100 == 0:
-            progress(f"folk: parsed {i + 1}/{len(paths)}")
+            return score.scores[0] if len(score.scores) else None
+        return score
+
+    paths = folk_paths() if paths is None else [Path(p) for p in paths]
+    all_frames, names, skipped = _parse_all(paths, first_tune, FOLK_STEP, "folk", progress, 100)
     if not all_frames:
         raise DataError("folk: no tune in Ryan's Mammoth Collection could be parsed")
     rolls, lo = _rolls(all_frames)
