@@ -304,9 +304,14 @@ class _Identity:
         return x
 
 
+def _per_step(dataset: str) -> bool:
+    """Scored per time step (the music sets, as their literature reports), else per sequence."""
+    return DATASETS[dataset]["unit"] == "nats per step"
+
+
 def make_record(job: dict, res: dict, summary: dict, split: dict) -> dict:
     """One run's record: what the tables need, in the paper's unit and the data's own."""
-    per_step = DATASETS[job["dataset"]]["unit"] == "nats per step"  # as the music literature reports
+    per_step = _per_step(job["dataset"])
     est = res["estimators"]
     key = "per_step" if per_step else "per_sequence"
 
@@ -479,7 +484,7 @@ def paired(records, row: str, ref: str, key: str = "log_likelihood"):
 
 
 def _digits(dataset: str) -> int:
-    return 3 if DATASETS[dataset]["unit"] == "nats per step" else 1
+    return 3 if _per_step(dataset) else 1
 
 
 def best_rnn(records) -> str | None:

@@ -17,8 +17,8 @@ sorted by file name. They are melodies: under 0.4% of frames hold two to four pi
 (double stops, final chords); there are no chord symbols (Nottingham's piano-rolls carry
 its chords too), and repeats are not expanded. The pitch range is again the
 lowest..highest over the collection (MIDI 55..93, D = 39, with music21 10.5; 32 to 460
-frames, median 96). A file music21 cannot parse is skipped and counted
-(``meta["unparsed_files"]``). Parsing takes about 80 s, so the rolls are cached as
+frames, median 96). A file music21 cannot parse, or whose tune has fewer than two
+frames, is skipped and counted (``meta["skipped_files"]``). Parsing takes about 80 s, so the rolls are cached as
 ``cache_dir()/folk-v1.npz``.
 """
 
@@ -89,11 +89,17 @@ def to_pianoroll(stream, lowest_pitch: int | None = None, highest_pitch: int | N
     return frames_to_roll(frames, lowest_pitch, highest_pitch - lowest_pitch + 1), lowest_pitch
 
 
-def chorale_paths() -> list[Path]:
+def _music21_corpus(name: str):
+    """music21's corpus module, or a DataError naming the dataset ``name`` that needs it."""
     try:
         from music21 import corpus
     except ImportError:
-        raise DataError("chorales: music21 is not installed; `pip install music21`") from None
+        raise DataError(f"{name}: music21 is not installed; `pip install music21`") from None
+    return corpus
+
+
+def chorale_paths() -> list[Path]:
+    corpus = _music21_corpus("chorales")
     by_stem: dict[str, Path] = {}
     for p in sorted((Path(p) for p in corpus.getComposer("bach")), key=lambda p: (p.stem, p.suffix != ".mxl")):
         if p.suffix in (".mxl", ".xml"):  # MusicXML; the .krn files duplicate .mxl ones
@@ -135,11 +141,7 @@ def parse_chorales(paths=None, progress=None) -> tuple[list[np.ndarray], list[st
 
 
 def folk_paths() -> list[Path]:
-    try:
-        from music21 import corpus
-    except ImportError:
-        raise DataError("folk: music21 is not installed; `pip install music21`") from None
-    folder = Path(corpus.__file__).parent / "ryansMammoth"
+    folder = Path(_music21_corpus("folk").__file__).parent / "ryansMammoth"
     paths = sorted(folder.glob("*.abc"))
     if not paths:
         raise DataError(f"folk: no ABC files in {folder} (music21's corpus without Ryan's Mammoth Collection)")
@@ -225,5 +227,5 @@ def load_chorales(refresh: bool = False, progress=None) -> SequenceSet:
 def load_folk(refresh: bool = False, progress=None) -> SequenceSet:
     rolls, names, lowest, skipped = _cached(FOLK_CACHE_NAME, lambda pr: parse_folk(progress=pr), refresh, progress)
     meta = {"source": "music21 corpus ryansMammoth (Ryan's Mammoth Collection, ABC; melodies)",
-            "lowest_pitch": lowest, "step_quarter": FOLK_STEP, "names": names, "unparsed_files": len(skipped)}
+            "lowest_pitch": lowest, "step_quarter": FOLK_STEP, "names": names, "skipped_files": len(skipped)}
     return SequenceSet(rolls, "pianoroll", "folk", meta)
