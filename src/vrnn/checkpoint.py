@@ -72,6 +72,10 @@ def load(path, device="cpu"):
     except (ConfigError, KeyError, RuntimeError, TypeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0][:160]
         raise CheckpointError(f"{path}: weights do not match the model it describes ({reason})") from None
+    scaled = sorted(set(cfg.discrete_dims) - set(normalizer.skip))
+    if scaled:  # written before discrete columns were left alone: its scores are not probabilities
+        raise CheckpointError(f"{path}: its normaliser standardised column(s) {scaled}, which its "
+                              f"{cfg.output} head models as bits (a vrnn before 0.3 did so); retrain it")
     return model.to(device).eval(), normalizer, meta["data"]
 
 

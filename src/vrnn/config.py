@@ -95,6 +95,8 @@ class VRNNConfig:
             raise ConfigError(f"binary_dims applies to the ar output only (output is {self.output})")
         if any(d >= self.x_dim for d in self.binary_dims):
             raise ConfigError(f"binary_dims {list(self.binary_dims)} must lie in 0..{self.x_dim - 1}")
+        if len(set(self.binary_dims)) != len(self.binary_dims):
+            raise ConfigError(f"binary_dims {list(self.binary_dims)} lists a dimension twice")
         if self.family == "srnn" and self.prior != "learned":
             raise ConfigError("the SRNN's prior p(z_t | z_{t-1}, d_t) is always learned; "
                               "prior='standard' is the VRNN-I row")
@@ -103,6 +105,19 @@ class VRNNConfig:
     def latent(self) -> bool:
         """Whether the model has a latent z_t (every family but the RNN baselines)."""
         return self.family != "rnn"
+
+    @property
+    def discrete_dims(self) -> tuple[int, ...]:
+        """The columns of x_t that the output head treats as bits (0 or 1): every column of
+        the Bernoulli head, the pen bit (column 0) of the strokes head, ``binary_dims`` of
+        the autoregressive head. They are never normalised, and have no Jacobian term."""
+        if self.output == "bernoulli":
+            return tuple(range(self.x_dim))
+        if self.output == "strokes":
+            return (0,)
+        if self.output == "ar":
+            return tuple(sorted(self.binary_dims))
+        return ()
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "VRNNConfig":

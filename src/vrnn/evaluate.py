@@ -22,33 +22,34 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .data import load, pad_batch, split
+from .data import load, pad_batch
 from .errors import DataError
 from .inference import row_step_bytes
-from .train import Prepared
+from .train import Prepared, data_splits, dataset_identity
 
 
 
 def checked_data(spec: str, model, data_desc: dict, ckpt: str):
     """Load ``spec`` for a model; the training data's own options (e.g. subsampling) apply
-    when it is the same data. DataError if its dimension is not the model's."""
-    data = load(spec, **(data_desc.get("load_opts") or {})) if spec == data_desc.get("spec") else load(spec)
+    when it is the same data, however its path is spelled. DataError if its dimension is not
+    the model's, or if a column the model's head treats as a bit holds another value."""
+    same = dataset_identity(spec) == data_desc.get("identity", dataset_identity(data_desc.get("spec", "")))
+    data = load(spec, **(data_desc.get("load_opts") or {})) if same else load(spec)
     if data.dim != model.cfg.x_dim:
         raise DataError(f"{spec}: sequences have dimension {data.dim} but the model in {ckpt} "
                         f"expects {model.cfg.x_dim}")
+    data.check_bits(model.cfg.discrete_dims, f"the model in {ckpt} (output {model.cfg.output})")
     return data
 
 
 def split_sequences(data, normalizer, data_desc: dict, which: str):
-    """(indices, normalised sequences) of one split (``all``: every sequence), re-drawn with
-    the seed and fractions the model was trained with."""
+    """(indices, normalised sequences) of one split (``all``: every sequence): the data's own
+    split when it comes with one, else re-drawn with the seed and fractions the model was
+    trained with."""
     splits = {}
     if which != "all":
-        try:
-            splits = split(len(data), tuple(data_desc.get("fractions", (0.8, 0.1, 0.1))),
-                           data_desc.get("split_seed", 0))
-        except DataError as exc:
-            raise DataError(f"{data.name}: {exc}") from None
+        splits = data_splits(data, data.name, data_desc.get("split_seed"),
+                             tuple(data_desc.get("fractions", (0.8, 0.1, 0.1))))
     idx = list(range(len(data))) if which == "all" else splits[which]
     prep = Prepared(data, splits, normalizer)
     return idx, prep.sequences(which)

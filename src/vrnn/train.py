@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import checkpoint
 from .config import VRNNConfig
-from .data import Normalizer, SequenceSet, load, pad_batch, split
+from .data import DATASETS, Normalizer, SequenceSet, load, pad_batch, split
 from .errors import ConfigError, DataError, VRNNError
 from .fast import SCAN_IMPLS, set_scan
 from .inference import BOUNDS, log_likelihood, objective
@@ -58,6 +58,7 @@ KIND_DEFAULTS: dict[str, dict] = {
                   prior_dim=64, dec_dim=64),
 }
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
 PRECISIONS = ("32-true", "bf16-mixed")
 
@@ -105,8 +106,8 @@ class TrainConfig:
                                        "the particles", above=0.0, max=1.0, flag="--ess-threshold")
     resampler: str = option("systematic", "FIVO: how ancestors are drawn", choices=RESAMPLERS,
                             flag="--resampler")
-    fractions: tuple[float, ...] = option((0.8, 0.1, 0.1), "train / valid / test fractions", min=0.0,
-                                          length=3)
+    fractions: tuple[float, ...] = option((0.8, 0.1, 0.1), "train / valid / test fractions (data "
+                                                           "without their own split)", min=0.0, length=3)
     devices: int = option(1, "devices (processes) per node", min=1, flag="--devices")
     accelerator: str = option("cpu", "where to train", choices=ACCELERATORS, flag="--accelerator")
     strategy: str = option("auto", "ddp for several processes", choices=STRATEGIES, flag="--strategy")
@@ -152,10 +153,23 @@ class Prepared:
         return [self.normalizer.apply(self.data.sequences[i]) for i in idx]
 
     def description(self, spec: str, seed: int, fractions, load_opts: dict | None = None) -> dict:
-        return {"spec": spec, "load_opts": dict(load_opts or {}), "name": self.data.name, "kind": self.data.kind,
+        return {"spec": spec, "identity": dataset_identity(spec), "load_opts": dict(load_opts or {}),
+                "name": self.data.name, "kind": self.data.kind,
                 "meta": _plain(self.data.meta), "dim": self.data.dim, "split_seed": seed,
+                "fixed_split": self.data.fixed_split,
                 "median_length": int(np.median(self.data.lengths)),
                 "fractions": [float(f) for f in fractions]}
+
+    def for_model(self, cfg: VRNNConfig) -> "Prepared":
+        """The same data for a model with config ``cfg``: the columns its head treats as bits
+        (``cfg.discrete_dims``) checked to hold only 0 and 1 (DataError naming the file and
+        column) and left out of the normalisation."""
+        discrete = cfg.discrete_dims
+        self.data.check_bits(discrete, f"--output {cfg.output}")
+        if set(discrete) <= set(self.normalizer.skip):
+            return self
+        train = [self.data.sequences[i] for i in self.splits["train"]]
+        return Prepared(self.data, self.splits, Normalizer.for_kind(self.data.kind, self.data.meta, train, discrete))
 
 
 def _plain(meta: dict) -> dict:
@@ -163,13 +177,35 @@ def _plain(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
 
 
-def prepare(spec: str, seed: int = 0, fractions=(0.8, 0.1, 0.1), data: SequenceSet | None = None,
-            **load_opts) -> Prepared:
-    data = data if data is not None else load(spec, **load_opts)
+def dataset_identity(spec: str) -> str:
+    """What names a dataset whatever its spelling: a registered name as it is, a path
+    resolved (``data/x``, ``data/x/``, ``./data/x`` and the absolute path are one dataset)."""
+    spec = str(spec)
+    if spec in DATASETS:
+        return spec
     try:
-        splits = split(len(data), fractions, seed)
+        return str(Path(spec).expanduser().resolve())
+    except (OSError, RuntimeError):
+        return spec
+
+
+def data_splits(data: SequenceSet, spec: str, seed: int | None, fractions) -> dict[str, list[int]]:
+    """The data's own split when it comes with one, else a seeded draw of ``fractions``."""
+    if data.fixed_split:
+        return data.split_indices()
+    try:
+        return split(len(data), fractions, 0 if seed is None else seed)
     except DataError as exc:
         raise DataError(f"{spec}: {exc}") from None
+
+
+def prepare(spec: str, seed: int = 0, fractions=(0.8, 0.1, 0.1), data: SequenceSet | None = None,
+            **load_opts) -> Prepared:
+    """``spec`` loaded, split (its own split if it has one, else drawn with ``seed``) and
+    normalised with training statistics; ``Prepared.for_model`` then leaves the columns
+    the model's head treats as bits alone."""
+    data = data if data is not None else load(spec, **load_opts)
+    splits = data_splits(data, spec, seed, fractions)
     normalizer = Normalizer.for_kind(data.kind, data.meta, [data.sequences[i] for i in splits["train"]])
     return Prepared(data, splits, normalizer)
 
@@ -250,19 +286,23 @@ def loader(sequences, batch_size: int, seed: int = 0, shuffle: bool = False,
 
 def model_config(model_name: str, data: SequenceSet, overrides: dict | None = None) -> VRNNConfig:
     """The preset ``model_name`` sized for the data kind, with the head the data needs:
-    Bernoulli for piano-rolls, pen strokes for pen data; under ``output="ar"`` the bits of
-    the data (all of a piano-roll, the pen bit) are its binary dimensions."""
+    Bernoulli for piano-rolls and for arrays whose every value is 0 or 1, pen strokes for pen
+    data; under ``output="ar"`` the bits of the data (every 0/1 column of a piano-roll or an
+    array, the pen bit) are its binary dimensions."""
     fields = dict(KIND_DEFAULTS.get(data.kind, KIND_DEFAULTS["array"]))
-    if data.kind == "pianoroll":
+    pen = data.kind == "handwriting" and data.meta.get("pen")
+    if data.kind == "pianoroll" or (data.kind == "array" and data.binary):
         fields["output"] = "bernoulli"
-    elif data.kind == "handwriting" and data.meta.get("pen"):
+    elif pen:
         fields["output"] = "strokes"
     fields.update(overrides or {})
     if fields.get("output") == "ar" and "binary_dims" not in (overrides or {}):
         if data.kind == "pianoroll":
             fields["binary_dims"] = tuple(range(data.dim))
-        elif data.kind == "handwriting" and data.meta.get("pen"):
+        elif pen:
             fields["binary_dims"] = (0,)
+        elif data.kind == "array":
+            fields["binary_dims"] = tuple(data.binary_columns())
     return VRNNConfig.preset(model_name, x_dim=data.dim, **fields)
 
 
@@ -474,10 +514,19 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
     L.seed_everything(tc.seed, verbose=False)
     split_seed = tc.seed if tc.split_seed is None else tc.split_seed
     prepared = prepared or prepare(spec, split_seed, tc.fractions, **(data_opts or {}))
+    if prepared.data.fixed_split:
+        if tc.split_seed is not None:
+            raise ConfigError(f"--split-seed: {spec} comes with its own train/valid/test split, "
+                              "which is kept; leave --split-seed out")
+        if tuple(tc.fractions) != DEFAULT_FRACTIONS:
+            raise ConfigError(f"fractions: {spec} comes with its own train/valid/test split, "
+                              "which is kept; leave fractions out")
+        split_seed = None
     try:
         cfg = model_config(model_name, prepared.data, model_overrides)
     except TypeError as exc:
         raise ConfigError(f"bad model option: {exc}") from None
+    prepared = prepared.for_model(cfg)
     last = out / "last.ckpt"
     if resume:
         old = checkpoint.read(last)["vrnn"]["config"]  # one-line error if missing or broken

@@ -63,13 +63,15 @@ class Normalizer:
         return cls(np.zeros(dim), np.ones(dim), range(dim))
 
     @classmethod
-    def for_kind(cls, kind: str, meta: dict, train_sequences) -> "Normalizer":
-        """The usual choice per kind: pianoroll untouched; handwriting pen bit (column 0) skipped."""
+    def for_kind(cls, kind: str, meta: dict, train_sequences, discrete=()) -> "Normalizer":
+        """The usual choice per kind: pianoroll untouched; handwriting pen bit (column 0)
+        skipped; and, whatever the kind, the ``discrete`` columns (those the output head
+        treats as bits, ``VRNNConfig.discrete_dims``) are never normalised."""
         dim = int(np.asarray(train_sequences[0]).shape[-1])
         if kind == "pianoroll":
             return cls.identity(dim)
-        skip = [0] if kind == "handwriting" and (meta or {}).get("pen") else []
-        return cls.fit(train_sequences, skip=skip)
+        skip = {0} if kind == "handwriting" and (meta or {}).get("pen") else set()
+        return cls.fit(train_sequences, skip=sorted(skip | {int(d) for d in discrete}))
 
     def _params(self, x):
         if isinstance(x, torch.Tensor):

@@ -15,6 +15,10 @@ holds:
 * arrays: ``.npy``, ``.npz`` (each array one sequence), ``.csv`` (one sequence per file)
 
 Other files are ignored. A folder holding more than one of these kinds is refused.
+
+A folder whose subfolders are ``train/``, ``valid/`` (or ``validation/``) and ``test/``
+comes with its split: each subfolder is read as above, and the split is kept (recorded per
+sequence in ``meta["split"]``), never pooled and redrawn.
 """
 
 from __future__ import annotations
@@ -46,6 +50,14 @@ DATASETS: dict[str, str] = {
     "iam": "IAM-OnDB handwriting (licensed): pass the path of its lineStrokes folder instead "
            "of this name",
 }
+# the four piano-roll sets of Boulanger-Lewandowski et al. (2012), bundled (data/polyphonic.py)
+for _name, _what in (("jsb", "JSB Chorales: 382 Bach chorales"), ("nottingham", "Nottingham: 1,037 folk tunes"),
+                     ("musedata", "MuseData: 783 classical pieces"),
+                     ("pianomidi", "Piano-midi.de: 124 classical piano pieces")):
+    DATASETS[_name] = (f"{_what} as 88-key binary piano-rolls, the standard train/valid/test split of "
+                       "Boulanger-Lewandowski et al. 2012 (bundled)")
+POLYPHONIC = ("jsb", "nottingham", "musedata", "pianomidi")
+SPLIT_FOLDERS = {"train": ("train",), "valid": ("valid", "validation"), "test": ("test",)}
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".sph", ".nist", ".aiff", ".aif")
 ARRAY_SUFFIXES = (".npy", ".npz", ".csv")
@@ -78,6 +90,51 @@ class SequenceSet:
     def lengths(self) -> list[int]:
         return [int(s.shape[0]) for s in self.sequences]
 
+    @property
+    def fixed_split(self) -> bool:
+        """Whether the data came with their own train/valid/test split (``meta["split"]``)."""
+        return isinstance(self.meta.get("split"), list)
+
+    def split_indices(self) -> dict[str, list[int]]:
+        """The data's own split: {"train", "valid", "test"} -> positions; DataError if one is
+        empty (after ``max_sequences``, say)."""
+        labels = self.meta["split"]
+        out = {k: [i for i, lab in enumerate(labels) if lab == k] for k in SPLIT_FOLDERS}
+        empty = [k for k, v in out.items() if not v]
+        if empty:
+            raise DataError(f"{self.name}: its own split has no {' and no '.join(empty)} sequences")
+        return out
+
+    def binary_columns(self) -> list[int]:
+        """The columns whose values are all 0 or 1 (bits: notes, pen lifts, flags)."""
+        if not self.sequences:
+            return []
+        ok = np.ones(self.dim, dtype=bool)
+        for s in self.sequences:
+            ok &= ((s == 0) | (s == 1)).all(axis=0)
+        return [int(i) for i in np.flatnonzero(ok)]
+
+    @property
+    def binary(self) -> bool:
+        """Whether every column holds only 0 and 1 (piano-rolls, binary arrays)."""
+        return bool(self.sequences) and len(self.binary_columns()) == self.dim
+
+    def check_bits(self, dims, why: str) -> None:
+        """DataError naming the file (or sequence) and column unless every column of ``dims``
+        holds only 0 and 1: a Bernoulli term of any other value is not a log-probability."""
+        dims = [int(d) for d in dims]
+        if not dims:
+            return
+        files = self.meta.get("files")
+        for i, s in enumerate(self.sequences):
+            bad = ~((s[:, dims] == 0) | (s[:, dims] == 1))
+            if bad.any():
+                t, j = (int(v) for v in np.argwhere(bad)[0])
+                where = files[i] if isinstance(files, list) and len(files) == len(self.sequences) else \
+                    f"{self.name} (sequence {i})"
+                raise DataError(f"{where}: column {dims[j]} holds {float(s[t, dims[j]]):g} at step {t}, but "
+                                f"{why} models it as a bit (0 or 1)")
+
     def subset(self, indices) -> "SequenceSet":
         """The same set restricted to ``indices`` (per-sequence lists in meta follow)."""
         indices = list(indices)
@@ -100,6 +157,15 @@ class SequenceSet:
             "total_steps": int(lengths.sum()),
             "source": self.meta.get("source", self.name),
         }
+        bits = self.binary_columns()
+        if self.kind == "array" and bits:
+            out["binary"] = len(bits) == self.dim  # all 0/1: the Bernoulli head by default
+            if len(bits) < self.dim:
+                out["binary_columns"] = bits
+        if self.fixed_split:
+            out["split"] = "fixed: " + ", ".join(f"{k} {len(v)}" for k, v in self.split_indices().items())
+        else:
+            out["split"] = "drawn: train/valid/test 80/10/10 by default, seeded by --split-seed (else --seed)"
         if self.kind == "speech":
             rate = self.meta.get("sample_rate")
             frame = self.meta.get("frame_size", self.dim)
@@ -284,8 +350,51 @@ def shrink(data: SequenceSet, max_sequences: int | None = None, max_length: int 
     return out
 
 
-def _load_path(spec: str, opts: dict) -> SequenceSet:
+def split_folders(path: Path) -> dict[str, Path] | None:
+    """{"train", "valid", "test"} -> subfolder when ``path`` is a folder holding its own
+    split (``train/``, ``valid/`` or ``validation/``, ``test/``); None otherwise. A folder
+    with only some of them is refused rather than pooled."""
+    if not path.is_dir():
+        return None
+    _, dirs = _listing(path)
+    found = {k: [d for d in dirs if d in names] for k, names in SPLIT_FOLDERS.items()}
+    if not found["train"] and not found["test"]:
+        return None
+    missing = [k for k, v in found.items() if not v]
+    if missing:
+        raise DataError(f"{path}: has {', '.join(d + '/' for v in found.values() for d in v)} but no "
+                        f"{' or '.join(n + '/' for k in missing for n in SPLIT_FOLDERS[k])}: a folder "
+                        "with its own split needs train/, valid/ (or validation/) and test/")
+    if len(found["valid"]) > 1:
+        raise DataError(f"{path}: has both valid/ and validation/; keep one")
+    return {k: path / v[0] for k, v in found.items()}
+
+
+def _load_split_path(spec: str, parts: dict[str, Path], opts: dict) -> SequenceSet:
+    """The three subfolders of a folder with its own split, as one set whose ``meta["split"]``
+    says which split each sequence belongs to."""
+    loaded = {k: _load_path(str(p), opts, whole=False) for k, p in parts.items()}
+    first = loaded["train"]
+    for k, d in loaded.items():
+        if d.kind != first.kind:
+            raise DataError(f"{parts[k]}: holds {d.kind} data but {parts['train']} holds {first.kind}")
+        if d.dim != first.dim:
+            raise DataError(f"{parts[k]}: sequences have dimension {d.dim} but those of "
+                            f"{parts['train']} have {first.dim}")
+    meta = dict(first.meta, source=spec, split=[k for k, d in loaded.items() for _ in d.sequences])
+    counts = [d.meta.get("files") for d in loaded.values()]
+    if all(isinstance(c, list) for c in counts):
+        meta["files"] = [f for c in counts for f in c]
+    elif all(isinstance(c, int) for c in counts):
+        meta["files"] = sum(counts)
+    return SequenceSet([s for d in loaded.values() for s in d.sequences], first.kind, spec, meta)
+
+
+def _load_path(spec: str, opts: dict, whole: bool = True) -> SequenceSet:
     path = Path(spec).expanduser()
+    parts = split_folders(path) if whole else None
+    if parts:
+        return _load_split_path(spec, parts, opts)
     kind, files = recognise(path)
     if kind == "speech":
         from .audio import load_audio
@@ -329,6 +438,11 @@ def _load_source(spec: str, opts: dict) -> SequenceSet:
         from .pianoroll import load_chorales
 
         return load_chorales(**_clean_opts(spec, opts, "pianoroll"))
+    if spec in POLYPHONIC:
+        from .polyphonic import load_polyphonic
+
+        _clean_opts(spec, opts, "pianoroll")
+        return load_polyphonic(spec)
     if spec == "folk":
         from .pianoroll import load_folk
 
