@@ -81,8 +81,17 @@ def test_binary_arrays_get_bits_and_negative_log_probabilities(tmp_path, tiny_co
 def test_binary_rnn_row_is_a_probability(tmp_path, tiny_config, capsys):
     bits = make_bits(tmp_path / "bits")
     assert train(bits, tmp_path / "rnn", tiny_config, "rnn-gauss", 1) == 0
-    res = evaluate_json(capsys, tmp_path / "rnn" / "best.ckpt", bits)
+    res = evaluate_json(capsys, tmp_path / "rnn" / "best.ckpt", bits, "--split", "all")
     assert res["exact"] and res["log_likelihood"] < 0 and res["nats_per_step"] < 0
+    # TCN's convention beside it: each sequence's first frame left out of sum and count
+    from vrnn.data import pad_batch
+    model, norm, _ = checkpoint.load(tmp_path / "rnn" / "best.ckpt")
+    x, mask = pad_batch([norm.apply(s) for s in load(bits).sequences])
+    with torch.no_grad():
+        lp = model(x, mask).log_px * mask
+    after = float(lp[:, 1:].sum()) / float(mask[:, 1:].sum())
+    assert res["estimators"]["exact"]["per_step_after_first"] == pytest.approx(after, rel=1e-5)
+    assert res["estimators"]["exact"]["per_step"] == pytest.approx(float(lp.sum() / mask.sum()), rel=1e-5)
 
 
 def test_bernoulli_on_real_values_is_refused(tmp_path, tiny_config, capsys):

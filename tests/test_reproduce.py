@@ -152,3 +152,65 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_afresh(tmp_path, monke
         rp.run_job(job, tmp_path, log=lambda *_: None)
     (cmd, had_logs), = calls
     assert "train" in cmd and "--resume" not in cmd and not had_logs
+
+
+def poly_record(row: str, seed: int, ll: float, dataset: str = "jsb") -> dict:
+    """A piano-roll benchmark record from made-up scores (nats per step)."""
+    job = {"table": "polyphonic", "dataset": dataset, "row": row, "preset": rp.ROWS[row].preset, "seed": seed,
+           "params": 1000, "config": {"model": {}, "train": {"patience": 5, "max_steps": 100, "batch_size": 4},
+                                      "data": {}}}
+    exact = not rp.ROWS[row].latent
+    fig = lambda v: {"per_sequence": 50 * v, "per_sequence_raw": 50 * v, "per_step": v, "per_step_raw": v}  # noqa: E731
+    est = {"exact": dict(fig(ll), per_step_after_first=ll + 0.1)} if exact else \
+        {"elbo": fig(ll - 0.3), "is": fig(ll - 0.1), "smc": fig(ll)}
+    res = {"estimators": est, "exact": exact, "num_sequences": 77, "num_steps": 4725}
+    summary = {"steps": 100, "epochs": 3, "seconds": 1.0, "converged": True, "stopped": "early",
+               "best_valid_bound": ll}
+    trained = None
+    if rp.ROWS[row].objective != "elbo":
+        trained = {"estimator": "smc", "num_samples": 4, "estimators": {"smc": fig(ll - 0.2)}}
+    return rp.make_record(job, res, summary, {"seed": None, "test_sha1": "abc"}, trained)
+
+
+def test_polyphonic_plan_keeps_the_sets_own_split_and_widens_the_rnn(tmp_path):
+    jobs = rp.plan("cpu", tmp_path, ["jsb", "lasa"], {"jsb": 88, "lasa": 3}, None, 1.0, tables=["polyphonic"])
+    assert {j["dataset"] for j in jobs} == {"jsb"}  # lasa has no polyphonic rows
+    assert [j["row"] for j in jobs if j["seed"] == 0] == rp.POLYPHONIC_ROWS
+    assert all("split_seed" not in j["config"]["train"] and j["table_dir"] == "polyphonic" for j in jobs)
+    params = {j["row"]: j["params"] for j in jobs}
+    assert abs(params["rnn-gauss"] - params["vrnn-gauss"]) / params["vrnn-gauss"] < 0.03
+    assert abs(params["rnn-ar"] - params["vrnn-ar"]) / params["vrnn-ar"] < 0.03
+    vrnn = next(j for j in jobs if j["row"] == "vrnn-gauss")["config"]["model"]
+    assert vrnn["h_dim"] == vrnn["z_dim"] == 32 and vrnn["output"] == "bernoulli"  # FIVO's JSB size
+    ar = next(j for j in jobs if j["row"] == "vrnn-ar")["config"]["model"]
+    assert ar["binary_dims"] == list(range(88))
+    # no paper-table rows on the benchmark sets, no benchmark rows elsewhere
+    assert rp.rows_for("jsb", "paper") == [] and rp.rows_for("chorales", "polyphonic") == []
+
+
+def test_polyphonic_report_puts_published_figures_beside_ours(tmp_path):
+    recs = []
+    for s in (0, 1, 2):
+        recs += [poly_record("rnn-gauss", s, -8.6), poly_record("rnn-ar", s, -5.5 - 0.1 * s),
+                 poly_record("vrnn-gauss", s, -7.0), poly_record("vrnn-gauss-iwae", s, -6.9),
+                 poly_record("vrnn-gauss-fivo", s, -6.8), poly_record("vrnn-ar", s, -5.4),
+                 poly_record("srnn-gauss-warmup", s, -7.2)]
+    out = tmp_path
+    for r in recs:
+        p = out / "records" / "polyphonic" / r["dataset"]
+        p.mkdir(parents=True, exist_ok=True)
+        (p / f"{r['model']}-seed{r['seed']}.json").write_text(json.dumps(r))
+    rp.report(out, "cpu", list(rp.DATASETS), "vrnn reproduce --report-only", log=lambda *_: None)
+    md = (out / "polyphonic.md").read_text()
+    assert "| RNN (LSTM, Bernoulli) | 1,000 |  | = -8.600 ± 0.000 | (exact) | (exact) | -8.500 ± 0.000 |" in md
+    assert ("| VRNN, FIVO (K=4) | 1,000 | -7.100 ± 0.000 | -6.900 ± 0.000 | -6.800 ± 0.000 | "
+            "-7.000 ± 0.000 (K=4) |") in md
+    assert "| LSTM | Bai, Kolter, Koltun 2018" in md and "-8.45 (first frame left out)" in md
+    # the targets, decided from the records: -8.5 < -8.45; FIVO bound -7.0 >= -7.51; RNN-NADE -5.19
+    assert "- RNN at or above TCN's LSTM (first frame left out): missed (-8.500 against -8.45)" in md
+    assert "published N=5 FIVO: met (-7.000 against -7.51)" in md
+    assert "ordering FIVO >= IWAE >= ELBO: by each row's own bound met (-7.000 / -7.100 / -7.300)" in md
+    assert "our best row at or above RNN-NADE: missed (-5.400 against -5.19; VRNN, MADE output)" in md
+    assert "VRNN-AR ahead in 3 of 3 seeds" in md  # -5.4 against -5.5, -5.6, -5.7
+    assert "Not run yet: Nottingham, MuseData, Piano-midi.de." in md
+    assert not (out / "table1.md").read_text().count("jsb")  # the benchmark has its own table

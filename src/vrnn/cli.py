@@ -53,6 +53,7 @@ EXAMPLES = {
   vrnn reproduce --setup cpu --out results
   vrnn reproduce --setup cpu --datasets lasa,chorales --rows vrnn-gauss,rnn-gauss
   vrnn reproduce --setup cpu --report-only                # tables from the committed records
+  vrnn reproduce --setup cpu --tables polyphonic --datasets jsb --plan   # the piano-roll benchmark
   vrnn reproduce --setup paper --accelerator gpu --jobs 1 --out results-paper""",
     "demo": """examples:
   vrnn demo --out runs/demo""",
@@ -127,7 +128,8 @@ class ReproduceOptions:
     datasets: str | None = option(None, "comma-separated subset of the datasets", flag="--datasets")
     rows: str | None = option(None, "comma-separated subset of the rows", flag="--rows")
     tables: str | None = option(None, "comma-separated subset of the tables: paper, beyond, "
-                                      "wallclock", flag="--tables")
+                                      "wallclock, polyphonic (the piano-roll benchmark)",
+                                flag="--tables")
     seeds: int | None = option(None, "at most this many seeds per dataset", min=1, flag="--seeds")
     accelerator: str | None = option(None, "passed to every `vrnn train` (e.g. gpu)",
                                      flag="--accelerator")

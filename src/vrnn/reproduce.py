@@ -48,6 +48,10 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, VRNNError
+from .stats import fmt as _fmt
+from .stats import mean_se as _mean_se
+from .stats import paired
+from .benchmark import polyphonic_report
 
 
 @dataclass(frozen=True)
@@ -84,11 +88,17 @@ ROWS = {
     "vrnn-ar": Row("vrnn-gauss", model={"output": "ar"}, label="VRNN, autoregressive output"),
     "vrnn-gmm-stepwise": Row("vrnn-gmm", train={"scan": "stepwise"},
                              label="VRNN-GMM, every network in the loop (public style)"),
+    "srnn-gauss-warmup": Row("srnn-gauss", train={"kl_warmup_steps": 1000},
+                             label="SRNN (smoothing, Resq), KL warm-up over 1,000 steps"),
 }
 PAPER_ROWS = ["rnn-gauss", "rnn-gmm", "vrnn-i-gauss", "vrnn-gauss", "vrnn-gmm"]
 BEYOND_ROWS = ["srnn-gauss", "srnn-gmm", "vrnn-gauss-iwae", "vrnn-gauss-fivo", "rnn-ar", "vrnn-ar"]
 WALLCLOCK_ROWS = ["vrnn-gmm", "vrnn-gmm-stepwise"]
-TABLES = ("paper", "beyond", "wallclock")
+# the four piano-roll benchmark sets: the rows the literature reports there (on binary data
+# the *-gauss presets take the Bernoulli head)
+POLYPHONIC_ROWS = ["rnn-gauss", "rnn-ar", "vrnn-gauss", "vrnn-gauss-iwae", "vrnn-gauss-fivo", "vrnn-ar",
+                   "srnn-gauss-warmup"]
+TABLES = ("paper", "beyond", "wallclock", "polyphonic")
 GMM_ROWS = {"rnn-gmm", "vrnn-gmm", "srnn-gmm", "vrnn-gmm-stepwise"}
 AR_ROWS = {"rnn-ar", "vrnn-ar"}
 
@@ -99,6 +109,13 @@ DATASETS = {
     "chorales": {"plays": "JSB Chorales", "unit": "nats per step", "speech": False, "binary": True},
     # a Table 1 column only (the successors' rows were not run on it)
     "folk": {"plays": "Nottingham", "unit": "nats per step", "speech": False, "binary": True, "beyond": False},
+    # the real benchmark (Boulanger-Lewandowski et al. 2012): the polyphonic table only
+    "jsb": {"plays": "JSB Chorales", "unit": "nats per step", "speech": False, "binary": True, "polyphonic": True},
+    "nottingham": {"plays": "Nottingham", "unit": "nats per step", "speech": False, "binary": True,
+                   "polyphonic": True},
+    "musedata": {"plays": "MuseData", "unit": "nats per step", "speech": False, "binary": True, "polyphonic": True},
+    "pianomidi": {"plays": "Piano-midi.de", "unit": "nats per step", "speech": False, "binary": True,
+                  "polyphonic": True},
 }
 
 
@@ -127,6 +144,17 @@ SETUPS = {
         "folk": dict(model=_mlps(64, 16, 64, 1), seeds=[0, 1, 2], split_seed=0,
                      data=dict(max_sequences=400, max_length=64),
                      train=dict(batch_size=16, lr=1e-3, patience=20, max_steps=15000)),
+        # the published VRNN sizes (FIVO: latent = hidden = 64, 32 on JSB), their own split
+        # (no split_seed); RNN rows are widened to the VRNN's parameter count; the SRNN runs
+        # at the VRNN's widths (its paper's d 300, z 100, MLPs 500 do not fit 2 cores)
+        "jsb": dict(model=_mlps(32, 32, 32, 1), seeds=[0, 1, 2], split_seed=None,
+                    train=dict(batch_size=16, lr=1e-3, patience=20, max_steps=4000)),
+        "nottingham": dict(model=_mlps(64, 64, 64, 1), seeds=[0, 1, 2], split_seed=None,
+                           train=dict(batch_size=16, lr=1e-3, patience=10, max_steps=4000)),
+        "musedata": dict(model=_mlps(64, 64, 64, 1), seeds=[0, 1], split_seed=None,
+                         train=dict(batch_size=16, lr=1e-3, patience=10, max_steps=4000)),
+        "pianomidi": dict(model=_mlps(64, 64, 64, 1), seeds=[0, 1], split_seed=None,
+                          train=dict(batch_size=16, lr=1e-3, patience=10, max_steps=4000)),
     },
     # The paper's sizes (docs/paper.md); meant for a GPU: --accelerator gpu.
     "paper": {
@@ -141,6 +169,10 @@ SETUPS = {
                          train=dict(batch_size=32, lr=3e-4, patience=20, max_steps=100000)),
         "folk": dict(model=_mlps(1200, 50, 250, 1), seeds=[0, 1, 2], split_seed=0,
                      train=dict(batch_size=32, lr=3e-4, patience=20, max_steps=100000)),
+        **{ds: dict(model=_mlps(32 if ds == "jsb" else 64, 32 if ds == "jsb" else 64, 32 if ds == "jsb" else 64, 1),
+                    seeds=[0, 1, 2], split_seed=None,
+                    train=dict(batch_size=16, lr=1e-3, patience=20, max_steps=100000))
+           for ds in ("jsb", "nottingham", "musedata", "pianomidi")},
     },
 }
 SAMPLES = 40  # K of the IS and SMC estimates, as in the paper
@@ -151,6 +183,10 @@ def rows_for(dataset: str, table: str) -> list[str]:
     """The rows a table has on a dataset: no mixtures on binary data, the autoregressive
     output on the speech columns, the equal-wall-clock pair on asterisk-en only."""
     d = DATASETS[dataset]
+    if (table == "polyphonic") != bool(d.get("polyphonic")):
+        return []
+    if table == "polyphonic":
+        return list(POLYPHONIC_ROWS)
     if table == "wallclock":
         return list(WALLCLOCK_ROWS) if dataset == "asterisk-en" else []
     if table == "beyond" and not d.get("beyond", True):
@@ -160,10 +196,12 @@ def rows_for(dataset: str, table: str) -> list[str]:
 
 
 # ------------------------------------------------------------------ model sizes
-def _model_fields(row: Row, dataset: str, base: dict) -> dict:
+def _model_fields(row: Row, dataset: str, base: dict, x_dim: int | None = None) -> dict:
     fields = dict(base, **row.model)
     if DATASETS[dataset].get("binary"):
         fields["output"] = "bernoulli" if fields.get("output") != "ar" else "ar"
+        if fields["output"] == "ar" and x_dim is not None:  # every note a bit (as training sets it)
+            fields["binary_dims"] = list(range(x_dim))
     return fields
 
 
@@ -175,9 +213,13 @@ def count_params(preset: str, x_dim: int, fields: dict) -> int:
 
 def match_params(row: Row, dataset: str, x_dim: int, base: dict) -> dict:
     """The row's model options, with one MLP width chosen so that its parameter count is
-    as close as possible to RNN-Gauss's with ``base`` (the paper's protocol)."""
+    as close as possible to RNN-Gauss's with ``base`` (the paper's protocol). On the
+    piano-roll benchmark the latent rows keep the published sizes (``base``) and the RNN
+    rows get the width h that brings them closest to the VRNN's count."""
+    fields = _model_fields(row, dataset, base, x_dim)
+    if DATASETS[dataset].get("polyphonic"):
+        return fields if row.latent else _widen_rnn(row, dataset, x_dim, base)
     target = count_params("rnn-gauss", x_dim, _model_fields(ROWS["rnn-gauss"], dataset, base))
-    fields = _model_fields(row, dataset, base)
     if row.preset == "rnn-gauss" and not row.model:
         return fields
     best, best_gap = None, None
@@ -193,6 +235,23 @@ def match_params(row: Row, dataset: str, x_dim: int, base: dict) -> dict:
         if best_gap is None or abs(n - target) < best_gap:
             best, best_gap = cand, abs(n - target)
         lo, hi = (mid + 1, hi) if n < target else (lo, mid - 1)
+    return best
+
+
+def _widen_rnn(row: Row, dataset: str, x_dim: int, base: dict) -> dict:
+    """An RNN row with every width set to the h that brings its parameter count closest to
+    the VRNN's (same output head) at ``base``."""
+    vrnn = "vrnn-gauss" if row.model.get("output") != "ar" else "vrnn-ar"
+    target = count_params("vrnn-gauss", x_dim, _model_fields(ROWS[vrnn], dataset, base, x_dim))
+    fields = _model_fields(row, dataset, base, x_dim)
+    best, best_gap = None, None
+    for h in range(8, 8 * base["h_dim"] + 1):
+        cand = dict(fields, h_dim=h, **{w: h for w in WIDTHS})
+        n = count_params(row.preset, x_dim, cand)
+        if best_gap is None or abs(n - target) < best_gap:
+            best, best_gap = cand, abs(n - target)
+        if n > target:
+            break
     return best
 
 
@@ -218,7 +277,9 @@ def plan(setup: str, out: Path, datasets, x_dims: dict, accelerator: str | None,
                 row = ROWS[name]
                 model = match_params(row, ds, x_dims[ds], s["model"])
                 params = count_params(row.preset, x_dims[ds], model)
-                train = {**s["train"], **row.train, "split_seed": s["split_seed"]}
+                train = {**s["train"], **row.train}
+                if s["split_seed"] is not None:  # data with their own split keep it
+                    train["split_seed"] = s["split_seed"]
                 if table == "wallclock":  # the same wall clock, no early stop, no step cap
                     train.update(patience=100000, max_time_minutes=s["wallclock_minutes"] * budget_scale)
                     train.pop("max_steps", None)
@@ -227,7 +288,7 @@ def plan(setup: str, out: Path, datasets, x_dims: dict, accelerator: str | None,
                 config = {"model": {k: v for k, v in model.items()}, "train": train,
                           "data": dict(s.get("data", {}))}
                 for seed in s["seeds"][:seeds]:
-                    table_dir = "wallclock" if table == "wallclock" else "main"
+                    table_dir = table if table in ("wallclock", "polyphonic") else "main"
                     jobs.append({"table": table, "table_dir": table_dir, "dataset": ds, "row": name,
                                  "preset": row.preset, "seed": seed, "params": params, "config": config,
                                  "dir": str(out / "runs" / table_dir / ds / f"{name}-seed{seed}"),
@@ -281,12 +342,23 @@ def run_job(job: dict, out: Path, log=print) -> dict:
     if ev.returncode != 0:
         raise VRNNError(f"{run}: evaluation failed: {ev.stderr.strip()[-300:]}")
     res = json.loads(ev.stdout)
+    trained = None
+    if job["table"] == "polyphonic" and ROWS[job["row"]].objective != "elbo":
+        # the bound the row was trained with, at its K, on the test split (FIVO-style figures)
+        row = ROWS[job["row"]]
+        ev = subprocess.run(_vrnn_cmd("evaluate", best, "--data", job["dataset"], "--split", "test",
+                                      "--estimator", "is" if row.objective == "iwae" else "smc",
+                                      "--samples", row.train["particles"], "--json", "--seed", job["seed"]),
+                            capture_output=True, text=True)
+        if ev.returncode != 0:
+            raise VRNNError(f"{run}: evaluation failed: {ev.stderr.strip()[-300:]}")
+        trained = json.loads(ev.stdout)
     desc = torch.load(best, map_location="cpu", weights_only=True)["vrnn"]["data"]
     from .evaluate import split_sequences
     from .data import load
     data = load(job["dataset"], **(desc.get("load_opts") or {}))
     test_index, _ = split_sequences(data, _Identity(data.dim), desc, "test")
-    rec = make_record(job, res, summary, split_id(desc, test_index))
+    rec = make_record(job, res, summary, split_id(desc, test_index), trained)
     write_text(rec_path, json.dumps(rec, indent=1) + "\n")
     log(f"[reproduce] {job['table']:9s} {job['dataset']:11s} {job['row']:17s} seed {job['seed']}: "
         f"{'IS' if rec['exact'] is False else 'exact'} {rec['log_likelihood']}, SMC {rec['log_likelihood_smc']}, "
@@ -309,8 +381,9 @@ def _per_step(dataset: str) -> bool:
     return DATASETS[dataset]["unit"] == "nats per step"
 
 
-def make_record(job: dict, res: dict, summary: dict, split: dict) -> dict:
-    """One run's record: what the tables need, in the paper's unit and the data's own."""
+def make_record(job: dict, res: dict, summary: dict, split: dict, trained: dict | None = None) -> dict:
+    """One run's record: what the tables need, in the paper's unit and the data's own
+    (``trained``: the evaluation by the bound the run was trained with, at its K)."""
     per_step = _per_step(job["dataset"])
     est = res["estimators"]
     key = "per_step" if per_step else "per_sequence"
@@ -336,6 +409,10 @@ def make_record(job: dict, res: dict, summary: dict, split: dict) -> dict:
         "num_steps": res["num_steps"], "steps": summary["steps"], "epochs": summary["epochs"],
         "seconds": summary["seconds"], "converged": summary["converged"], "stopped": summary["stopped"],
         "best_valid_bound": summary["best_valid_bound"], "config": job["config"],
+        **({"log_likelihood_after_first": (est.get("exact") or {}).get("per_step_after_first")}
+           if not latent and per_step else {}),
+        **({"trained_bound": trained["estimators"][trained["estimator"]][key],
+            "trained_bound_k": trained["num_samples"]} if trained else {}),
     }
 
 
@@ -459,30 +536,6 @@ def diagnostics_table(records, dataset: str, rows: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _mean_se(values) -> tuple[float, float]:
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan"))
-
-
-def _fmt(mean, se, digits):
-    if mean is None:
-        return "n/a"
-    text = f"{mean:,.{digits}f}"
-    return text + (f" ± {se:,.{digits}f}" if se == se else "")
-
-
-def paired(records, row: str, ref: str, key: str = "log_likelihood"):
-    """(mean, SE, wins, n) of the per-seed differences row - ref (same dataset, same seeds)."""
-    a = {r["seed"]: r[key] for r in records if r["model"] == row and r[key] is not None}
-    b = {r["seed"]: r[key] for r in records if r["model"] == ref and r[key] is not None}
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return None
-    d = [a[s] - b[s] for s in seeds]
-    mean, se = _mean_se(d)
-    return mean, se, sum(x > 0 for x in d), len(d)
-
-
 def _digits(dataset: str) -> int:
     return 3 if _per_step(dataset) else 1
 
@@ -557,7 +610,8 @@ def notes(records, datasets) -> str:
         tc, data = recs[0]["config"]["train"], recs[0]["config"].get("data", {})
         seeds = sorted({r["seed"] for r in recs})
         data = ", ".join(f"{k} {v}" for k, v in data.items()) or "as registered"
-        parts.append(f"{d}: seeds {seeds} on split {tc['split_seed']}, data {data}, patience "
+        split = tc["split_seed"] if "split_seed" in tc else "(its own)"
+        parts.append(f"{d}: seeds {seeds} on split {split}, data {data}, patience "
                      f"{tc['patience']} epochs, cap {tc['max_steps']:,} optimiser steps, batch {tc['batch_size']}")
     return "; ".join(parts)
 
@@ -566,7 +620,7 @@ def report(out: Path, setup: str, datasets, command: str, log=print) -> dict:
     """Write the tables and table1.json from the records; returns the JSON."""
     from .writers import write_text
     records = load_records(out)
-    main = [r for r in records if r["table"] != "wallclock"]
+    main = [r for r in records if r["table"] not in ("wallclock", "polyphonic")]
     cols = [d for d in DATASETS if d in datasets and any(r["dataset"] == d for r in main)]
     hw = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     legend = (
@@ -599,6 +653,9 @@ def report(out: Path, setup: str, datasets, command: str, log=print) -> dict:
     wall = [r for r in records if r["table"] == "wallclock"]
     if wall:
         write_text(out / "wallclock.md", wallclock_table(wall, setup))
+    poly = [r for r in records if r["table"] == "polyphonic" and r["dataset"] in datasets]
+    if poly:
+        write_text(out / "polyphonic.md", polyphonic_report(poly, command, hw))
     js = {"setup": setup, "command": command, "hardware": hw, "runs": records}
     write_text(out / "table1.json", json.dumps(js, indent=1) + "\n")
     log("\n".join(md))
@@ -792,7 +849,8 @@ def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
             fetch(ds, progress=log)
         data = load(ds, **SETUPS[setup][ds].get("data", {}))
         x_dims[ds] = data.dim
-        sample_seqs[ds] = data.sequences[:64]
+        by_length = sorted(data.sequences, key=len)  # the median-length ones: a typical bucketed batch
+        sample_seqs[ds] = by_length[max(0, len(by_length) // 2 - 32):len(by_length) // 2 + 32]
     todo = plan(setup, out, datasets, x_dims, accelerator, budget_scale, rows, tables, seeds)
     for ds in datasets:
         counts = {j["row"]: j["params"] for j in todo if j["dataset"] == ds}

@@ -1,0 +1,164 @@
+"""The piano-roll benchmark's table: our rows on JSB Chorales, Nottingham, MuseData and
+Piano-midi.de beside the published figures, and the targets stated as met or missed.
+
+Written by ``vrnn reproduce --tables polyphonic`` (and ``--report-only``) from the records
+alone. Unit: nats per time step, the sum of the test sequences' log-likelihoods over the
+total number of test frames, first frame included; the RNN rows also in TCN's convention
+(first frames left out).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .published import SETS, published_for
+from .stats import fmt, mean_se, paired
+
+TITLES = {"jsb": "JSB Chorales", "nottingham": "Nottingham", "musedata": "MuseData", "pianomidi": "Piano-midi.de"}
+LABELS = {"rnn-gauss": "RNN (LSTM, Bernoulli)", "rnn-ar": "RNN, MADE output (RNN-NADE-like)",
+          "vrnn-gauss": "VRNN, ELBO", "vrnn-gauss-iwae": "VRNN, IWAE (K=4)", "vrnn-gauss-fivo": "VRNN, FIVO (K=4)",
+          "vrnn-ar": "VRNN, MADE output", "srnn-gauss-warmup": "SRNN (smoothing, Resq), KL warm-up"}
+ORDER = list(LABELS)
+DIGITS = 3
+
+
+def _values(recs, key):
+    vals = [r.get(key) for r in recs]
+    return vals if vals and all(v is not None for v in vals) else None
+
+
+def _cell(recs, key) -> str:
+    vals = _values(recs, key)
+    return "n/a" if vals is None else fmt(*mean_se(vals), DIGITS)
+
+
+def _mean(records, row, key):
+    vals = _values([r for r in records if r["model"] == row], key)
+    return None if vals is None else float(np.mean(vals))
+
+
+def best_estimate(rec) -> float | None:
+    """A run's tightest estimate of log p(x): exact for RNN rows, else the larger of IS and
+    SMC (both lower bounds in expectation)."""
+    vals = [v for v in (rec.get("log_likelihood"), rec.get("log_likelihood_smc")) if v is not None]
+    return max(vals) if vals else None
+
+
+def rows_table(records, dataset: str) -> str:
+    recs = [r for r in records if r["dataset"] == dataset]
+    r0 = recs[0]
+    lines = [f"### {TITLES[dataset]} (`{dataset}`): {r0['num_sequences']} test sequences, "
+             f"{r0['num_steps']:,} frames", "",
+             "| row | params | ELBO | IS (K=40) | SMC (K=40) | trained bound (its K) | exact, first frame "
+             "left out (TCN) | seeds | steps | converged |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in ORDER:
+        rr = sorted((r for r in recs if r["model"] == row), key=lambda r: r["seed"])
+        if not rr:
+            continue
+        exact = rr[0]["exact"]
+        elbo = "" if exact else _cell(rr, "elbo")
+        is_ = ("= " if exact else "") + _cell(rr, "log_likelihood")
+        smc = "(exact)" if exact else _cell(rr, "log_likelihood_smc")
+        if exact:
+            trained = "(exact)"
+        elif rr[0].get("trained_bound_k"):
+            trained = f"{_cell(rr, 'trained_bound')} (K={rr[0]['trained_bound_k']})"
+        else:
+            trained = f"{elbo} (ELBO)"
+        tcn = _cell(rr, "log_likelihood_after_first") if exact else ""
+        conv = sum(bool(r["converged"]) for r in rr)
+        steps = f"{int(np.mean([r['steps'] for r in rr])):,}"
+        lines.append(f"| {LABELS[row]} | {rr[0]['params']:,} | {elbo} | {is_} | {smc} | {trained} | {tcn} | "
+                     f"{', '.join(str(r['seed']) for r in rr)} | {steps} | {conv} of {len(rr)} |")
+    return "\n".join(lines)
+
+
+def published_table(records, dataset: str) -> str:
+    recs = [r for r in records if r["dataset"] == dataset]
+    lines = ["| published | source | size | figure | ours, same kind of figure |", "| --- | --- | --- | --- | --- |"]
+    for p in published_for(dataset):
+        fig = f"{'>= ' if p.bound else ''}{p.figures[dataset]:.2f}" + ("" if p.first_frame else " (first frame left out)")
+        fig += " (quoted from memory)" if p.from_memory else ""
+        ours = []
+        for row in p.ours:
+            rr = [r for r in recs if r["model"] == row]
+            if not rr:
+                continue
+            if rr[0]["exact"]:
+                key = "log_likelihood" if p.first_frame else "log_likelihood_after_first"
+                ours.append(f"{LABELS[row]}: {_cell(rr, key)}")
+            elif p.bound:
+                key = "trained_bound" if rr[0].get("trained_bound_k") else "elbo"
+                ours.append(f"{LABELS[row]}: >= {_cell(rr, key)}")
+            else:
+                ours.append(f"{LABELS[row]}: {_cell(rr, 'log_likelihood_smc')} (SMC)")
+        lines.append(f"| {p.model} | {p.source} | {p.size} | {fig} | {'; '.join(ours) or 'not run'} |")
+    return "\n".join(lines)
+
+
+def targets(records, dataset: str) -> list[str]:
+    """The issue's targets on one set, each stated as met, missed or not run, with the figures."""
+    recs = [r for r in records if r["dataset"] == dataset]
+    pub = {p.model: p.figures.get(dataset) for p in published_for(dataset)}
+    out = []
+
+    def say(name, ours, theirs, extra=""):
+        if ours is None or theirs is None:
+            out.append(f"- {name}: not run" if theirs is not None else f"- {name}: no published figure")
+        else:
+            out.append(f"- {name}: {'met' if ours >= theirs else 'missed'} ({ours:.3f} against {theirs:.2f}{extra})")
+
+    if dataset in ("nottingham", "jsb"):
+        say("RNN at or above TCN's LSTM (first frame left out)",
+            _mean(recs, "rnn-gauss", "log_likelihood_after_first"), pub.get("LSTM"))
+    say("FIVO-trained VRNN's FIVO bound (K=4) at or above the published N=5 FIVO",
+        _mean(recs, "vrnn-gauss-fivo", "trained_bound"), pub.get("VRNN, FIVO (N=5)"))
+    trained = {r: _mean(recs, r, "trained_bound" if r != "vrnn-gauss" else "elbo")
+               for r in ("vrnn-gauss", "vrnn-gauss-iwae", "vrnn-gauss-fivo")}
+    if None in trained.values():
+        out.append("- ordering FIVO >= IWAE >= ELBO: not run")
+    else:
+        by_bound = trained["vrnn-gauss-fivo"] >= trained["vrnn-gauss-iwae"] >= trained["vrnn-gauss"]
+        smc = {r: _mean(recs, r, "log_likelihood_smc") for r in trained}
+        by_smc = smc["vrnn-gauss-fivo"] >= smc["vrnn-gauss-iwae"] >= smc["vrnn-gauss"]
+        out.append(f"- ordering FIVO >= IWAE >= ELBO: by each row's own bound {'met' if by_bound else 'missed'} "
+                   f"({trained['vrnn-gauss-fivo']:.3f} / {trained['vrnn-gauss-iwae']:.3f} / "
+                   f"{trained['vrnn-gauss']:.3f}); by SMC (K=40) {'met' if by_smc else 'missed'} "
+                   f"({smc['vrnn-gauss-fivo']:.3f} / {smc['vrnn-gauss-iwae']:.3f} / {smc['vrnn-gauss']:.3f})")
+    say("SRNN's ELBO at or above its paper's bound", _mean(recs, "srnn-gauss-warmup", "elbo"),
+        pub.get("SRNN (smoothing + Resq)"), "; at the VRNN's widths, not the paper's")
+    if dataset in ("nottingham", "jsb"):
+        best = {row: float(np.mean(v)) for row in ORDER
+                if (v := [best_estimate(r) for r in recs if r["model"] == row]) and None not in v}
+        top = max(best, key=best.get) if best else None
+        say("our best row at or above RNN-NADE", best.get(top) if top else None, pub.get("RNN-NADE"),
+            f"; {LABELS[top]}" if top else "")
+    d = paired(recs, "vrnn-ar", "rnn-ar", "log_likelihood_smc")
+    if d is None:
+        out.append("- does a latent variable help once the output is autoregressive (VRNN-AR - RNN-AR): not run")
+    else:
+        out.append(f"- does a latent variable help once the output is autoregressive: VRNN-AR (SMC, K=40) - "
+                   f"RNN-AR (exact) = {fmt(d[0], d[1], DIGITS)} nats per step, VRNN-AR ahead in {d[2]} of {d[3]} seeds")
+    return out
+
+
+def polyphonic_report(records, command: str, hardware: str) -> str:
+    """results/polyphonic.md: per set, our rows, the published figures beside them, the targets."""
+    sets = [d for d in SETS if any(r["dataset"] == d for r in records)]
+    md = ["# The piano-roll benchmark: JSB Chorales, Nottingham, MuseData, Piano-midi.de", "",
+          "Test log-likelihood in nats per time step (the sum over all test sequences divided by "
+          "the total number of test frames, first frame included; higher is better), mean ± "
+          "standard error over seeds, on the standard splits of Boulanger-Lewandowski et al. "
+          "(2012). ELBO, importance sampling (IS) and the particle filter (SMC) with K = 40; "
+          "'trained bound' is the bound each row was trained with, at its K, on the test split "
+          "(the FIVO paper's kind of figure); RNN rows are exact (also with each sequence's first "
+          "frame left out, TCN's convention). '>=' marks a lower bound.", "",
+          f"Command: `{command}`. Hardware: {hardware}.", ""]
+    for d in sets:
+        md += [rows_table(records, d), "", published_table(records, d), "", "Targets:", ""]
+        md += targets(records, d) + [""]
+    missing = [d for d in SETS if d not in sets]
+    if missing:
+        md += [f"Not run yet: {', '.join(TITLES[d] for d in missing)}.", ""]
+    return "\n".join(md)
