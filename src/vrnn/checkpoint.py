@@ -46,7 +46,7 @@ def read(path) -> dict:
     for key in ("config", "normalizer", "data"):
         if not isinstance(meta.get(key), dict):
             raise CheckpointError(f"{path}: its vrnn entry has no {key} mapping")
-    from .data.registry import KINDS
+    from .data.sequences import KINDS
     if meta["data"].get("kind") not in KINDS:
         raise CheckpointError(f"{path}: its data description has no valid kind "
                               f"(got {meta['data'].get('kind')!r}; one of {', '.join(KINDS)})")

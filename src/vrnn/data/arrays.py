@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .registry import SequenceSet
+from .sequences import SequenceSet
 
 
 def _as_sequence(arr, where: str) -> np.ndarray:

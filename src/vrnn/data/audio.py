@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .registry import SequenceSet
+from .sequences import SequenceSet
 
 # Defaults for the fetched corpora.
 FETCHED = {

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .registry import SequenceSet
+from .sequences import SequenceSet
 
 
 def _points(path: Path) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .registry import SequenceSet
+from .sequences import SequenceSet
 
 
 def resource_dir() -> Path:

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..files import atomic_write
-from .registry import SequenceSet
+from .sequences import SequenceSet
 
 CACHE_NAME = "chorales-v1.npz"
 FOLK_CACHE_NAME = "folk-v1.npz"

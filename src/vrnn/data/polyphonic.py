@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .registry import SequenceSet
+from .sequences import SequenceSet
 
 BUNDLED = Path(__file__).parent / "bundled"
 LOWEST_PITCH = 21  # column j is MIDI note 21 + j (A0 .. C8)
