@@ -8,7 +8,8 @@ from torch.distributions import (Bernoulli, Categorical, Independent, MixtureSam
                                  MultivariateNormal, Normal, kl_divergence)
 
 from vrnn.heads import (BernoulliHead, GaussianHead, GMMHead, StrokesHead, gaussian_kl,
-                        gaussian_log_prob, make_head, positive_std)
+                        gaussian_log_prob, positive_std)
+from vrnn.outputs import make_head
 
 DT = torch.float64
 FLOOR = 1e-4

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models.base import add_shared
+from .rows import add_shared
 
 __all__ = ["set_scan", "get_scan", "supports", "scan", "scan_args", "FusedScan", "SCAN_IMPLS"]
 

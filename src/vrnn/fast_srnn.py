@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fast import _linears, _tb, compute_dtype
-from .models.base import add_shared
+from .rows import add_shared
 
 __all__ = ["chain", "supports", "ZChain"]
 

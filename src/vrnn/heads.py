@@ -201,21 +201,3 @@ class StrokesHead(Head):
     def point(self, params: Tensor) -> Tensor:
         x = self.mean(params)
         return torch.cat([(params[..., :1] > 0).to(x.dtype), x[..., 1:]], dim=-1)
-
-
-def make_head(cfg, in_dim: int) -> Head:
-    """The output head ``cfg`` (a ``VRNNConfig``) asks for, reading features of ``in_dim``."""
-    kind, x_dim, k, floor = cfg.output, cfg.x_dim, cfg.n_components, cfg.std_floor
-    if kind == "gauss":
-        return GaussianHead(in_dim, x_dim, floor)
-    if kind == "gmm":
-        return GMMHead(in_dim, x_dim, k, floor)
-    if kind == "bernoulli":
-        return BernoulliHead(in_dim, x_dim, floor)
-    if kind == "strokes":
-        return StrokesHead(in_dim, x_dim, k, floor)
-    if kind == "ar":
-        from .autoregressive import AutoregressiveHead
-        return AutoregressiveHead(in_dim, x_dim, hidden=cfg.ar_hidden, k=k,
-                                  binary_dims=tuple(cfg.binary_dims), std_floor=floor)
-    raise ValueError(f"unknown output head {kind!r}; choose gauss, gmm, bernoulli, strokes or ar")

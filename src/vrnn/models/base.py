@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from ..config import VRNNConfig
 from ..errors import ConfigError
 from ..heads import LOG_2PI, positive_std
+from ..rows import add_shared, repeat_rows  # noqa: F401 (the models import them from here)
 
 State = tuple[Tensor, ...]
 
@@ -108,23 +109,6 @@ class Trace:
     std_p: Tensor | None = None
     kl_dims: Tensor | None = None  # (B, T, Z) KL per latent dimension
     bound: Tensor | None = None    # (B,) the bound inference.objective trained on, per sequence
-
-
-def add_shared(shared: Tensor, rows: Tensor) -> Tensor:
-    """shared (B, ..., D) + rows (k*B, ..., D), row k*B + b getting shared[b]; k = 1 is a
-    plain sum. What does not depend on z is computed once per sequence and broadcast."""
-    if shared.shape[0] == rows.shape[0]:
-        return shared + rows
-    return (rows.view(-1, *shared.shape) + shared).view(rows.shape)
-
-
-def repeat_rows(t: Tensor, k: int, dim: int = 0) -> Tensor:
-    """``t`` with its rows (on ``dim``) repeated k times, sample-major."""
-    if k == 1:
-        return t
-    reps = [1] * t.dim()
-    reps[dim] = k
-    return t.repeat(*reps)
 
 
 def rows_log_prob(head, params: Tensor, x: Tensor) -> Tensor:

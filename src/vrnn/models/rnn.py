@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..heads import make_head
+from ..outputs import make_head
 from .base import SequenceModel, State, Trace, mlp
 
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..heads import gaussian_kl, gaussian_log_prob, make_head
+from ..heads import gaussian_kl, gaussian_log_prob
+from ..outputs import make_head
 from .base import (SequenceModel, SplitMLP, State, Trace, add_shared, mlp, repeat_rows, rows_log_prob,
                    standard_log_prob)
 

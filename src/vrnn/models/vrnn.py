@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..heads import gaussian_kl, gaussian_log_prob, make_head
+from ..heads import gaussian_kl, gaussian_log_prob
+from ..outputs import make_head
 from .base import (GaussianFromHidden, SequenceModel, State, Trace, add_shared, mlp, repeat_rows,
                    rows_log_prob, standard_log_prob)
 
