@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
 #   make test   creates .venv when missing, then runs the test suite
 #   make demo   creates .venv when missing, then runs the main job (LASA handwriting)
+#   make docs   builds the documentation site into site/ (strict)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= runs/demo
 
-.PHONY: test demo env bench clean
+.PHONY: test demo docs env bench clean
 
 env: $(VENV)/.installed
 
@@ -23,8 +24,11 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/vrnn demo --out $(DEMO)
 
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/speed.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site
