@@ -166,12 +166,14 @@ class AutoregressiveHead(Head):
         return wx, v
 
     def network(self, params: Tensor, x: Tensor) -> Tensor:
-        """All conditional parameters o (..., O) in one pass (dims' outputs see only x_{<d})."""
-        wx, v = self.masked_weights(params.dtype)
-        s = params + F.linear(x.to(params.dtype), wx)
-        a, o = s.split([self.hidden, self.n_out], dim=-1)
-        o = o + F.linear(F.relu(a), v)
-        return o.to(params.dtype)  # under autocast: the densities in params' precision
+        """All conditional parameters o (..., O) in one pass (dims' outputs see only x_{<d}),
+        in ``params``' precision: autocast is off here, so under bf16-mixed the masked
+        products of a float32 density run in float32 like the other heads' log-densities."""
+        with torch.autocast(params.device.type, enabled=False):
+            wx, v = self.masked_weights(params.dtype)
+            s = params + F.linear(x.to(params.dtype), wx)
+            a, o = s.split([self.hidden, self.n_out], dim=-1)
+            return o + F.linear(F.relu(a), v)
 
     def _split(self, o: Tensor) -> dict[str, Tensor]:
         k, b, R = self.k, self.block, len(self.real_dims)

@@ -80,7 +80,7 @@ class EvaluateOptions:
     samples: int = option(40, "importance samples or particles K", min=1, flag="--samples")
     resample: str = option("ess", "smc: resample when the ESS is low (ess), always, or never",
                            choices=SCHEDULES, flag="--resample")
-    ess_threshold: float = option(0.5, "smc: resample when the ESS falls below this fraction of K",
+    ess_threshold: float = option(0.5, "smc: resample when the ESS falls to this fraction of K or below",
                                   above=0.0, max=1.0, flag="--ess-threshold")
     resampler: str = option("systematic", "smc: how ancestors are drawn", choices=RESAMPLERS,
                             flag="--resampler")

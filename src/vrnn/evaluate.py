@@ -217,7 +217,7 @@ class Float64Fallback:
         when a per-step score of a real step is not finite in float32."""
         lat = self.model.latents(x, mask, sample=sample)
         real = mask > 0
-        if bool(torch.isfinite(lat["score"][real]).all()):
+        if bool(torch.isfinite(lat["plugin_score"][real]).all()):
             return lat
         return self.double.latents(x.double(), mask.double(), sample=sample)
 

@@ -43,15 +43,18 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
     ``resample``/``threshold``/``resampler`` as in ``smc.particle_filter``).
     ``kl_weight`` < 1 is KL annealing: it scales the KL term of the ELBO, and the latent
     part log p(z) - log q(z) of every IWAE/FIVO weight (a tempered weight). ``free_bits``
-    > 0 charges each latent dimension at each step at least that many nats of KL (Kingma
-    et al. 2016); it applies to the ELBO's analytic KL only, and is refused for IWAE/FIVO
+    > 0 charges each latent dimension at each step of each sequence at least that many
+    nats of KL: a clamp per sequence, step and dimension, stricter than Kingma et al.
+    (2016), who clamp the minibatch average of each group's KL; it applies to the ELBO's analytic KL only, and is refused for IWAE/FIVO
     with K > 1. ``normaliser``: what the summed bound is divided by (default: this batch's
     real steps; training passes the whole batch's over all processes, divided by the
     number of processes, whose gradients DDP averages). ``continues`` (B,)
     (FIVO under truncated BPTT): sequences that go on after this chunk, resampled at its
     end. Returns ``(loss, trace)``; ``trace.bound`` (B,) is the bound per sequence that is
     reported: at ``kl_weight`` 1 and without free bits, except that FIVO under warm-up
-    reports its tempered bound (its particles were resampled by the tempered weights).
+    reports its tempered log Z (its particles were resampled by the tempered weights), which
+    is a surrogate, not a bound on log p(x): then ``trace.tempered`` is True (training logs
+    it as ``train/fivo_tempered``, never as ``train/bound``).
     Under IWAE and FIVO the trace has K*B rows (FIVO's after resampling) and
     ``trace.state`` carries them on.
     """
@@ -60,6 +63,10 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
     K = int(num_samples)
     if K < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not 0.0 <= kl_weight <= 1.0:
+        raise ValueError(f"kl_weight must be in [0, 1], got {kl_weight}")
+    if not free_bits >= 0.0:
+        raise ValueError(f"free_bits must be >= 0, got {free_bits}")
     B = x.shape[0]
     if not model.latent or bound == "elbo" or K == 1:
         tr = model(x, mask, state=state, samples=K if model.latent else 1)
@@ -92,6 +99,7 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
     steps = (tr.mask.sum() / max(1, tr.mask.shape[0] // B)).clamp(min=1.0) if normaliser is None else normaliser
     loss = -per_seq.sum() / steps
     tr.bound = reported.detach()
+    tr.tempered = bool(bound == "fivo" and model.latent and K > 1 and kl_weight != 1.0)
     return loss, tr
 
 
@@ -166,7 +174,10 @@ def latents(model, x: Tensor, mask: Tensor | None = None, sample: bool = False) 
 
     With ``sample=False`` (default) z_t is the posterior mean (deterministic); with
     ``sample=True`` a posterior draw. Keys: ``mask`` (B,T); ``log_px`` (B,T) log p(x_t|.);
-    ``kl`` (B,T); ``score`` (B,T) = log_px - kl, the per-step ELBO term (low = anomalous);
+    ``kl`` (B,T); ``plugin_score`` (B,T) = log_px - kl at the z used (low = anomalous): at
+    the posterior mean a plug-in value, NOT the per-step ELBO term (its sum is not the ELBO,
+    which is an expectation over z ~ q); with ``sample=True`` a one-draw unbiased estimate
+    of that term;
     ``h`` (B,T,H) the deterministic state after step t (the VRNN's h_t, the SRNN's
     d_{t+1}); ``h_change`` (B,T) ||h after t - h before t||; and for latent models
     ``posterior_mean``, ``posterior_std``, ``prior_mean``, ``prior_std``, ``z`` (B,T,Z).
@@ -179,7 +190,7 @@ def latents(model, x: Tensor, mask: Tensor | None = None, sample: bool = False) 
         "mask": tr.mask,
         "log_px": tr.log_px,
         "kl": tr.kl,
-        "score": tr.log_px - tr.kl,
+        "plugin_score": tr.log_px - tr.kl,
         "h": tr.h,
         "h_change": (tr.h - tr.h_prev).norm(dim=-1) * tr.mask,
     }

@@ -8,8 +8,9 @@ model's posterior q and takes the incremental weight
     log w_t = log p(x_t | .) + log p(z_t | .) - log q(z_t | .)
 
 added to its running log-weight W. Where the effective sample size
-ESS = (sum_k e^W_k)^2 / sum_k e^(2 W_k) falls below ``threshold`` * K (or always, or
-never), the sequence's particles are resampled: each takes an ancestor drawn in
+ESS = (sum_k e^W_k)^2 / sum_k e^(2 W_k) falls to ``threshold`` * K or below (as FIVO's
+code: with K = 2 and the default 0.5, the ESS of 2 particles is never below 1; or always,
+or never), the sequence's particles are resampled: each takes an ancestor drawn in
 proportion to e^W (multinomial or systematic), its state becomes the ancestor's, and W
 is reset to 0. At every resampling and at the sequence's own last real step
 
@@ -167,7 +168,7 @@ def particle_filter(model, x: Tensor, mask: Tensor | None = None, particles: int
         if resample == "always":
             want = real & ~is_last
         elif resample == "ess":
-            want = real & ~is_last & (ess < threshold * K)
+            want = real & ~is_last & (ess <= threshold * K)
         if cont is not None and any_last[t]:
             want = is_last & cont if want is None else want | (is_last & cont)
         resampling = want is not None and bool(want.any())

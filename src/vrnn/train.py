@@ -85,8 +85,9 @@ class TrainConfig:
                               above=0.0, flag="--grad-clip")
     kl_warmup_steps: int = option(0, "KL weight rises linearly 0 -> 1 over this many optimiser "
                                      "steps (0: no warm-up)", min=0, flag="--kl-warmup")
-    free_bits: float = option(0.0, "nats per latent dimension per step the KL is charged at "
-                                   "least (ELBO only)", min=0.0, flag="--free-bits")
+    free_bits: float = option(0.0, "nats of KL charged at least per latent dimension, clamped per "
+                                   "sequence, step and dimension (not Kingma et al.'s minibatch "
+                                   "average per group; ELBO only)", min=0.0, flag="--free-bits")
     tbptt: int | None = option(None, "truncated BPTT: chunks of this many steps, the state "
                                      "carried across", min=1, flag="--tbptt")
     patience: int = option(10, "early stopping: epochs without a better validation bound",
@@ -101,8 +102,8 @@ class TrainConfig:
                             flag="--particles")
     resample: str = option("ess", "FIVO: resample when the ESS is low (ess), always, or never",
                            choices=SCHEDULES, flag="--resample")
-    ess_threshold: float = option(0.5, "FIVO: resample when the ESS falls below this fraction of "
-                                       "the particles", above=0.0, max=1.0, flag="--ess-threshold")
+    ess_threshold: float = option(0.5, "FIVO: resample when the ESS falls to this fraction of "
+                                       "the particles or below", above=0.0, max=1.0, flag="--ess-threshold")
     resampler: str = option("systematic", "FIVO: how ancestors are drawn", choices=RESAMPLERS,
                             flag="--resampler")
     fractions: tuple[float, ...] = option((0.8, 0.1, 0.1), "train / valid / test fractions", min=0.0,
@@ -334,7 +335,7 @@ class VRNNModule(L.LightningModule):
             x = torch.cat([x, x.new_zeros(B, pad, x.shape[2])], 1)
             mask = torch.cat([mask, mask.new_zeros(B, pad)], 1)
         fivo = self.tc.get("objective") == "fivo" and self.tc.get("particles", 1) > 1
-        state, total_bound, total_kl = None, 0.0, 0.0
+        state, total_bound, total_kl, tempered = None, 0.0, 0.0, False
         for c in range(chunks):
             xc, mc = x[:, c * L_:(c + 1) * L_], mask[:, c * L_:(c + 1) * L_]
             continues = (mask[:, (c + 1) * L_:].sum(1) > 0) if fivo and c + 1 < chunks else None
@@ -353,12 +354,15 @@ class VRNNModule(L.LightningModule):
             opt.step()
             state = tuple(s.detach() for s in tr.state)
             total_bound += float(tr.bound.sum())
+            tempered = tempered or getattr(tr, "tempered", False)
             total_kl += float(tr.kl.detach().sum()) * B / tr.kl.shape[0]
         real = float(mask.sum())
-        self.log("train/bound", total_bound / B, on_step=False, on_epoch=True, batch_size=B, sync_dist=True)
+        # FIVO under KL warm-up: its tempered log Z is a surrogate, not a bound on log p(x)
+        name = "train/fivo_tempered" if tempered else "train/bound"
+        self.log(name, total_bound / B, on_step=False, on_epoch=True, batch_size=B, sync_dist=True)
         self.log("train/kl", total_kl / B, on_step=False, on_epoch=True, batch_size=B, sync_dist=True)
-        self.log("train/nats_per_step", total_bound / max(real, 1.0), on_step=True, on_epoch=False,
-                 prog_bar=True, batch_size=B)
+        self.log("train/fivo_tempered_per_step" if tempered else "train/nats_per_step",
+                 total_bound / max(real, 1.0), on_step=True, on_epoch=False, prog_bar=True, batch_size=B)
 
     def validation_step(self, batch, batch_idx):
         x, mask = batch
