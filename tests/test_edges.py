@@ -95,3 +95,183 @@ def test_api_refuses_empty_batches_and_negative_weights():
         objective(model, x, kl_weight=-1.0)
     with pytest.raises(ValueError, match="free_bits"):
         objective(model, x, free_bits=-1.0)
+
+
+# ------------------------------------------------- results that looked valid but were wrong
+@pytest.mark.parametrize("output", ["bernoulli", "strokes"])
+def test_a_head_that_does_not_fit_the_data_is_refused(arrays, tiny_config, tmp_path, capsys, output):
+    assert train(arrays, tmp_path / "r", tiny_config, "vrnn-gauss", 1, "--output", output) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--output {output}" in err and "0 and 1" in err
+    assert not (tmp_path / "r" / "logs").exists()
+
+
+def test_a_non_finite_validation_bound_stops_training_with_the_guards_message(tmp_path, tiny_config, capsys):
+    from vrnn.data import split
+    data = make_arrays(tmp_path / "a")
+    files = sorted(data.glob("*.npy"))
+    for i in split(len(files), (0.8, 0.1, 0.1), 0)["valid"]:
+        np.save(files[i], np.full_like(np.load(files[i]), 1e30))
+    assert train(data, tmp_path / "r", tiny_config, "vrnn-gauss", 1) == 2
+    err = capsys.readouterr().err
+    assert "non-finite validation bound" in err and "Traceback" not in err
+    summary = tmp_path / "r" / "summary.json"
+    assert not summary.exists() or "Infinity" not in summary.read_text()
+
+
+def test_a_moved_run_keeps_its_best_checkpoint_on_resume(arrays, tiny_config, tmp_path, monkeypatch):
+    from vrnn.train import VRNNModule
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(arrays, a, tiny_config, "vrnn-gauss", 2) == 0
+    best = json.loads((a / "summary.json").read_text())["best_valid_bound"]
+    epoch = torch.load(a / "best.ckpt", weights_only=True)["epoch"]
+    a.rename(b)
+
+    def worse(self, batch, batch_idx):  # every later epoch is far worse
+        self.log("valid/bound", -1e9, on_epoch=True, batch_size=batch[0].shape[0])
+
+    monkeypatch.setattr(VRNNModule, "validation_step", worse)
+    assert train(arrays, b, tiny_config, "vrnn-gauss", 3, "--resume") == 0
+    assert json.loads((b / "summary.json").read_text())["best_valid_bound"] == pytest.approx(best)
+    assert torch.load(b / "best.ckpt", weights_only=True)["epoch"] == epoch
+
+
+def test_resuming_with_another_objective_is_refused(trained, tmp_path, capsys):
+    import shutil
+    data, cfg, out = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert train(data, copy, cfg, "vrnn-gauss", 2, "--resume", "--objective", "iwae",
+                 "--particles", 2) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--objective" in err and "elbo" in err
+
+
+def _record(model="vrnn-gauss", seed=0, **kw):
+    rec = {"table": "paper", "dataset": "lasa", "model": model, "preset": model, "seed": seed,
+           "params": 1000, "split": {"seed": 0, "fractions": [0.8, 0.1, 0.1], "data_options": {},
+                                     "test_sha1": "abc", "test_sequences": 21},
+           "elbo": -10.0, "log_likelihood": -9.0, "log_likelihood_smc": -8.5, "elbo_raw": -1.0,
+           "log_likelihood_raw": -0.5, "log_likelihood_smc_raw": -0.4, "exact": False,
+           "num_samples": 40, "unit": "nats per sequence", "num_sequences": 21, "num_steps": 500,
+           "steps": 100, "epochs": 5, "seconds": 3.0, "converged": True, "stopped": "early",
+           "best_valid_bound": -9.5,
+           "config": {"model": {}, "train": {"split_seed": 0, "patience": 5, "max_steps": 100,
+                                             "batch_size": 16}, "data": {}}}
+    rec.update(kw)
+    return rec
+
+
+BAD_RECORDS = {
+    "duplicate": ("dup.json", json.dumps(_record())),
+    "unknown model": ("x.json", json.dumps(_record(model="vrnn-huge"))),
+    "other split": ("x.json", json.dumps(_record(seed=1, split={"seed": 1, "fractions": [0.8, 0.1, 0.1],
+                                                                "test_sha1": "def", "test_sequences": 21}))),
+    "NaN": ("x.json", json.dumps(_record(seed=1, log_likelihood=float("nan")))),
+    "1e400": ("x.json", json.dumps(_record(seed=1)).replace('"elbo": -10.0', '"elbo": 1e400')),
+    "truncated": ("x.json", json.dumps(_record(seed=1))[:50]),
+    "empty": ("x.json", ""),
+    "a list": ("x.json", "[1, 2]"),
+    "missing key": ("x.json", json.dumps({k: v for k, v in _record(seed=1).items() if k != "steps"})),
+    "string for a number": ("x.json", json.dumps(_record(seed=1, seconds="3"))),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_report_only_refuses_a_bad_record_naming_its_file(tmp_path, capsys, case):
+    folder = tmp_path / "records" / "main" / "lasa"
+    folder.mkdir(parents=True)
+    (folder / "vrnn-gauss-seed0.json").write_text(json.dumps(_record()))
+    name, text = BAD_RECORDS[case]
+    (folder / name).write_text(text)
+    (tmp_path / "table1.md").write_text("committed")
+    assert run("reproduce", "--report-only", "--out", tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err and "Traceback" not in err
+    assert (tmp_path / "table1.md").read_text() == "committed"
+
+
+def test_report_only_without_records_keeps_the_tables(tmp_path, capsys):
+    (tmp_path / "table1.md").write_text("committed")
+    assert run("reproduce", "--report-only", "--out", tmp_path) == 2
+    assert "no records" in capsys.readouterr().err
+    assert (tmp_path / "table1.md").read_text() == "committed"
+
+
+def test_a_second_train_on_a_folder_in_use_is_refused(arrays, tiny_config, tmp_path, capsys):
+    from vrnn.train import lock_run
+    out = tmp_path / "r"
+    out.mkdir()
+    held = lock_run(out)  # as a first `train` (or an orphan of a killed reproduce) holds it
+    try:
+        assert train(arrays, out, tiny_config, "vrnn-gauss", 1) == 2
+    finally:
+        held.close()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another vrnn train" in err and "pid" in err
+    assert not (out / "logs").exists()
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_reproduces_children_die_with_it_even_by_sigkill(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    script = ("import subprocess, sys, time\n"
+              "from vrnn.reproduce import CHILD\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], **CHILD)\n"
+              "print(p.pid, flush=True)\n"
+              "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "zombie" not in f.read()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.1)
+    if alive(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its killed parent")
+
+
+def test_evaluate_scores_do_not_depend_on_the_memory_cap(trained, capsys):
+    data, _, out = trained
+    got = []
+    for cap in ("1024", "0.002"):  # one pass, or about one sequence per pass
+        assert run("evaluate", out / "best.ckpt", "--data", data, "--split", "all", "--estimator", "all",
+                   "--samples", 6, "--seed", 3, "--max-memory", cap, "--json") == 0
+        got.append(json.loads(capsys.readouterr().out)["estimators"])
+    for name in ("elbo", "is", "smc"):
+        assert got[0][name]["per_sequence"] == pytest.approx(got[1][name]["per_sequence"], rel=1e-5)
+
+
+def test_latents_smc_refilters_in_float64_with_a_notice(trained, tmp_path, capsys):
+    data, _, out = trained
+    far = make_arrays(tmp_path / "far", n=3, offset=1e19, scale=1e18)
+    assert run("latents", out / "best.ckpt", "--data", far, "--smc", 4, "--resample", "always",
+               "--out", tmp_path / "l.npz") == 0
+    assert "float64" in capsys.readouterr().err
+    lat = np.load(tmp_path / "l.npz")
+    assert np.isfinite(lat["ess"]).all() and np.isfinite(lat["log_z_smc"]).all()
+    assert lat["resampled"][lat["mask"] > 0].sum() > 0
+
+
+def test_a_nearly_constant_dimension_gets_a_notice(tmp_path, tiny_config, capsys):
+    data = make_arrays(tmp_path / "a")
+    for p in data.glob("*.npy"):
+        x = np.load(p)
+        x[:, 1] = 7.0
+        np.save(p, x)
+    assert train(data, tmp_path / "r", tiny_config, "vrnn-gauss", 1) == 0
+    assert "dimension(s) [1]" in capsys.readouterr().err

@@ -112,6 +112,12 @@ class LatentsOptions:
     smc: int | None = option(None, "also run a particle filter with this many particles and "
                                    "export its per-step ESS, where it resampled, and log Z",
                              min=1, flag="--smc", metavar="K")
+    resample: str = option("ess", "smc: resample when the ESS is low (ess), always, or never",
+                           choices=SCHEDULES, flag="--resample")
+    ess_threshold: float = option(0.5, "smc: resample when the ESS falls to this fraction of K or below",
+                                  above=0.0, max=1.0, flag="--ess-threshold")
+    resampler: str = option("systematic", "smc: how ancestors are drawn", choices=RESAMPLERS,
+                            flag="--resampler")
     batch_size: int = option(32, "sequences per pass at most", min=1, flag="--batch-size")
     max_memory: float = option(1024.0, "memory cap of one pass in MiB: long sequences go in "
                                        "smaller batches", above=0.0, flag="--max-memory", metavar="MIB")
@@ -267,7 +273,7 @@ def cmd_train(a) -> int:
     overrides = {**cfg.get("model", {}), **parsed(VRNNConfig, a)}
     t0 = time.time()
     trainer, module, prepared = fit(a.data, a.model, a.out, tc, overrides, cfg.get("data", {}),
-                                    resume=a.resume, progress=not a.no_progress)
+                                    resume=a.resume, progress=not a.no_progress, say=_err)
     if trainer.global_rank == 0:
         m = trainer.callback_metrics
         best = trainer.checkpoint_callback.best_model_score
@@ -291,7 +297,8 @@ def cmd_evaluate(a) -> int:
     model, normalizer, _, data, _, seqs = load_for_scoring(a.checkpoint, a.data, o.split)
     smc_opts = dict(resample=o.resample, threshold=o.ess_threshold, resampler=o.resampler)
     res = evaluate(model, seqs, o.samples, o.batch_size, o.max_rows, int(o.max_memory * 2 ** 20),
-                   progress=not o.json, estimator=o.estimator, normalizer=normalizer, smc_opts=smc_opts)
+                   progress=not o.json, estimator=o.estimator, normalizer=normalizer, smc_opts=smc_opts,
+                   seed=o.seed)
     res.update(split=o.split, model=model.cfg.name, family=model.cfg.family, data=data.name,
                unit="nats per sequence", normalised=True)
     bad = [f"{n} of {res['num_sequences']} sequences under {k}" for k, n in res["non_finite"].items() if n]
@@ -377,12 +384,18 @@ def cmd_latents(a) -> int:
             arrays[k][batch] = v
 
     scorer = Float64Fallback(model)  # scores that overflow float32 are computed in float64
+    smc_float64 = smc_bad = 0
     for batch, x, mask in padded_batches(model, seqs, o.batch_size, int(o.max_memory * 2 ** 20)):
         for k, v in scorer.latents(x, mask, sample=o.sample).items():
             if k != "h":
                 put(k, v, batch)
         if o.smc:
-            f = particle_filter(model, x, mask, o.smc)
+            opts = dict(resample=o.resample, threshold=o.ess_threshold, resampler=o.resampler)
+            f = particle_filter(model, x, mask, o.smc, **opts)
+            if not bool(torch.isfinite(f.log_z).all() and torch.isfinite(f.ess).all()):
+                f = particle_filter(scorer.double, x.double(), mask.double(), o.smc, **opts)  # float32 overflowed
+                smc_float64 += len(batch)
+                smc_bad += int((~torch.isfinite(f.log_z)).sum())
             put("ess", f.ess, batch)
             put("resampled", f.resampled, batch)
             put("log_z_smc", f.log_z, batch)
@@ -393,6 +406,9 @@ def cmd_latents(a) -> int:
     arrays["lengths"] = np.asarray(lengths)
     arrays["index"] = np.asarray(idx)
     write_npz(a.out, arrays)
+    if smc_float64:
+        _err(f"vrnn latents: notice: the particle filter overflowed float32 on {smc_float64} sequence(s): "
+             "filtered again in float64" + (f"; log_z_smc is still not finite for {smc_bad}" if smc_bad else ""))
     print(f"wrote per-step {', '.join(sorted(k for k in arrays if k not in ('lengths', 'index')))} "
           f"for {len(seqs)} sequences to {a.out}")
     return 0

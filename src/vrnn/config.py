@@ -95,9 +95,20 @@ class VRNNConfig:
             raise ConfigError(f"binary_dims applies to the ar output only (output is {self.output})")
         if any(d >= self.x_dim for d in self.binary_dims):
             raise ConfigError(f"binary_dims {list(self.binary_dims)} must lie in 0..{self.x_dim - 1}")
+        if len(set(self.binary_dims)) != len(self.binary_dims):
+            raise ConfigError(f"binary_dims {list(self.binary_dims)} lists a dimension twice")
         if self.family == "srnn" and self.prior != "learned":
             raise ConfigError("the SRNN's prior p(z_t | z_{t-1}, d_t) is always learned; "
                               "prior='standard' is the VRNN-I row")
+
+    @property
+    def bit_dims(self) -> tuple[int, ...]:
+        """The dimensions the output head models as bits (values 0 or 1 only)."""
+        if self.output == "bernoulli":
+            return tuple(range(self.x_dim))
+        if self.output == "strokes":
+            return (0,)
+        return tuple(self.binary_dims) if self.output == "ar" else ()
 
     @property
     def latent(self) -> bool:

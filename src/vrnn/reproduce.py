@@ -251,6 +251,25 @@ def split_id(data_desc: dict, test_index) -> dict:
             "test_sequences": len(test_index)}
 
 
+def _die_with_parent() -> None:  # pragma: no cover (runs in the child, before exec)
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+# children die with this process (Linux: the kernel kills them when it ends, even by
+# SIGKILL); elsewhere the run folder's lock (train.lock_run) stops a second writer
+CHILD = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+
+
+def finished(ckpt: Path) -> bool:
+    """The run's training ended for good (not interrupted by a signal)."""
+    try:
+        return json.loads((ckpt / "summary.json").read_text()).get("stopped") != "interrupted"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run_job(job: dict, out: Path, log=print) -> dict:
     """Train (or resume) then score one run; its record is written the moment it exists."""
     rec_path = record_path(out, job)
@@ -263,7 +282,7 @@ def run_job(job: dict, out: Path, log=print) -> dict:
     ckpt = run / "ckpt"
     if ckpt.exists() and not (ckpt / "last.ckpt").exists() and not (ckpt / "summary.json").exists():
         shutil.rmtree(ckpt)  # stopped before its first checkpoint: nothing to resume, start afresh
-    if not (ckpt / "summary.json").exists():  # training not finished: (re)start or resume
+    if not finished(ckpt):  # training not finished: (re)start or resume
         train = _vrnn_cmd("train", "--data", job["dataset"], "--model", job["preset"], "--out", ckpt,
                           "--seed", job["seed"], "--max-epochs", 100000, "--config", run / "config.json",
                           "--no-progress", *(["--resume"] if (ckpt / "last.ckpt").exists() else []),
@@ -271,13 +290,13 @@ def run_job(job: dict, out: Path, log=print) -> dict:
         with open(run / "train.log", "a") as f:
             f.write("$ " + shlex.join(train) + "\n")
             f.flush()
-            if subprocess.run(train, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+            if subprocess.run(train, stdout=f, stderr=subprocess.STDOUT, **CHILD).returncode != 0:
                 raise VRNNError(f"{run / 'train.log'}: training {job['row']} on {job['dataset']} failed")
     summary = json.loads((ckpt / "summary.json").read_text())
     best = ckpt / ("best.ckpt" if (ckpt / "best.ckpt").exists() else "last.ckpt")
     ev = subprocess.run(_vrnn_cmd("evaluate", best, "--data", job["dataset"], "--split", "test",
                                   "--estimator", "all", "--samples", SAMPLES, "--json",
-                                  "--seed", job["seed"]), capture_output=True, text=True)
+                                  "--seed", job["seed"]), capture_output=True, text=True, **CHILD)
     if ev.returncode != 0:
         raise VRNNError(f"{run}: evaluation failed: {ev.stderr.strip()[-300:]}")
     res = json.loads(ev.stdout)
@@ -422,10 +441,11 @@ def training_curve_facts(metrics_csv: Path) -> dict | None:
 def load_records(out: Path) -> list[dict]:
     """Every record; one still without its training-curve facts gets them from its run's
     logs when they are here (and is rewritten), so that the committed records carry them."""
+    from .records import check_records, record_files
     from .writers import write_text
+    paths = record_files(out / "records")
     records = []
-    for p in sorted((out / "records").rglob("*.json")):
-        rec = json.loads(p.read_text())
+    for p, rec in zip(paths, check_records(paths, DATASETS, ROWS, TABLES)):
         if "curve" not in rec:
             facts = training_curve_facts(out / "runs" / p.parent.parent.name / rec["dataset"] /
                                          f"{rec['model']}-seed{rec['seed']}" / "ckpt" / "logs" / "csv" /

@@ -267,6 +267,26 @@ def model_config(model_name: str, data: SequenceSet, overrides: dict | None = No
     return VRNNConfig.preset(model_name, x_dim=data.dim, **fields)
 
 
+def check_head_fits(cfg: VRNNConfig, prepared: Prepared, spec: str) -> None:
+    """The output head models every dimension it treats as a bit (Bernoulli: all of them;
+    strokes: the pen bit, column 0; ar: ``binary_dims``) as 0 or 1: those dimensions of the
+    data, as the model sees them (normalised), must hold only 0 and 1. A Bernoulli
+    "likelihood" of other values is not one; ConfigError naming the option otherwise."""
+    bits = list(cfg.bit_dims)
+    if not bits:
+        return
+    for i, seq in enumerate(prepared.sequences("all")):
+        col = np.asarray(seq)[:, bits]
+        if not np.isin(col, (0.0, 1.0)).all():
+            bad = [bits[j] for j in np.flatnonzero(~np.isin(col, (0.0, 1.0)).all(0))]
+            what = {"bernoulli": "the Bernoulli output models bits: every value must be 0 or 1",
+                    "strokes": "the strokes output needs pen data (pen, dx, dy) whose column 0 is a "
+                               "0/1 pen bit, such as IAM-OnDB XML",
+                    "ar": "binary_dims are modelled as bits: their values must be 0 or 1"}[cfg.output]
+            raise ConfigError(f"--output {cfg.output}: {spec} has values other than 0 and 1 in "
+                              f"dimension(s) {bad} (sequence {i}, as the model sees it); {what}")
+
+
 # --------------------------------------------------------------------------- module
 def nonfinite_report(tr, step: int, sequences: int) -> str | None:
     """Which term went NaN/Inf first, at which time step of which sequence; None if finite."""
@@ -380,6 +400,13 @@ class VRNNModule(L.LightningModule):
             bound = log_likelihood(self.model, x, mask, K, method=method, resample=self.tc.get("resample", "ess"),
                                    threshold=self.tc.get("ess_threshold", 0.5),
                                    resampler=self.tc.get("resampler", "systematic"))
+        bad = ~torch.isfinite(bound)
+        if bool(bad.any()):  # early stopping and best.ckpt would follow a NaN/-inf: stop here
+            r = int(bad.nonzero()[0])
+            raise NonFiniteLoss(f"non-finite validation bound ({float(bound[r])}) in epoch "
+                                f"{self.current_epoch}, validation batch {batch_idx}, sequence {r} of "
+                                f"the batch (data far outside the training range, or a diverged model: "
+                                f"lower --lr?)")
         self.log("valid/bound", float(bound.sum()) / B, on_epoch=True, batch_size=B, prog_bar=True,
                  sync_dist=True)
 
@@ -406,6 +433,29 @@ class StepCap(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.max_steps is not None and trainer.global_step >= self.max_steps:
             trainer.should_stop = True
+
+
+class FolderCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, whose saved state follows the run folder: a run moved or
+    copied elsewhere and resumed keeps its best score (Lightning drops it when the folder's
+    path changed, so the next epoch, however bad, replaced best.ckpt)."""
+
+    @property
+    def state_key(self) -> str:  # the key ModelCheckpoint itself saves under
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old = state_dict.get("dirpath")
+        if old is not None and self.dirpath is not None and old != self.dirpath:
+            def here(p):
+                return str(Path(self.dirpath) / Path(p).name) if isinstance(p, str) and p else p
+            state_dict = dict(state_dict, dirpath=self.dirpath,
+                              best_model_path=here(state_dict.get("best_model_path")),
+                              kth_best_model_path=here(state_dict.get("kth_best_model_path")),
+                              last_model_path=here(state_dict.get("last_model_path")),
+                              best_k_models={here(k): v for k, v in
+                                             (state_dict.get("best_k_models") or {}).items()})
+        super().load_state_dict(state_dict)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -469,11 +519,58 @@ def _check_out(out: Path, resume: bool) -> None:
         raise ConfigError(f"{out}: cannot write here ({exc.strerror or exc})") from None
 
 
+BOUND_OPTIONS = ("objective", "particles", "resample", "ess_threshold", "resampler")
+
+
+def check_same_bound(last: Path, old: dict | None, tc: TrainConfig) -> None:
+    """A resumed run trains, monitors and labels the same bound as before: its objective,
+    particles (and FIVO's resampling) cannot change. ConfigError naming the option."""
+    if not isinstance(old, dict):
+        return
+    names = BOUND_OPTIONS if tc.objective == "fivo" else BOUND_OPTIONS[:2]
+    for name in names:
+        before, now = old.get(name, getattr(TrainConfig, name)), getattr(tc, name)
+        if before != now:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag}: {last} was trained with {flag} {before}, not {now}; a resumed "
+                              f"run keeps the bound it trains and monitors (use a new --out)")
+
+
+def _lead_process() -> bool:
+    """Not a DDP child: the process that owns the run folder."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def lock_run(out: Path):
+    """An exclusive lock on OUT/.vrnn-lock for as long as this process trains there (the OS
+    drops it when the process ends, however it ends): a second ``train`` on the same folder,
+    or a rerun while an orphaned one still trains, stops with one line instead of mixing
+    the two runs. Returns the open file (keep it), or None where locks are not offered."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    f = open(out / ".vrnn-lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        who = f.read().strip()
+        f.close()
+        raise ConfigError(f"{out}: another vrnn train{f' (pid {who})' if who else ''} is writing this "
+                          "run folder; wait for it to end or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
         model_overrides: dict | None = None, data_opts: dict | None = None,
-        resume: bool = False, progress: bool = True, prepared: Prepared | None = None):
+        resume: bool = False, progress: bool = True, prepared: Prepared | None = None, say=None):
     """Train one model; returns (trainer, module, prepared). Writes into ``out``:
-    best.ckpt, last.ckpt, logs/ (TensorBoard + CSV metrics)."""
+    best.ckpt, last.ckpt, logs/ (TensorBoard + CSV metrics). ``say``: where notices go."""
     out = Path(out)
     L.seed_everything(tc.seed, verbose=False)
     split_seed = tc.seed if tc.split_seed is None else tc.split_seed
@@ -482,13 +579,28 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
         cfg = model_config(model_name, prepared.data, model_overrides)
     except TypeError as exc:
         raise ConfigError(f"bad model option: {exc}") from None
+    check_head_fits(cfg, prepared, spec)
+    if prepared.normalizer.constant and say is not None:
+        say(f"notice: {spec}: dimension(s) {prepared.normalizer.constant} have a standard deviation "
+            "below 1e-8 on the training split: treated as constant (not rescaled)")
     last = out / "last.ckpt"
     if resume:
-        old = checkpoint.read(last)["vrnn"]["config"]  # one-line error if missing or broken
-        if VRNNConfig.from_dict(old, f"{last}") != cfg:
+        old_meta = checkpoint.read(last)["vrnn"]  # one-line error if missing or broken
+        if VRNNConfig.from_dict(old_meta["config"], f"{last}") != cfg:
             raise ConfigError(f"{last}: was trained with another model configuration; "
                               "use a new --out or the same options")
+        check_same_bound(last, old_meta.get("train"), tc)
     _check_out(out, resume)
+    lock = lock_run(out) if _lead_process() else None
+    try:
+        return _fit(spec, model_name, out, tc, cfg, prepared, split_seed, data_opts, resume, progress, last)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _fit(spec, model_name, out: Path, tc: TrainConfig, cfg, prepared: Prepared, split_seed, data_opts,
+         resume, progress, last):
     meta = {"format": checkpoint.FORMAT, "config": cfg.to_dict(),
             "normalizer": prepared.normalizer.state_dict(),
             "data": prepared.description(spec, split_seed, tc.fractions, data_opts),
@@ -498,9 +610,9 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
     train_dl = loader(prepared.sequences("train"), tc.batch_size, tc.seed, shuffle=True, bucket=tc.bucket)
     valid_dl = loader(prepared.sequences("valid"), tc.batch_size, bucket=tc.bucket)
     callbacks = [  # best on the validation bound; last after every epoch, for --resume
-        ModelCheckpoint(dirpath=out, filename="best", monitor="valid/bound", mode="max",
-                        save_top_k=1, enable_version_counter=False),
-        ModelCheckpoint(dirpath=out, filename="last", save_top_k=1, enable_version_counter=False),
+        FolderCheckpoint(dirpath=out, filename="best", monitor="valid/bound", mode="max",
+                         save_top_k=1, enable_version_counter=False),
+        FolderCheckpoint(dirpath=out, filename="last", save_top_k=1, enable_version_counter=False),
         EarlyStopping(monitor="valid/bound", mode="max", patience=tc.patience,
                       check_on_train_epoch_end=False),
         StepCap(tc.max_steps),
@@ -530,8 +642,8 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
 def write_summary(out: Path, trainer, tc: TrainConfig, seconds: float) -> dict:
     """OUT/summary.json: how the run ended (``stopped``: "early" when the validation bound
     stopped improving for ``patience`` epochs, else "steps", "epochs" or "time", the cap
-    that ended it), its optimiser steps, epochs, seconds (added up over resumes) and best
-    validation bound."""
+    that ended it, or "interrupted": SIGINT or SIGTERM), its optimiser steps, epochs,
+    seconds (added up over resumes) and best validation bound (null if not finite)."""
     path = out / "summary.json"
     before = json.loads(path.read_text()) if path.exists() else {}
     early = next(c for c in trainer.callbacks if isinstance(c, EarlyStopping))
@@ -541,9 +653,12 @@ def write_summary(out: Path, trainer, tc: TrainConfig, seconds: float) -> dict:
         stopped = "steps"
     elif trainer.current_epoch >= tc.max_epochs:
         stopped = "epochs"
-    else:
+    elif tc.max_time_minutes is not None:
         stopped = "time"
+    else:
+        stopped = "interrupted"
     best = trainer.checkpoint_callback.best_model_score
+    best = None if best is None or not math.isfinite(float(best)) else best
     summary = {"stopped": stopped, "converged": stopped == "early", "steps": int(trainer.global_step),
                "epochs": int(trainer.current_epoch),
                "seconds": round(before.get("seconds", 0.0) + seconds, 1),
