@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_cli import TINY, make_arrays, run, train
+from test_cli import TINY, _one_line_error, make_arrays, run, train
 from vrnn import VRNNConfig, build
 from vrnn.inference import objective
 from vrnn.smc import particle_filter
@@ -275,3 +275,109 @@ def test_a_nearly_constant_dimension_gets_a_notice(tmp_path, tiny_config, capsys
         np.save(p, x)
     assert train(data, tmp_path / "r", tiny_config, "vrnn-gauss", 1) == 0
     assert "dimension(s) [1]" in capsys.readouterr().err
+
+
+# ------------------------------------------------------ tracebacks where one line belongs
+@pytest.mark.parametrize("extra,needle", [
+    (("--h-dim", "100000000"), "--h-dim"),
+    (("--objective", "fivo", "--particles", "100000000"), "--particles"),
+])
+def test_sizes_that_cannot_be_allocated_are_refused_before_allocating(arrays, tiny_config, tmp_path, capsys,
+                                                                      extra, needle):
+    _one_line_error(capsys, train(arrays, tmp_path / "r", tiny_config, "vrnn-gauss", 1, *extra), needle, "GiB")
+    assert not (tmp_path / "r" / "logs").exists()
+
+
+def test_a_config_size_and_a_sample_count_that_cannot_be_allocated(arrays, trained, tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": {"n_components": 100000000}}))
+    _one_line_error(capsys, train(arrays, tmp_path / "r", cfg, "vrnn-gmm", 1), "n_components", "GiB")
+    _, _, out = trained
+    _one_line_error(capsys, run("sample", out / "best.ckpt", "--num", 1000000000, "--out", tmp_path / "s"), "--num")
+
+
+def test_tbptt_longer_than_every_sequence_does_not_pad_to_its_length(arrays, tiny_config, tmp_path, monkeypatch):
+    from vrnn.train import VRNNModule
+    seen, real = [], VRNNModule._objective
+
+    def spy(self, x, *args, **kw):
+        seen.append(x.shape[1])
+        return real(self, x, *args, **kw)
+
+    monkeypatch.setattr(VRNNModule, "_objective", spy)
+    assert train(arrays, tmp_path / "r", tiny_config, "vrnn-gauss", 1, "--tbptt", 100000) == 0
+    assert seen and max(seen) <= 14  # the longest sequence of the fixture
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5"])
+def test_a_bad_vrnn_threads_is_one_line(monkeypatch, capsys, value):
+    monkeypatch.setenv("VRNN_THREADS", value)
+    _one_line_error(capsys, main_without_threads("data", "list"), "$VRNN_THREADS")
+
+
+def main_without_threads(*argv):
+    from vrnn.cli import main
+    return main(list(argv))
+
+
+def test_torch_save_failing_on_a_full_disk_is_one_line_and_leaves_no_logs(arrays, tiny_config, tmp_path, capsys,
+                                                                         monkeypatch):
+    def full(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    _one_line_error(capsys, train(arrays, tmp_path / "r", tiny_config, "vrnn-gauss", 1), ".ckpt", "cannot write")
+    assert not (tmp_path / "r" / "logs").exists()
+
+
+def test_a_full_disk_while_sampling_names_the_file(trained, tmp_path, capsys, monkeypatch):
+    import errno
+    _, _, out = trained
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    _one_line_error(capsys, run("sample", out / "best.ckpt", "--num", 2, "--steps", 3, "--out", tmp_path / "s"),
+                    "No space left on device", "sample_000.npy")
+
+
+@pytest.mark.parametrize("case", ["normaliser length", "split_seed -1", "split_seed text"])
+def test_broken_checkpoint_descriptions_are_one_line(trained, tmp_path, capsys, case):
+    data, _, out = trained
+    bad = torch.load(out / "best.ckpt", weights_only=True)
+    if case == "normaliser length":
+        bad["vrnn"]["normalizer"]["mean"] = [0.0] * 5
+        bad["vrnn"]["normalizer"]["std"] = [1.0] * 5
+    else:
+        bad["vrnn"]["data"]["split_seed"] = -1 if case == "split_seed -1" else "zero"
+    p = tmp_path / "bad.ckpt"
+    torch.save(bad, p)
+    _one_line_error(capsys, run("evaluate", p, "--data", data), p)
+
+
+def test_resume_problems_are_one_line(trained, tmp_path, capsys):
+    import shutil
+    data, cfg, out = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    _ = train(data, copy, cfg, "vrnn-gauss", 3, "--resume")  # 3 epochs done
+    capsys.readouterr()
+    _one_line_error(capsys, train(data, copy, cfg, "vrnn-gauss", 1, "--resume"), "--max-epochs 1", "3 epochs")
+    for text in ("{not json", "[1, 2]"):
+        (copy / "summary.json").write_text(text)
+        _one_line_error(capsys, train(data, copy, cfg, "vrnn-gauss", 4, "--resume"), "summary.json")
+
+
+def test_duplicate_binary_dims_in_a_config_is_one_line(arrays, tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": {**TINY["model"], "output": "ar", "binary_dims": [0, 0]}}))
+    _one_line_error(capsys, train(arrays, tmp_path / "r", cfg, "vrnn-gauss", 1), "binary_dims")
+    with pytest.raises(Exception, match="twice"):
+        VRNNConfig.preset("vrnn-gauss", x_dim=3, output="ar", binary_dims=(0, 0))
+
+
+def test_demo_with_an_rnn_row_prints_its_exact_score(tmp_path, capsys):
+    assert run("demo", "--out", tmp_path / "demo", "--model", "rnn-gauss", "--max-epochs", 1) == 0
+    assert "(exact)" in capsys.readouterr().out

@@ -138,7 +138,11 @@ class AutoregressiveHead(Head):
         # the sequential plan: for each dim, (is_binary, first and last output, n hidden read)
         first = {d: i * b for i, d in enumerate(real)}
         first.update({d: len(real) * b + i for i, d in enumerate(binary)})
-        read = [int((m <= d).sum()) for d in range(D)]  # 0-based d reads units m_j <= d
+        # 0-based d reads the units m_j <= d: of the H cyclic degrees 1 + (j mod (D-1)),
+        # q = H // (D-1) full cycles and r more; counted without reading the tensor m
+        # (so that the head builds on the meta device, to count parameters before allocating)
+        q, r = divmod(H, max(D - 1, 1))
+        read = [q * min(d, max(D - 1, 1)) + min(r, d) for d in range(D)]
         self._plan = [(d in bits, first[d], first[d] + (1 if d in bits else b), read[d])
                       for d in range(D)]
 

@@ -64,7 +64,8 @@ SPLITS = ("train", "valid", "test", "all")
 @dataclass
 class GlobalOptions:
     threads: int | None = option(None, "intra-op CPU threads (default 1, or $VRNN_THREADS; "
-                                       "measured fastest here)", min=1, flag="--threads")
+                                       "measured fastest here)", min=1, flag="--threads",
+                                 env="VRNN_THREADS")
     denormals: str = option("flush", "CPU: flush subnormal floats to zero (x86 FTZ/DAZ; a mixture's "
                                      "gradient is full of them and they slow matrix products many "
                                      "times over), or keep them", choices=("flush", "keep"),
@@ -279,14 +280,20 @@ def cmd_train(a) -> int:
         best = trainer.checkpoint_callback.best_model_score
         print(f"trained {a.model} on {prepared.data.name} ({len(prepared.splits['train'])} train / "
               f"{len(prepared.splits['valid'])} valid sequences), {module.model.num_parameters():,} "
-              f"parameters, {trainer.current_epoch} epochs, {trainer.global_step} steps, "
-              f"{time.time() - t0:.0f} s")
+              f"parameters, {_count(trainer.current_epoch, 'epoch')}, {_count(trainer.global_step, 'step')}, "
+              f"{getattr(trainer, 'vrnn_seconds', 0.0):.0f} s training ({time.time() - t0:.0f} s with "
+              "loading the data)")
         if best is not None:
-            print(f"best validation bound ({tc.objective}) {float(best):.2f} nats per sequence; "
-                  f"last {float(m.get('valid/bound', float('nan'))):.2f}")
+            last = m.get("valid/bound")  # absent when a finished run was resumed (no epoch ran)
+            print(f"best validation bound ({tc.objective}) {float(best):.2f} nats per sequence"
+                  + ("" if last is None else f"; last {float(last):.2f}"))
         ckpts = [str(Path(a.out) / n) for n in ("best.ckpt", "last.ckpt") if (Path(a.out) / n).exists()]
         print(f"checkpoints: {', '.join(ckpts)}; logs: {Path(a.out) / 'logs'}")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def cmd_evaluate(a) -> int:
@@ -337,6 +344,20 @@ def _prefix_sequence(path: str, model, normalizer):
     return torch.as_tensor(normalizer.apply(seq), dtype=torch.float32), seq
 
 
+def _check_sample_memory(model, num: int, steps: int) -> None:
+    """Refuse, before allocating, a sample that cannot fit in memory: the draws (kept, then
+    de-normalised and written) and the per-step state of every sequence."""
+    from .errors import ConfigError
+    from .inference import row_step_bytes
+    from .train import machine_memory
+    memory = machine_memory("cpu")
+    need = 3 * num * steps * model.cfg.x_dim * 4 + 2 * num * row_step_bytes(model)
+    if memory is not None and need > memory:
+        flag, value = ("--num", num) if num * row_step_bytes(model) > memory / 4 or num >= steps else ("--steps", steps)
+        raise ConfigError(f"{flag} {value}: {num:,} sequences of {steps:,} steps would need about "
+                          f"{need / 2 ** 30:,.1f} GiB, more than this machine's {memory / 2 ** 30:,.1f} GiB")
+
+
 def cmd_sample(a) -> int:
     import numpy as np
     import torch
@@ -346,6 +367,7 @@ def cmd_sample(a) -> int:
     torch.manual_seed(o.seed)
     model, normalizer, desc = checkpoint.load(a.checkpoint)
     steps = o.steps or int(desc.get("median_length") or 100)
+    _check_sample_memory(model, o.num, steps)
     prefix, raw_prefix = (None, None) if not o.prefix else _prefix_sequence(o.prefix, model, normalizer)
     x = model.sample(o.num, steps, prefix=prefix, mean=o.mean)
     x = normalizer.invert(x).numpy()
@@ -467,10 +489,13 @@ def cmd_demo(a) -> int:
                 title=f"{o.model} on LASA")
     print(f"[demo] {model.cfg.name}, {model.num_parameters():,} parameters, "
           f"{trainer.current_epoch} epochs, {time.time() - t0:.0f} s")
-    print(f"[demo] test split ({res['num_sequences']} trajectories): ELBO >= {res['elbo']:.2f}, "
-          f"log-likelihood ~= {res['log_likelihood']:.2f} nats per trajectory (K=40), "
-          f"{res['nats_per_step']:.3f} nats per step (normalised offsets; "
-          f"{res['log_likelihood_raw']:.2f} in the data's own units)")
+    fmt = lambda v, d=2: "n/a (non-finite)" if v is None else f"{v:.{d}f}"  # noqa: E731
+    scores = (f"log-likelihood = {fmt(res['log_likelihood'])} nats per trajectory (exact)" if res["exact"] else
+              f"ELBO >= {fmt(res['elbo'])}, log-likelihood ~= {fmt(res['log_likelihood'])} nats per "
+              "trajectory (K=40)")
+    print(f"[demo] test split ({res['num_sequences']} trajectories): {scores}, "
+          f"{fmt(res['nats_per_step'], 3)} nats per step (normalised offsets; "
+          f"{fmt(res['log_likelihood_raw'])} in the data's own units)")
     print(f"[demo] wrote {out / 'samples.png'}, {out / 'test_data.png'}, "
           f"{out / 'training_curve.png'}, {out / 'evaluation.json'}")
     return 0

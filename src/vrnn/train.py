@@ -16,9 +16,11 @@ weighs more than its share of the batch's steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -287,6 +289,65 @@ def check_head_fits(cfg: VRNNConfig, prepared: Prepared, spec: str) -> None:
                               f"dimension(s) {bad} (sequence {i}, as the model sees it); {what}")
 
 
+def machine_memory(accelerator: str = "cpu") -> int | None:
+    """Bytes of memory of the device training runs on (None when it cannot be told)."""
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[1])
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def parameter_count(cfg: VRNNConfig) -> int:
+    """The model's parameter count, built on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build(cfg).parameters())
+
+
+SIZE_FIELDS = ("h_dim", "z_dim", "n_components", "ar_hidden", "rnn_layers", "phi_x_dim", "phi_z_dim",
+               "enc_dim", "prior_dim", "dec_dim", "a_dim", "phi_x_layers", "phi_z_layers", "enc_layers",
+               "prior_layers", "dec_layers")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:,.1f} GiB"
+
+
+def check_memory(cfg: VRNNConfig, tc: TrainConfig, longest: int, memory: int | None) -> None:
+    """Refuse, before anything is allocated, a model or a batch that cannot fit in
+    ``memory`` bytes: the weights with their gradients and Adam's two moments (16 bytes a
+    parameter), and one batch's activations (a generous per-row-step estimate, times 3 for
+    the backward pass). The one-line error names the option that makes it too big."""
+    from .inference import row_step_bytes
+    if memory is None:
+        return
+    n = parameter_count(cfg)
+    if 16 * n > memory:
+        trial = {}
+        for name in SIZE_FIELDS:  # which size, set back to its default, shrinks the model most
+            default = {f.name: f.default for f in dataclasses.fields(VRNNConfig)}[name]
+            if getattr(cfg, name) != default:
+                try:
+                    trial[name] = parameter_count(dataclasses.replace(cfg, **{name: default}))
+                except (ConfigError, ValueError, RuntimeError):
+                    continue
+        name = min(trial, key=trial.get) if trial else "h_dim"
+        spec = dict((f.name, f.metadata.get("spec")) for f in dataclasses.fields(VRNNConfig))[name]
+        where = spec.flag if spec is not None and spec.flag else f"model.{name} (--config)"
+        raise ConfigError(f"{where} {getattr(cfg, name)}: the model would have {n:,} parameters, "
+                          f"{_gib(16 * n)} to train with Adam, more than this machine's {_gib(memory)}")
+    with torch.device("meta"):
+        per_row_step = row_step_bytes(build(cfg))
+    steps = min(tc.tbptt or longest, longest)
+    need = 3 * tc.batch_size * (tc.particles if cfg.latent else 1) * steps * per_row_step
+    if need > memory:
+        what = "--particles" if tc.particles > tc.batch_size and cfg.latent else "--batch-size"
+        raise ConfigError(f"{what} {getattr(tc, what[2:].replace('-', '_'))}: one batch of {tc.batch_size} "
+                          f"sequences x {tc.particles} particles x {steps} steps would need about "
+                          f"{_gib(need)} of activations, more than this machine's {_gib(memory)}")
+
+
 # --------------------------------------------------------------------------- module
 def nonfinite_report(tr, step: int, sequences: int) -> str | None:
     """Which term went NaN/Inf first, at which time step of which sequence; None if finite."""
@@ -348,7 +409,7 @@ class VRNNModule(L.LightningModule):
         steps = _all_reduce(mask.sum().detach().reshape(1), torch.distributed.ReduceOp.SUM)
         world = _world()[1]
         normaliser = steps.clamp(min=1.0) / world  # DDP averages the processes' gradients
-        L_ = self.tc.get("tbptt") or int(stats)
+        L_ = min(self.tc.get("tbptt") or int(stats), int(stats))  # never pad past the longest
         chunks = max(1, math.ceil(int(stats) / L_))
         if chunks * L_ > x.shape[1]:  # pad to the common schedule (padding-only chunks still step)
             pad = chunks * L_ - x.shape[1]
@@ -496,8 +557,9 @@ class AppendingCSVLogger(CSVLogger):
 # --------------------------------------------------------------------------- wiring
 def default_threads() -> int:
     """Intra-op threads for CPU training: 1 (measured: small recurrent models run faster and
-    degrade far less under load with one thread; see README "Threads")."""
-    return int(os.environ.get("VRNN_THREADS", "1"))
+    degrade far less under load with one thread; see README "Threads"). $VRNN_THREADS is
+    read, and checked, with ``--threads`` (vrnn.cli.GlobalOptions)."""
+    return 1
 
 
 RUN_FILES = ("best.ckpt", "last.ckpt", "logs")
@@ -580,20 +642,33 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
     except TypeError as exc:
         raise ConfigError(f"bad model option: {exc}") from None
     check_head_fits(cfg, prepared, spec)
+    check_memory(cfg, tc, int(max(prepared.data.lengths)), machine_memory(tc.accelerator))
+    if not cfg.latent and tc.objective != "elbo" and say is not None:
+        say(f"notice: {model_name} has no latent variable: its ELBO, IWAE and FIVO are all the exact "
+            f"log p(x), so --objective {tc.objective} trains the same model as the ELBO")
     if prepared.normalizer.constant and say is not None:
         say(f"notice: {spec}: dimension(s) {prepared.normalizer.constant} have a standard deviation "
             "below 1e-8 on the training split: treated as constant (not rescaled)")
     last = out / "last.ckpt"
     if resume:
-        old_meta = checkpoint.read(last)["vrnn"]  # one-line error if missing or broken
+        old_ckpt = checkpoint.read(last)  # one-line error if missing or broken
+        old_meta, done = old_ckpt["vrnn"], int(old_ckpt.get("epoch", -1)) + 1
+        if tc.max_epochs < done:
+            raise ConfigError(f"--max-epochs {tc.max_epochs}: {last} has already trained {done} epochs; "
+                              "pass at least that many to resume it")
         if VRNNConfig.from_dict(old_meta["config"], f"{last}") != cfg:
             raise ConfigError(f"{last}: was trained with another model configuration; "
                               "use a new --out or the same options")
         check_same_bound(last, old_meta.get("train"), tc)
+        previous_summary(out)
     _check_out(out, resume)
     lock = lock_run(out) if _lead_process() else None
     try:
         return _fit(spec, model_name, out, tc, cfg, prepared, split_seed, data_opts, resume, progress, last)
+    except BaseException:
+        if lock is not None and not resume and not last.exists():
+            shutil.rmtree(out / "logs", ignore_errors=True)  # no run to resume: nothing may block a rerun
+        raise
     finally:
         if lock is not None:
             lock.close()
@@ -631,6 +706,7 @@ def _fit(spec, model_name, out: Path, tc: TrainConfig, cfg, prepared: Prepared, 
     )
     t0 = time.time()
     trainer.fit(module, train_dl, valid_dl, ckpt_path=str(last) if resume else None)
+    trainer.vrnn_seconds = time.time() - t0  # training alone (not the data's loading)
     if trainer.global_rank == 0:
         if not last.exists():
             raise VRNNError(f"{out}: no checkpoint was written: training stopped before its first "
@@ -639,13 +715,27 @@ def _fit(spec, model_name, out: Path, tc: TrainConfig, cfg, prepared: Prepared, 
     return trainer, module, prepared
 
 
+def previous_summary(out: Path) -> dict:
+    """OUT/summary.json of the sessions before a resume ({} if none); ConfigError if it is
+    not the JSON object a run writes."""
+    path = out / "summary.json"
+    try:
+        before = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        before = None
+    if not isinstance(before, dict) or not isinstance(before.get("seconds", 0.0), (int, float)):
+        raise ConfigError(f"{path}: not the JSON object a run writes; move it away (the seconds of "
+                          "earlier sessions are then not counted) and resume again")
+    return before
+
+
 def write_summary(out: Path, trainer, tc: TrainConfig, seconds: float) -> dict:
     """OUT/summary.json: how the run ended (``stopped``: "early" when the validation bound
     stopped improving for ``patience`` epochs, else "steps", "epochs" or "time", the cap
     that ended it, or "interrupted": SIGINT or SIGTERM), its optimiser steps, epochs,
     seconds (added up over resumes) and best validation bound (null if not finite)."""
     path = out / "summary.json"
-    before = json.loads(path.read_text()) if path.exists() else {}
+    before = previous_summary(out)
     early = next(c for c in trainer.callbacks if isinstance(c, EarlyStopping))
     if early.stopped_epoch > 0:
         stopped = "early"
