@@ -381,3 +381,64 @@ def test_duplicate_binary_dims_in_a_config_is_one_line(arrays, tmp_path, capsys)
 def test_demo_with_an_rnn_row_prints_its_exact_score(tmp_path, capsys):
     assert run("demo", "--out", tmp_path / "demo", "--model", "rnn-gauss", "--max-epochs", 1) == 0
     assert "(exact)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- hangs and silence
+@pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_training_cleanly(arrays, tiny_config, tmp_path, capsys, monkeypatch, signame, code):
+    import os
+    import signal
+    from vrnn.train import VRNNModule
+    real = VRNNModule.training_step
+
+    def step(self, batch, batch_idx):  # 3 batches an epoch: the signal comes in the second epoch
+        if self.global_step == 4:
+            os.kill(os.getpid(), getattr(signal, signame))
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(VRNNModule, "training_step", step)
+    out = tmp_path / "r"
+    assert train(arrays, out, tiny_config, "vrnn-gauss", 5) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"interrupted by {signame}" in err[0] and "--resume" in err[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "interrupted" and summary["epochs"] >= 1
+    assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 0  # the whole first epoch
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    monkeypatch.setattr(VRNNModule, "training_step", real)
+    assert train(arrays, out, tiny_config, "vrnn-gauss", 3, "--resume") == 0
+    assert json.loads((out / "summary.json").read_text())["stopped"] == "epochs"
+
+
+def test_a_named_pipe_in_a_data_folder_is_skipped(tmp_path, capsys):
+    import os
+    data = make_arrays(tmp_path / "a", n=4)
+    os.mkfifo(data / "pipe.npy")
+    assert run("data", "info", data) == 0  # used to block forever reading the pipe
+    assert "4" in capsys.readouterr().out
+
+
+def test_num_nodes_without_a_cluster_is_one_line(arrays, tiny_config, tmp_path, capsys, monkeypatch):
+    from vrnn.train import CLUSTER_VARIABLES
+    for v in CLUSTER_VARIABLES:
+        monkeypatch.delenv(v, raising=False)
+    _one_line_error(capsys, train(arrays, tmp_path / "r", tiny_config, "vrnn-gauss", 1, "--num-nodes", 2),
+                    "--num-nodes 2", "MASTER_ADDR")
+
+
+def test_reproduce_plan_downloads_and_parses_nothing(tmp_path, capsys, monkeypatch):
+    import importlib
+    import vrnn.data
+    pianoroll = importlib.import_module("vrnn.data.pianoroll")
+    monkeypatch.setenv("VRNN_CACHE", str(tmp_path / "cache"))
+
+    def forbidden(*a, **k):
+        raise AssertionError("--plan must not download or parse")
+
+    monkeypatch.setattr(vrnn.data, "fetch", forbidden)
+    monkeypatch.setattr(pianoroll, "parse_chorales", forbidden)
+    monkeypatch.setattr(pianoroll, "parse_folk", forbidden)
+    assert run("reproduce", "--plan", "--datasets", "asterisk-en,chorales", "--out", tmp_path / "o") == 0
+    out = capsys.readouterr().out
+    assert "asterisk-en: left out of the plan" in out and "chorales: left out of the plan" in out
+    _one_line_error(capsys, run("reproduce", "--plan", "--datasets", "", "--out", tmp_path / "o"), "--datasets")

@@ -231,7 +231,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
     os.environ.setdefault("POSSIBLE_USER_WARNINGS", "off")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
-                 "lightning.fabric.utilities.seed"):
+                 "lightning.fabric.utilities.seed", "lightning.pytorch.trainer.connectors.signal_connector"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -503,11 +503,20 @@ def cmd_demo(a) -> int:
 
 def cmd_reproduce(a) -> int:
     from .reproduce import reproduce
+    from .errors import ConfigError
     o = ReproduceOptions(**parsed(ReproduceOptions, a))
-    split = lambda s: s.split(",") if s else None  # noqa: E731
-    reproduce(o.setup, o.out, o.jobs, split(o.datasets), o.accelerator, o.budget_scale, log=print,
-              rows=split(o.rows), tables=split(o.tables), seeds=o.seeds, plan_only=o.plan,
-              report_only=o.report_only)
+
+    def split(text, flag):  # not given: all; given: at least one name ('' is not "all")
+        if text is None:
+            return None
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names:
+            raise ConfigError(f"{flag}: names nothing (got {text!r}); leave it out for all")
+        return names
+
+    reproduce(o.setup, o.out, o.jobs, split(o.datasets, "--datasets"), o.accelerator, o.budget_scale,
+              log=print, rows=split(o.rows, "--rows"), tables=split(o.tables, "--tables"), seeds=o.seeds,
+              plan_only=o.plan, report_only=o.report_only)
     return 0
 
 
@@ -516,7 +525,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
 
 
 def main(argv=None) -> int:
-    from .errors import VRNNError
+    from .errors import Interrupted, VRNNError
     command = "vrnn"
     try:
         args = _parser().parse_args(argv)
@@ -534,6 +543,9 @@ def main(argv=None) -> int:
         finally:
             if flushed:
                 torch.set_flush_denormal(False)  # main() called in a longer-lived process
+    except Interrupted as exc:  # a clean stop on SIGINT/SIGTERM (what could be saved, is)
+        _err(f"{command}: {exc}")
+        return 128 + exc.signum
     except VRNNError as exc:
         _err(f"{command}: error: {exc}")
         return 2

@@ -780,6 +780,16 @@ def figures(out: Path, records, log=print) -> list[Path]:
 
 
 # ------------------------------------------------------------------------ main
+def prepared_here(dataset: str) -> bool:
+    """Whether ``dataset`` loads without a download or a corpus parse (for --plan)."""
+    from .data.fetch import cache_dir, fetched_path
+    from .data.pianoroll import CACHE_NAME, FOLK_CACHE_NAME
+    if dataset in ("asterisk-en", "fillets-cs"):
+        return fetched_path(dataset) is not None
+    cache = {"chorales": CACHE_NAME, "folk": FOLK_CACHE_NAME}.get(dataset)
+    return cache is None or (cache_dir() / cache).is_file()
+
+
 def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
               accelerator: str | None = None, budget_scale: float = 1.0, log=print, rows=None,
               tables=None, seeds: int | None = None, plan_only: bool = False,
@@ -806,6 +816,14 @@ def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
         written = figures(out, js["runs"], log)
         log(f"[reproduce] wrote the tables, {out / 'table1.json'} and {len(written)} figures/samples")
         return js
+    if plan_only:  # runs nothing: no download, no corpus parse
+        missing = [ds for ds in datasets if not prepared_here(ds)]
+        for ds in missing:
+            log(f"[reproduce] {ds}: left out of the plan: its data is not here yet (`vrnn data "
+                f"{'fetch' if ds in ('asterisk-en', 'fillets-cs') else 'info'} {ds}` prepares it)")
+        datasets = [ds for ds in datasets if ds not in missing]
+        if not datasets:
+            return None
     x_dims, sample_seqs = {}, {}
     for ds in datasets:  # fetch and cache once, before the parallel jobs
         if ds in ("asterisk-en", "fillets-cs"):

@@ -21,6 +21,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,12 +36,14 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import checkpoint
 from .config import VRNNConfig
 from .data import Normalizer, SequenceSet, load, pad_batch, split
-from .errors import ConfigError, DataError, VRNNError
+from .errors import ConfigError, DataError, Interrupted, VRNNError
 from .fast import SCAN_IMPLS, set_scan
 from .inference import BOUNDS, log_likelihood, objective
 from .models import build
@@ -312,6 +316,25 @@ SIZE_FIELDS = ("h_dim", "z_dim", "n_components", "ar_hidden", "rnn_layers", "phi
 
 def _gib(n: float) -> str:
     return f"{n / 2 ** 30:,.1f} GiB"
+
+
+CLUSTER_VARIABLES = ("MASTER_ADDR", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "LSB_JOBID",
+                     "OMPI_COMM_WORLD_SIZE", "KUBERNETES_SERVICE_HOST")
+
+
+def check_cluster(tc: TrainConfig, say=None) -> None:
+    """--num-nodes N > 1 needs a cluster to join: refused in one line when none is set up
+    (it would wait for nodes that never come); else says what it waits for."""
+    if tc.num_nodes <= 1:
+        return
+    if not any(os.environ.get(v) for v in CLUSTER_VARIABLES):
+        raise ConfigError(f"--num-nodes {tc.num_nodes}: no cluster here to join ({', '.join(CLUSTER_VARIABLES)} "
+                          "are all unset); run the same command on every node with MASTER_ADDR, MASTER_PORT "
+                          "and NODE_RANK set, or under torchrun or SLURM")
+    if say is not None and _lead_process() and os.environ.get("MASTER_ADDR"):
+        say(f"notice: waiting for {tc.num_nodes} nodes x {tc.devices} processes to join at "
+            f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '?')} (torch.distributed gives up "
+            "after 30 minutes)")
 
 
 def check_memory(cfg: VRNNConfig, tc: TrainConfig, longest: int, memory: int | None) -> None:
@@ -643,6 +666,7 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
         raise ConfigError(f"bad model option: {exc}") from None
     check_head_fits(cfg, prepared, spec)
     check_memory(cfg, tc, int(max(prepared.data.lengths)), machine_memory(tc.accelerator))
+    check_cluster(tc, say)
     if not cfg.latent and tc.objective != "elbo" and say is not None:
         say(f"notice: {model_name} has no latent variable: its ELBO, IWAE and FIVO are all the exact "
             f"log p(x), so --objective {tc.objective} trains the same model as the ELBO")
@@ -705,7 +729,18 @@ def _fit(spec, model_name, out: Path, tc: TrainConfig, cfg, prepared: Prepared, 
         limit_train_batches=tc.limit_train_batches, use_distributed_sampler=False,
     )
     t0 = time.time()
-    trainer.fit(module, train_dl, valid_dl, ckpt_path=str(last) if resume else None)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(module, train_dl, valid_dl, ckpt_path=str(last) if resume else None)
+    except SystemExit as exc:  # Lightning ends a SIGINT with exit(1), a SIGTERM with SIGTERMException
+        if not (isinstance(exc, SIGTERMException) or trainer.state.status == TrainerStatus.INTERRUPTED):
+            raise
+        signum = signal.SIGTERM if getattr(trainer, "received_sigterm", False) or isinstance(
+            exc, SIGTERMException) else signal.SIGINT
+        raise _interrupted(out, trainer, tc, time.time() - t0, last, signum) from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)  # Lightning leaves SIGINT ignored after one
     trainer.vrnn_seconds = time.time() - t0  # training alone (not the data's loading)
     if trainer.global_rank == 0:
         if not last.exists():
@@ -713,6 +748,21 @@ def _fit(spec, model_name, out: Path, tc: TrainConfig, cfg, prepared: Prepared, 
                             "epoch ended (is --max-time or --max-steps too small?)")
         write_summary(out, trainer, tc, time.time() - t0)
     return trainer, module, prepared
+
+
+def _interrupted(out: Path, trainer, tc: TrainConfig, seconds: float, last: Path, signum) -> Interrupted:
+    """After SIGINT/SIGTERM stopped training (at a batch's end): the summary says so
+    (``stopped``: "interrupted"), last.ckpt is the last whole epoch's; the error to raise."""
+    name = signal.Signals(signum).name
+    if trainer.global_rank != 0:
+        return Interrupted(f"interrupted by {name}", int(signum))
+    if not last.exists():
+        return Interrupted(f"interrupted by {name} before the first epoch ended: nothing to resume "
+                           f"in {out}", int(signum))
+    write_summary(out, trainer, tc, seconds, stopped="interrupted")
+    epoch = int(checkpoint.read(last).get("epoch", -1)) + 1
+    return Interrupted(f"interrupted by {name}: {last} holds {epoch} whole epoch(s) (the one in progress "
+                       f"is dropped); continue with --resume", int(signum))
 
 
 def previous_summary(out: Path) -> dict:
@@ -729,7 +779,7 @@ def previous_summary(out: Path) -> dict:
     return before
 
 
-def write_summary(out: Path, trainer, tc: TrainConfig, seconds: float) -> dict:
+def write_summary(out: Path, trainer, tc: TrainConfig, seconds: float, stopped: str | None = None) -> dict:
     """OUT/summary.json: how the run ended (``stopped``: "early" when the validation bound
     stopped improving for ``patience`` epochs, else "steps", "epochs" or "time", the cap
     that ended it, or "interrupted": SIGINT or SIGTERM), its optimiser steps, epochs,
@@ -737,7 +787,9 @@ def write_summary(out: Path, trainer, tc: TrainConfig, seconds: float) -> dict:
     path = out / "summary.json"
     before = previous_summary(out)
     early = next(c for c in trainer.callbacks if isinstance(c, EarlyStopping))
-    if early.stopped_epoch > 0:
+    if stopped is not None:
+        pass
+    elif early.stopped_epoch > 0:
         stopped = "early"
     elif tc.max_steps is not None and trainer.global_step >= tc.max_steps:
         stopped = "steps"

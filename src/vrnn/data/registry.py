@@ -20,6 +20,7 @@ Other files are ignored. A folder holding more than one of these kinds is refuse
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,6 +202,11 @@ def _data_files(folder: Path) -> dict[str, list[Path]]:
         files, dirs = _listing(d)
         for name in files:
             f = d / name
+            try:
+                if not stat.S_ISREG(os.stat(f).st_mode):
+                    continue  # a named pipe, socket or device: reading it could block forever
+            except OSError:
+                pass  # a broken link: named by _identity below, if it looks like data
             kind = _classify(f)
             if kind is None:
                 continue
