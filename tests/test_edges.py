@@ -442,3 +442,52 @@ def test_reproduce_plan_downloads_and_parses_nothing(tmp_path, capsys, monkeypat
     out = capsys.readouterr().out
     assert "asterisk-en: left out of the plan" in out and "chorales: left out of the plan" in out
     _one_line_error(capsys, run("reproduce", "--plan", "--datasets", "", "--out", tmp_path / "o"), "--datasets")
+
+
+# ------------------------------------------------------------ what a new user stumbles on
+def test_no_progress_bar_when_stderr_is_not_a_terminal(arrays, tiny_config, tmp_path, capsys):
+    assert run("train", "--data", arrays, "--model", "vrnn-gauss", "--out", tmp_path / "r", "--max-epochs", 1,
+               "--batch-size", 4, "--config", tiny_config) == 0
+    captured = capsys.readouterr()
+    assert "it/s" not in captured.err and "Epoch 0" not in captured.err
+    assert "1 epoch," in captured.out and "s training" in captured.out
+
+
+@pytest.mark.parametrize("command,needle", [("train", "no progress bar"), ("evaluate", "a checkpoint written"),
+                                            ("latents", "--resampler")])
+def test_every_argument_has_help(capsys, command, needle):
+    assert run(command, "--help") == 0
+    assert needle in capsys.readouterr().out
+
+
+def test_evaluate_json_names_the_estimator_it_ran(trained, capsys):
+    data, _, out = trained
+    assert run("evaluate", out / "best.ckpt", "--data", data, "--estimator", "all", "--samples", 3, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["estimator"] == "all"
+
+
+def test_huge_scores_are_printed_short():
+    from vrnn.cli import _number
+    assert _number(-1.234e69) == "-1.234e+69" and _number(-12.345) == "-12.35" and _number(None).startswith("n/a")
+
+
+def test_resuming_a_finished_run_prints_no_nan_and_an_rnn_objective_is_explained(trained, tmp_path, capsys):
+    import shutil
+    data, cfg, out = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert train(data, copy, cfg, "vrnn-gauss", 1, "--resume") == 0
+    assert "nan" not in capsys.readouterr().out
+    assert train(data, tmp_path / "rnn", cfg, "rnn-gauss", 1, "--objective", "fivo", "--particles", 2) == 0
+    assert "no latent variable" in capsys.readouterr().err
+
+
+def test_data_info_says_what_a_speech_duration_counts(tmp_path):
+    import soundfile as sf
+    folder = tmp_path / "wav"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    sf.write(folder / "a.wav", (0.3 * rng.standard_normal(int(16000 * 1.3))).astype(np.float32), 16000)
+    from vrnn.data import describe
+    info = describe(folder, chunk_seconds=0.5)  # the fetched corpora are chunked so
+    assert info["duration_seconds"] == 1.0 and "remainder" in info["duration_counts"]

@@ -177,29 +177,33 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     t = cmd("train", "train a model on a dataset; writes best.ckpt, last.ckpt and logs/ into --out")
-    t.add_argument("--data", required=True, help="registered dataset name or a path")
+    t.add_argument("--data", required=True, help="a registered dataset (vrnn data list) or a file or "
+                   "folder of audio, IAM XML or arrays")
     t.add_argument("--model", required=True, help=f"one of {', '.join(PRESETS)}")
-    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--out", required=True, help="the run's folder: best.ckpt, last.ckpt, logs/, summary.json")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
     t.add_argument("--config", help="JSON file: {\"model\": {...}, \"train\": {...}, \"data\": {...}}")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (it is also off when "
+                   "stderr is not a terminal)")
     add_arguments(t, VRNNConfig, default_text="by the row and the data kind (vrnn.train.KIND_DEFAULTS)")
     add_arguments(t, TrainConfig)
 
     e = cmd("evaluate", "ELBO and log-likelihood estimates of a checkpoint on data, normalised "
             "and in the data's own units")
-    e.add_argument("checkpoint")
-    e.add_argument("--data", required=True)
+    e.add_argument("checkpoint", help="a checkpoint written by vrnn train (best.ckpt or last.ckpt)")
+    e.add_argument("--data", required=True, help="a registered dataset or a path; the split is drawn as "
+                   "in training")
     add_arguments(e, EvaluateOptions)
 
     s = cmd("sample", "generate sequences and write files a person can check")
-    s.add_argument("checkpoint")
-    s.add_argument("--out", required=True)
+    s.add_argument("checkpoint", help="a checkpoint written by vrnn train (best.ckpt or last.ckpt)")
+    s.add_argument("--out", required=True, help="folder for the samples (.npy and a file to check by "
+                   "eye or ear per sequence)")
     add_arguments(s, SampleOptions)
 
     la = cmd("latents", "per-step KL, posterior means and log-likelihood terms for every sequence")
-    la.add_argument("checkpoint")
-    la.add_argument("--data", required=True)
+    la.add_argument("checkpoint", help="a checkpoint written by vrnn train (best.ckpt or last.ckpt)")
+    la.add_argument("--data", required=True, help="a registered dataset or a path")
     la.add_argument("--out", required=True, help="output .npz file")
     add_arguments(la, LatentsOptions)
 
@@ -207,9 +211,9 @@ def _parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     dsub.add_parser("list", help="registered datasets and what is fetched")
     di = dsub.add_parser("info", help="what SPEC holds (kind, sequences, lengths, duration)")
-    di.add_argument("spec")
+    di.add_argument("spec", help="a registered dataset or a file or folder")
     df = dsub.add_parser("fetch", help="download a speech corpus from Debian's archive into the cache")
-    df.add_argument("name", choices=["asterisk-en", "fillets-cs"])
+    df.add_argument("name", choices=["asterisk-en", "fillets-cs"], help="the corpus to fetch")
 
     r = cmd("reproduce", "the paired, converged reproduction: Table 1, the successors beside it, "
             "equal wall clock against the public style; tables, the analysis figure and samples")
@@ -274,7 +278,8 @@ def cmd_train(a) -> int:
     overrides = {**cfg.get("model", {}), **parsed(VRNNConfig, a)}
     t0 = time.time()
     trainer, module, prepared = fit(a.data, a.model, a.out, tc, overrides, cfg.get("data", {}),
-                                    resume=a.resume, progress=not a.no_progress, say=_err)
+                                    resume=a.resume, progress=not a.no_progress and sys.stderr.isatty(),
+                                    say=_err)
     if trainer.global_rank == 0:
         m = trainer.callback_metrics
         best = trainer.checkpoint_callback.best_model_score
@@ -290,6 +295,13 @@ def cmd_train(a) -> int:
         ckpts = [str(Path(a.out) / n) for n in ("best.ckpt", "last.ckpt") if (Path(a.out) / n).exists()]
         print(f"checkpoints: {', '.join(ckpts)}; logs: {Path(a.out) / 'logs'}")
     return 0
+
+
+def _number(v, digits: int = 2) -> str:
+    """A score for people: fixed decimals, or 6 significant digits beyond 1e12 (never 70 digits)."""
+    if v is None:
+        return "n/a (non-finite)"
+    return f"{v:.{digits}f}" if abs(v) < 1e12 else f"{v:.6g}"
 
 
 def _count(n: int, noun: str) -> str:
@@ -315,7 +327,7 @@ def cmd_evaluate(a) -> int:
     if o.json:
         print(json.dumps(strict_json(res), allow_nan=False))
         return 0
-    fmt = lambda v, d=2: "n/a (non-finite)" if v is None else f"{v:.{d}f}"  # noqa: E731
+    fmt = _number
     print(f"{model.cfg.name} on {data.name} ({o.split} split, {res['num_sequences']} sequences, "
           f"{res['num_steps']} steps)")
     names = {"elbo": "ELBO               >=", "is": "log-likelihood IS  ~= ", "smc": "log-likelihood SMC ~= ",
@@ -471,7 +483,8 @@ def cmd_demo(a) -> int:
     tc = TrainConfig(max_epochs=o.max_epochs or 120, batch_size=16, lr=1e-3, patience=30, seed=0)
     resume = (run / "last.ckpt").exists()
     print(f"[demo] training {o.model} on LASA handwriting into {run}" + (" (resuming)" if resume else ""))
-    trainer, module, prepared = fit("lasa", o.model, run, tc, data_opts={"subsample": 8}, resume=resume)
+    trainer, module, prepared = fit("lasa", o.model, run, tc, data_opts={"subsample": 8}, resume=resume,
+                                    progress=sys.stderr.isatty(), say=_err)
     model, normalizer, desc = checkpoint.load(best_checkpoint(run))
     torch.manual_seed(0)
     res = evaluate(model, prepared.sequences("test"), 40, progress=False, normalizer=normalizer)
@@ -488,8 +501,8 @@ def cmd_demo(a) -> int:
     plot_curves(out / "training_curve.png", run / "logs" / "csv" / "metrics.csv",
                 title=f"{o.model} on LASA")
     print(f"[demo] {model.cfg.name}, {model.num_parameters():,} parameters, "
-          f"{trainer.current_epoch} epochs, {time.time() - t0:.0f} s")
-    fmt = lambda v, d=2: "n/a (non-finite)" if v is None else f"{v:.{d}f}"  # noqa: E731
+          f"{_count(trainer.current_epoch, 'epoch')}, {time.time() - t0:.0f} s")
+    fmt = _number
     scores = (f"log-likelihood = {fmt(res['log_likelihood'])} nats per trajectory (exact)" if res["exact"] else
               f"ELBO >= {fmt(res['elbo'])}, log-likelihood ~= {fmt(res['log_likelihood'])} nats per "
               "trajectory (K=40)")

@@ -184,7 +184,7 @@ def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max
     main = "exact" if not latent else ("is" if estimator == "all" else estimator)
     f = figures[main]
     res = {
-        "estimator": main,
+        "estimator": "exact" if not latent else estimator,  # "all": the flat fields are IS's
         "estimators": figures,
         "elbo": figures["elbo"]["per_sequence"] if latent else None,
         "log_likelihood": f["per_sequence"],

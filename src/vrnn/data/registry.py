@@ -40,7 +40,8 @@ DATASETS: dict[str, str] = {
     "folk": "Ryan's Mammoth Collection (1883) from the music21 corpus: 1,059 fiddle tunes as binary "
             "piano-rolls of their melodies, eighth-note frames (a Nottingham-like set; cached "
             "after the first parse, about 80 s)",
-    "asterisk-en": "one female speaker, 25.5 min of prompts (Debian asterisk-core-sounds-en-wav), "
+    "asterisk-en": "one female speaker, 25.5 min of prompts as recorded, about 22 min in the whole "
+                   "0.5 s chunks kept (what `data info` counts; Debian asterisk-core-sounds-en-wav), "
                    "16 kHz, 200-sample frames, 0.5 s chunks; needs `vrnn data fetch asterisk-en`",
     "fillets-cs": "many speakers, ~105 min of Czech game dialogue (Debian fillets-ng-data-cs), "
                   "16 kHz, 200-sample frames, whole utterances; needs `vrnn data fetch fillets-cs`",
@@ -106,6 +107,9 @@ class SequenceSet:
             frame = self.meta.get("frame_size", self.dim)
             if rate:
                 out["duration_seconds"] = round(float(lengths.sum()) * frame / rate, 3)
+                if self.meta.get("chunk_seconds"):
+                    out["duration_counts"] = ("the whole chunks kept (each file's remainder shorter than "
+                                              "a chunk, and silent chunks, are dropped)")
             for key in ("sample_rate", "frame_size", "chunk_seconds"):
                 if key in self.meta:
                     out[key] = self.meta[key]
