@@ -487,7 +487,8 @@ class VRNNModule(L.LightningModule):
         bad = ~torch.isfinite(bound)
         if bool(bad.any()):  # early stopping and best.ckpt would follow a NaN/-inf: stop here
             r = int(bad.nonzero()[0])
-            raise NonFiniteLoss(f"non-finite validation bound ({float(bound[r])}) in epoch "
+            raise NonFiniteLoss(f"{self.vrnn_meta.get('out', 'training')}: non-finite validation bound "
+                                f"({float(bound[r])}) in epoch "
                                 f"{self.current_epoch}, validation batch {batch_idx}, sequence {r} of "
                                 f"the batch (data far outside the training range, or a diverged model: "
                                 f"lower --lr?)")
