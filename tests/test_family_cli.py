@@ -168,7 +168,7 @@ def test_scores_in_the_data_units_and_strict_json_for_far_away_data(tmp_path, ca
     assert run("latents", out / "last.ckpt", "--data", huge, "--out", tmp_path / "l.npz") == 0
     lat = np.load(tmp_path / "l.npz")
     real = lat["mask"] > 0
-    assert np.isfinite(lat["score"][real]).all() and lat["score"][real].max() < -1e6
+    assert np.isfinite(lat["plugin_score"][real]).all() and lat["plugin_score"][real].max() < -1e6
 
 
 def test_non_finite_scores_are_null_with_a_warning(tmp_path, capsys, monkeypatch):

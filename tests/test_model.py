@@ -484,16 +484,16 @@ def test_latents_keys_and_shapes(preset):
     mask[1, 4:] = 0
     mask[2, 1:] = 0
     out = latents(model, x, mask)
-    base = {"mask", "log_px", "kl", "score", "h", "h_change"}
+    base = {"mask", "log_px", "kl", "plugin_score", "h", "h_change"}
     zkeys = {"posterior_mean", "posterior_std", "prior_mean", "prior_std", "z"}
     want = base | zkeys if model.cfg.latent else base
     assert set(out) == want
-    for k in ("mask", "log_px", "kl", "score", "h_change"):
+    for k in ("mask", "log_px", "kl", "plugin_score", "h_change"):
         assert out[k].shape == (B, T), k
     assert out["h"].shape == (B, T, H)
     for k in zkeys & set(out):
         assert out[k].shape == (B, T, Z), k
-    torch.testing.assert_close(out["score"], out["log_px"] - out["kl"])
+    torch.testing.assert_close(out["plugin_score"], out["log_px"] - out["kl"])
     # h_change is zero on padded steps, positive on real ones
     pad = mask == 0
     assert (out["h_change"][pad] == 0).all()
@@ -506,7 +506,7 @@ def test_latents_keys_and_shapes(preset):
     if model.cfg.latent:
         # sample=False: z is the posterior mean, deterministic
         torch.testing.assert_close(out["z"], out["posterior_mean"], rtol=0, atol=0)
-        torch.testing.assert_close(latents(model, x, mask)["score"], out["score"],
+        torch.testing.assert_close(latents(model, x, mask)["plugin_score"], out["plugin_score"],
                                    rtol=0, atol=0)
         torch.manual_seed(0)
         s = latents(model, x, mask, sample=True)

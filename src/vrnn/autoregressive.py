@@ -138,7 +138,11 @@ class AutoregressiveHead(Head):
         # the sequential plan: for each dim, (is_binary, first and last output, n hidden read)
         first = {d: i * b for i, d in enumerate(real)}
         first.update({d: len(real) * b + i for i, d in enumerate(binary)})
-        read = [int((m <= d).sum()) for d in range(D)]  # 0-based d reads units m_j <= d
+        # 0-based d reads the units m_j <= d: of the H cyclic degrees 1 + (j mod (D-1)),
+        # q = H // (D-1) full cycles and r more; counted without reading the tensor m
+        # (so that the head builds on the meta device, to count parameters before allocating)
+        q, r = divmod(H, max(D - 1, 1))
+        read = [q * min(d, max(D - 1, 1)) + min(r, d) for d in range(D)]
         self._plan = [(d in bits, first[d], first[d] + (1 if d in bits else b), read[d])
                       for d in range(D)]
 
@@ -166,12 +170,14 @@ class AutoregressiveHead(Head):
         return wx, v
 
     def network(self, params: Tensor, x: Tensor) -> Tensor:
-        """All conditional parameters o (..., O) in one pass (dims' outputs see only x_{<d})."""
-        wx, v = self.masked_weights(params.dtype)
-        s = params + F.linear(x.to(params.dtype), wx)
-        a, o = s.split([self.hidden, self.n_out], dim=-1)
-        o = o + F.linear(F.relu(a), v)
-        return o.to(params.dtype)  # under autocast: the densities in params' precision
+        """All conditional parameters o (..., O) in one pass (dims' outputs see only x_{<d}),
+        in ``params``' precision: autocast is off here, so under bf16-mixed the masked
+        products of a float32 density run in float32 like the other heads' log-densities."""
+        with torch.autocast(params.device.type, enabled=False):
+            wx, v = self.masked_weights(params.dtype)
+            s = params + F.linear(x.to(params.dtype), wx)
+            a, o = s.split([self.hidden, self.n_out], dim=-1)
+            return o + F.linear(F.relu(a), v)
 
     def _split(self, o: Tensor) -> dict[str, Tensor]:
         k, b, R = self.k, self.block, len(self.real_dims)

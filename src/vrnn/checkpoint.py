@@ -12,6 +12,7 @@ reads it; nothing in a file a user was handed can run code.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import torch
@@ -47,9 +48,20 @@ def read(path) -> dict:
         if not isinstance(meta.get(key), dict):
             raise CheckpointError(f"{path}: its vrnn entry has no {key} mapping")
     from .data.sequences import KINDS
-    if meta["data"].get("kind") not in KINDS:
+    data = meta["data"]
+    if data.get("kind") not in KINDS:
         raise CheckpointError(f"{path}: its data description has no valid kind "
-                              f"(got {meta['data'].get('kind')!r}; one of {', '.join(KINDS)})")
+                              f"(got {data.get('kind')!r}; one of {', '.join(KINDS)})")
+    seed = data.get("split_seed", 0)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise CheckpointError(f"{path}: its data description's split_seed must be an integer >= 0, "
+                              f"got {seed!r}")
+    fr = data.get("fractions", (0.8, 0.1, 0.1))
+    if (not isinstance(fr, (list, tuple)) or len(fr) != 3
+            or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f >= 0 for f in fr)
+            or sum(fr) <= 0):
+        raise CheckpointError(f"{path}: its data description's fractions must be 3 numbers >= 0 with a "
+                              f"positive sum, got {fr!r}")
     return ckpt
 
 
@@ -69,6 +81,8 @@ def load(path, device="cpu"):
         model = build(cfg)
         model.load_state_dict(model_weights(ckpt["state_dict"]))
         normalizer = Normalizer.from_state(meta["normalizer"])
+        if normalizer.dim != cfg.x_dim:
+            raise ValueError(f"its normaliser has {normalizer.dim} dimensions, the model {cfg.x_dim}")
     except (ConfigError, KeyError, RuntimeError, TypeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0][:160]
         raise CheckpointError(f"{path}: weights do not match the model it describes ({reason})") from None
@@ -85,4 +99,8 @@ def atomic_save(obj, path) -> None:
     The file gets the usual mode of a new file (0o666 & ~umask); see ``files.atomic_write``.
     """
     with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:  # torch.save reports a failed write (a full disk) this way
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise OSError(errno.EIO, f"cannot write it ({reason})", str(path)) from None

@@ -65,7 +65,8 @@ SPLITS = ("train", "valid", "test", "all")
 @dataclass
 class GlobalOptions:
     threads: int | None = option(None, "intra-op CPU threads (default 1, or $VRNN_THREADS; "
-                                       "measured fastest here)", min=1, flag="--threads")
+                                       "measured fastest here)", min=1, flag="--threads",
+                                 env="VRNN_THREADS")
     denormals: str = option("flush", "CPU: flush subnormal floats to zero (x86 FTZ/DAZ; a mixture's "
                                      "gradient is full of them and they slow matrix products many "
                                      "times over), or keep them", choices=("flush", "keep"),
@@ -81,7 +82,7 @@ class EvaluateOptions:
     samples: int = option(40, "importance samples or particles K", min=1, flag="--samples")
     resample: str = option("ess", "smc: resample when the ESS is low (ess), always, or never",
                            choices=SCHEDULES, flag="--resample")
-    ess_threshold: float = option(0.5, "smc: resample when the ESS falls below this fraction of K",
+    ess_threshold: float = option(0.5, "smc: resample when the ESS falls to this fraction of K or below",
                                   above=0.0, max=1.0, flag="--ess-threshold")
     resampler: str = option("systematic", "smc: how ancestors are drawn", choices=RESAMPLERS,
                             flag="--resampler")
@@ -113,6 +114,12 @@ class LatentsOptions:
     smc: int | None = option(None, "also run a particle filter with this many particles and "
                                    "export its per-step ESS, where it resampled, and log Z",
                              min=1, flag="--smc", metavar="K")
+    resample: str = option("ess", "smc: resample when the ESS is low (ess), always, or never",
+                           choices=SCHEDULES, flag="--resample")
+    ess_threshold: float = option(0.5, "smc: resample when the ESS falls to this fraction of K or below",
+                                  above=0.0, max=1.0, flag="--ess-threshold")
+    resampler: str = option("systematic", "smc: how ancestors are drawn", choices=RESAMPLERS,
+                            flag="--resampler")
     batch_size: int = option(32, "sequences per pass at most", min=1, flag="--batch-size")
     max_memory: float = option(1024.0, "memory cap of one pass in MiB: long sequences go in "
                                        "smaller batches", above=0.0, flag="--max-memory", metavar="MIB")
@@ -172,29 +179,33 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     t = cmd("train", "train a model on a dataset; writes best.ckpt, last.ckpt and logs/ into --out")
-    t.add_argument("--data", required=True, help="registered dataset name or a path")
+    t.add_argument("--data", required=True, help="a registered dataset (vrnn data list) or a file or "
+                   "folder of audio, IAM XML or arrays")
     t.add_argument("--model", required=True, help=f"one of {', '.join(PRESETS)}")
-    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--out", required=True, help="the run's folder: best.ckpt, last.ckpt, logs/, summary.json")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
     t.add_argument("--config", help="JSON file: {\"model\": {...}, \"train\": {...}, \"data\": {...}}")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (it is also off when "
+                   "stderr is not a terminal)")
     add_arguments(t, VRNNConfig, default_text="by the row and the data kind (vrnn.train.KIND_DEFAULTS)")
     add_arguments(t, TrainConfig)
 
     e = cmd("evaluate", "ELBO and log-likelihood estimates of a checkpoint on data, normalised "
             "and in the data's own units")
-    e.add_argument("checkpoint")
-    e.add_argument("--data", required=True)
+    e.add_argument("checkpoint", help="a checkpoint written by vrnn train (best.ckpt or last.ckpt)")
+    e.add_argument("--data", required=True, help="a registered dataset or a path; the split is drawn as "
+                   "in training")
     add_arguments(e, EvaluateOptions)
 
     s = cmd("sample", "generate sequences and write files a person can check")
-    s.add_argument("checkpoint")
-    s.add_argument("--out", required=True)
+    s.add_argument("checkpoint", help="a checkpoint written by vrnn train (best.ckpt or last.ckpt)")
+    s.add_argument("--out", required=True, help="folder for the samples (.npy and a file to check by "
+                   "eye or ear per sequence)")
     add_arguments(s, SampleOptions)
 
     la = cmd("latents", "per-step KL, posterior means and log-likelihood terms for every sequence")
-    la.add_argument("checkpoint")
-    la.add_argument("--data", required=True)
+    la.add_argument("checkpoint", help="a checkpoint written by vrnn train (best.ckpt or last.ckpt)")
+    la.add_argument("--data", required=True, help="a registered dataset or a path")
     la.add_argument("--out", required=True, help="output .npz file")
     add_arguments(la, LatentsOptions)
 
@@ -202,9 +213,9 @@ def _parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     dsub.add_parser("list", help="registered datasets and what is fetched")
     di = dsub.add_parser("info", help="what SPEC holds (kind, sequences, lengths, duration)")
-    di.add_argument("spec")
+    di.add_argument("spec", help="a registered dataset or a file or folder")
     df = dsub.add_parser("fetch", help="download a speech corpus from Debian's archive into the cache")
-    df.add_argument("name", choices=["asterisk-en", "fillets-cs"])
+    df.add_argument("name", choices=["asterisk-en", "fillets-cs"], help="the corpus to fetch")
 
     r = cmd("reproduce", "the paired, converged reproduction: Table 1, the successors beside it, "
             "equal wall clock against the public style; tables, the analysis figure and samples")
@@ -226,7 +237,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
     os.environ.setdefault("POSSIBLE_USER_WARNINGS", "off")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
-                 "lightning.fabric.utilities.seed"):
+                 "lightning.fabric.utilities.seed", "lightning.pytorch.trainer.connectors.signal_connector"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -269,20 +280,34 @@ def cmd_train(a) -> int:
     overrides = {**cfg.get("model", {}), **parsed(VRNNConfig, a)}
     t0 = time.time()
     trainer, module, prepared = fit(a.data, a.model, a.out, tc, overrides, cfg.get("data", {}),
-                                    resume=a.resume, progress=not a.no_progress)
+                                    resume=a.resume, progress=not a.no_progress and sys.stderr.isatty(),
+                                    say=_err)
     if trainer.global_rank == 0:
         m = trainer.callback_metrics
         best = trainer.checkpoint_callback.best_model_score
         print(f"trained {a.model} on {prepared.data.name} ({len(prepared.splits['train'])} train / "
               f"{len(prepared.splits['valid'])} valid sequences), {module.model.num_parameters():,} "
-              f"parameters, {trainer.current_epoch} epochs, {trainer.global_step} steps, "
-              f"{time.time() - t0:.0f} s")
+              f"parameters, {_count(trainer.current_epoch, 'epoch')}, {_count(trainer.global_step, 'step')}, "
+              f"{getattr(trainer, 'vrnn_seconds', 0.0):.0f} s training ({time.time() - t0:.0f} s with "
+              "loading the data)")
         if best is not None:
-            print(f"best validation bound ({tc.objective}) {float(best):.2f} nats per sequence; "
-                  f"last {float(m.get('valid/bound', float('nan'))):.2f}")
+            last = m.get("valid/bound")  # absent when a finished run was resumed (no epoch ran)
+            print(f"best validation bound ({tc.objective}) {float(best):.2f} nats per sequence"
+                  + ("" if last is None else f"; last {float(last):.2f}"))
         ckpts = [str(Path(a.out) / n) for n in ("best.ckpt", "last.ckpt") if (Path(a.out) / n).exists()]
         print(f"checkpoints: {', '.join(ckpts)}; logs: {Path(a.out) / 'logs'}")
     return 0
+
+
+def _number(v, digits: int = 2) -> str:
+    """A score for people: fixed decimals, or 6 significant digits beyond 1e12 (never 70 digits)."""
+    if v is None:
+        return "n/a (non-finite)"
+    return f"{v:.{digits}f}" if abs(v) < 1e12 else f"{v:.6g}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def cmd_evaluate(a) -> int:
@@ -293,7 +318,8 @@ def cmd_evaluate(a) -> int:
     model, normalizer, _, data, _, seqs = load_for_scoring(a.checkpoint, a.data, o.split)
     smc_opts = dict(resample=o.resample, threshold=o.ess_threshold, resampler=o.resampler)
     res = evaluate(model, seqs, o.samples, o.batch_size, o.max_rows, int(o.max_memory * 2 ** 20),
-                   progress=not o.json, estimator=o.estimator, normalizer=normalizer, smc_opts=smc_opts)
+                   progress=not o.json, estimator=o.estimator, normalizer=normalizer, smc_opts=smc_opts,
+                   seed=o.seed)
     res.update(split=o.split, model=model.cfg.name, family=model.cfg.family, data=data.name,
                unit="nats per sequence", normalised=True)
     bad = [f"{n} of {res['num_sequences']} sequences under {k}" for k, n in res["non_finite"].items() if n]
@@ -303,7 +329,7 @@ def cmd_evaluate(a) -> int:
     if o.json:
         print(json.dumps(strict_json(res), allow_nan=False))
         return 0
-    fmt = lambda v, d=2: "n/a (non-finite)" if v is None else f"{v:.{d}f}"  # noqa: E731
+    fmt = _number
     print(f"{model.cfg.name} on {data.name} ({o.split} split, {res['num_sequences']} sequences, "
           f"{res['num_steps']} steps)")
     names = {"elbo": "ELBO               >=", "is": "log-likelihood IS  ~= ", "smc": "log-likelihood SMC ~= ",
@@ -332,6 +358,20 @@ def _prefix_sequence(path: str, model, normalizer):
     return torch.as_tensor(normalizer.apply(seq), dtype=torch.float32), seq
 
 
+def _check_sample_memory(model, num: int, steps: int) -> None:
+    """Refuse, before allocating, a sample that cannot fit in memory: the draws (kept, then
+    de-normalised and written) and the per-step state of every sequence."""
+    from .errors import ConfigError
+    from .inference import row_step_bytes
+    from .train import machine_memory
+    memory = machine_memory("cpu")
+    need = 3 * num * steps * model.cfg.x_dim * 4 + 2 * num * row_step_bytes(model)
+    if memory is not None and need > memory:
+        flag, value = ("--num", num) if num * row_step_bytes(model) > memory / 4 or num >= steps else ("--steps", steps)
+        raise ConfigError(f"{flag} {value}: {num:,} sequences of {steps:,} steps would need about "
+                          f"{need / 2 ** 30:,.1f} GiB, more than this machine's {memory / 2 ** 30:,.1f} GiB")
+
+
 def cmd_sample(a) -> int:
     import numpy as np
     import torch
@@ -341,6 +381,7 @@ def cmd_sample(a) -> int:
     torch.manual_seed(o.seed)
     model, normalizer, desc = checkpoint.load(a.checkpoint)
     steps = o.steps or int(desc.get("median_length") or 100)
+    _check_sample_memory(model, o.num, steps)
     prefix, raw_prefix = (None, None) if not o.prefix else _prefix_sequence(o.prefix, model, normalizer)
     x = model.sample(o.num, steps, prefix=prefix, mean=o.mean)
     x = normalizer.invert(x).numpy()
@@ -379,12 +420,18 @@ def cmd_latents(a) -> int:
             arrays[k][batch] = v
 
     scorer = Float64Fallback(model)  # scores that overflow float32 are computed in float64
+    smc_float64 = smc_bad = 0
     for batch, x, mask in padded_batches(model, seqs, o.batch_size, int(o.max_memory * 2 ** 20)):
         for k, v in scorer.latents(x, mask, sample=o.sample).items():
             if k != "h":
                 put(k, v, batch)
         if o.smc:
-            f = particle_filter(model, x, mask, o.smc)
+            opts = dict(resample=o.resample, threshold=o.ess_threshold, resampler=o.resampler)
+            f = particle_filter(model, x, mask, o.smc, **opts)
+            if not bool(torch.isfinite(f.log_z).all() and torch.isfinite(f.ess).all()):
+                f = particle_filter(scorer.double, x.double(), mask.double(), o.smc, **opts)  # float32 overflowed
+                smc_float64 += len(batch)
+                smc_bad += int((~torch.isfinite(f.log_z)).sum())
             put("ess", f.ess, batch)
             put("resampled", f.resampled, batch)
             put("log_z_smc", f.log_z, batch)
@@ -395,6 +442,9 @@ def cmd_latents(a) -> int:
     arrays["lengths"] = np.asarray(lengths)
     arrays["index"] = np.asarray(idx)
     write_npz(a.out, arrays)
+    if smc_float64:
+        _err(f"vrnn latents: notice: the particle filter overflowed float32 on {smc_float64} sequence(s): "
+             "filtered again in float64" + (f"; log_z_smc is still not finite for {smc_bad}" if smc_bad else ""))
     print(f"wrote per-step {', '.join(sorted(k for k in arrays if k not in ('lengths', 'index')))} "
           f"for {len(seqs)} sequences to {a.out}")
     return 0
@@ -435,7 +485,8 @@ def cmd_demo(a) -> int:
     tc = TrainConfig(max_epochs=o.max_epochs or 120, batch_size=16, lr=1e-3, patience=30, seed=0)
     resume = (run / "last.ckpt").exists()
     print(f"[demo] training {o.model} on LASA handwriting into {run}" + (" (resuming)" if resume else ""))
-    trainer, module, prepared = fit("lasa", o.model, run, tc, data_opts={"subsample": 8}, resume=resume)
+    trainer, module, prepared = fit("lasa", o.model, run, tc, data_opts={"subsample": 8}, resume=resume,
+                                    progress=sys.stderr.isatty(), say=_err)
     model, normalizer, desc = checkpoint.load(best_checkpoint(run))
     torch.manual_seed(0)
     res = evaluate(model, prepared.sequences("test"), 40, progress=False, normalizer=normalizer)
@@ -452,11 +503,14 @@ def cmd_demo(a) -> int:
     plot_curves(out / "training_curve.png", run / "logs" / "csv" / "metrics.csv",
                 title=f"{o.model} on LASA")
     print(f"[demo] {model.cfg.name}, {model.num_parameters():,} parameters, "
-          f"{trainer.current_epoch} epochs, {time.time() - t0:.0f} s")
-    print(f"[demo] test split ({res['num_sequences']} trajectories): ELBO >= {res['elbo']:.2f}, "
-          f"log-likelihood ~= {res['log_likelihood']:.2f} nats per trajectory (K=40), "
-          f"{res['nats_per_step']:.3f} nats per step (normalised offsets; "
-          f"{res['log_likelihood_raw']:.2f} in the data's own units)")
+          f"{_count(trainer.current_epoch, 'epoch')}, {time.time() - t0:.0f} s")
+    fmt = _number
+    scores = (f"log-likelihood = {fmt(res['log_likelihood'])} nats per trajectory (exact)" if res["exact"] else
+              f"ELBO >= {fmt(res['elbo'])}, log-likelihood ~= {fmt(res['log_likelihood'])} nats per "
+              "trajectory (K=40)")
+    print(f"[demo] test split ({res['num_sequences']} trajectories): {scores}, "
+          f"{fmt(res['nats_per_step'], 3)} nats per step (normalised offsets; "
+          f"{fmt(res['log_likelihood_raw'])} in the data's own units)")
     print(f"[demo] wrote {out / 'samples.png'}, {out / 'test_data.png'}, "
           f"{out / 'training_curve.png'}, {out / 'evaluation.json'}")
     return 0
@@ -464,11 +518,20 @@ def cmd_demo(a) -> int:
 
 def cmd_reproduce(a) -> int:
     from .reproduce import reproduce
+    from .errors import ConfigError
     o = ReproduceOptions(**parsed(ReproduceOptions, a))
-    split = lambda s: s.split(",") if s else None  # noqa: E731
-    reproduce(o.setup, o.out, o.jobs, split(o.datasets), o.accelerator, o.budget_scale, log=print,
-              rows=split(o.rows), tables=split(o.tables), seeds=o.seeds, plan_only=o.plan,
-              report_only=o.report_only)
+
+    def split(text, flag):  # not given: all; given: at least one name ('' is not "all")
+        if text is None:
+            return None
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names:
+            raise ConfigError(f"{flag}: names nothing (got {text!r}); leave it out for all")
+        return names
+
+    reproduce(o.setup, o.out, o.jobs, split(o.datasets, "--datasets"), o.accelerator, o.budget_scale,
+              log=print, rows=split(o.rows, "--rows"), tables=split(o.tables, "--tables"), seeds=o.seeds,
+              plan_only=o.plan, report_only=o.report_only)
     return 0
 
 
@@ -477,7 +540,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
 
 
 def main(argv=None) -> int:
-    from .errors import VRNNError
+    from .errors import Interrupted, VRNNError
     command = "vrnn"
     try:
         args = _parser().parse_args(argv)
@@ -495,6 +558,9 @@ def main(argv=None) -> int:
         finally:
             if flushed:
                 torch.set_flush_denormal(False)  # main() called in a longer-lived process
+    except Interrupted as exc:  # a clean stop on SIGINT/SIGTERM (what could be saved, is)
+        _err(f"{command}: {exc}")
+        return 128 + exc.signum
     except VRNNError as exc:
         _err(f"{command}: error: {exc}")
         return 2

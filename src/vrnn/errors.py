@@ -15,3 +15,12 @@ class CheckpointError(VRNNError):
 
 class ConfigError(VRNNError):
     """An unknown model/dataset name or an inconsistent option."""
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal (SIGINT, SIGTERM) after saving what it could; the CLI
+    prints the message as one line and exits 128 + the signal's number (130, 143)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

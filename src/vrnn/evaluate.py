@@ -24,7 +24,7 @@ import torch
 from . import checkpoint
 from .data import load, pad_batch
 from .errors import DataError
-from .inference import row_step_bytes
+from .inference import SequenceDraws, row_step_bytes
 from .train import Prepared, data_splits, dataset_identity
 
 
@@ -101,22 +101,23 @@ def log_scale(normalizer) -> float:
     return float(np.log(np.asarray(normalizer.std, dtype=np.float64)).sum())
 
 
-def _scores(model, x, mask, which, num_samples, max_rows, max_bytes, smc_opts) -> dict:
-    """{estimator: (B,) scores} for one padded batch."""
+def _scores(model, x, mask, which, num_samples, max_rows, max_bytes, smc_opts, draws=None) -> dict:
+    """{estimator: (B,) scores} for one padded batch (``draws``: inference.SequenceDraws)."""
     out = {}
     with torch.no_grad():
         if "elbo" in which:
-            out["elbo"] = model.elbo(x, mask)
+            out["elbo"] = model.elbo(x, mask, noise=None if draws is None else draws.elbo_noise().to(x))
         for method in ("is", "smc"):
             if method in which:
                 out[method] = model.log_likelihood(x, mask, num_samples=num_samples, method=method,
-                                                   max_rows=max_rows, max_bytes=max_bytes,
+                                                   max_rows=max_rows, max_bytes=max_bytes, draws=draws,
                                                    **(smc_opts if method == "smc" else {}))
     return out
 
 
 def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max_bytes=2 ** 30,
-             progress=True, estimator: str = "is", normalizer=None, smc_opts: dict | None = None) -> dict:
+             progress=True, estimator: str = "is", normalizer=None, smc_opts: dict | None = None,
+             seed: int | None = None) -> dict:
     """Score ``sequences`` (normalised arrays) with the ELBO and ``estimator`` ("is", "smc"
     or "all": both), in passes that stay within about ``max_bytes`` of memory.
 
@@ -125,7 +126,9 @@ def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max
     three in the data's own units (``*_raw``, from ``normalizer``), plus for compatibility
     the flat fields ``elbo``, ``log_likelihood``, ``nats_per_step``, ``bits_per_dim`` (of
     ``estimator``; of IS under "all"). Non-finite scores (after a float64 retry) are None,
-    counted in ``non_finite``.
+    counted in ``non_finite``. With ``seed``, each sequence's draws come from its own
+    generators (``inference.SequenceDraws``): the same scores however the passes are cut; without,
+    from the global generator.
     """
     if estimator not in ("is", "smc", "all"):
         raise ValueError(f"unknown estimator {estimator!r}; choose is, smc or all")
@@ -137,11 +140,17 @@ def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max
     fallback = Float64Fallback(model)
     for batch, x, mask in padded_batches(model, sequences, batch_size, max_bytes):
         which = [m for m in methods if m != "exact"] or ["elbo"]
-        got = _scores(model, x, mask, which, num_samples, max_rows, max_bytes, smc_opts or {})
+        draws = None if seed is None or not latent else SequenceDraws(
+            seed, batch, mask.sum(1).long().tolist(), x.shape[1], num_samples, model.cfg.z_dim)
+        got = _scores(model, x, mask, which, num_samples, max_rows, max_bytes, smc_opts or {}, draws)
         bad = ~torch.stack([torch.isfinite(v) for v in got.values()]).all(0)
         if bool(bad.any()):  # float32 overflowed on some sequences: score those in float64
+            keep = bad.nonzero().flatten().tolist()
+            d64 = None if draws is None else SequenceDraws(
+                seed, [batch[i] for i in keep], [draws.lengths[i] for i in keep], x.shape[1], num_samples,
+                model.cfg.z_dim, torch.float64)
             again = _scores(fallback.double, x[bad].double(), mask[bad].double(), which, num_samples,
-                            max_rows, max_bytes, smc_opts or {})
+                            max_rows, max_bytes, smc_opts or {}, d64)
             for k in got:
                 got[k] = got[k].double()
                 got[k][bad] = again[k]
@@ -181,7 +190,7 @@ def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max
     main = "exact" if not latent else ("is" if estimator == "all" else estimator)
     f = figures[main]
     res = {
-        "estimator": main,
+        "estimator": "exact" if not latent else estimator,  # "all": the flat fields are IS's
         "estimators": figures,
         "elbo": figures["elbo"]["per_sequence"] if latent else None,
         "log_likelihood": f["per_sequence"],
@@ -223,7 +232,7 @@ class Float64Fallback:
         when a per-step score of a real step is not finite in float32."""
         lat = self.model.latents(x, mask, sample=sample)
         real = mask > 0
-        if bool(torch.isfinite(lat["score"][real]).all()):
+        if bool(torch.isfinite(lat["plugin_score"][real]).all()):
             return lat
         return self.double.latents(x.double(), mask.double(), sample=sample)
 

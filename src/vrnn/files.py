@@ -44,7 +44,8 @@ def atomic_write(path, suffix: str | None = None):
     the name pick the right format). When the block ends without an exception the file
     gets mode 0o666 & ~umask, as if ``open()`` had created it (mkstemp makes it 0o600), and
     ``os.replace`` puts it at ``path``: a reader sees the old file or the new one, never
-    half of one. Whatever happens, no temporary file is left behind.
+    half of one. Whatever happens, no temporary file is left behind. A failed write is an
+    OSError naming ``path`` (not the temporary file).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +55,8 @@ def atomic_write(path, suffix: str | None = None):
         yield tmp
         os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, ...: named by the file the user asked for
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

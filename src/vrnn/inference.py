@@ -43,15 +43,18 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
     ``resample``/``threshold``/``resampler`` as in ``smc.particle_filter``).
     ``kl_weight`` < 1 is KL annealing: it scales the KL term of the ELBO, and the latent
     part log p(z) - log q(z) of every IWAE/FIVO weight (a tempered weight). ``free_bits``
-    > 0 charges each latent dimension at each step at least that many nats of KL (Kingma
-    et al. 2016); it applies to the ELBO's analytic KL only, and is refused for IWAE/FIVO
+    > 0 charges each latent dimension at each step of each sequence at least that many
+    nats of KL: a clamp per sequence, step and dimension, stricter than Kingma et al.
+    (2016), who clamp the minibatch average of each group's KL; it applies to the ELBO's analytic KL only, and is refused for IWAE/FIVO
     with K > 1. ``normaliser``: what the summed bound is divided by (default: this batch's
     real steps; training passes the whole batch's over all processes, divided by the
     number of processes, whose gradients DDP averages). ``continues`` (B,)
     (FIVO under truncated BPTT): sequences that go on after this chunk, resampled at its
     end. Returns ``(loss, trace)``; ``trace.bound`` (B,) is the bound per sequence that is
     reported: at ``kl_weight`` 1 and without free bits, except that FIVO under warm-up
-    reports its tempered bound (its particles were resampled by the tempered weights).
+    reports its tempered log Z (its particles were resampled by the tempered weights), which
+    is a surrogate, not a bound on log p(x): then ``trace.tempered`` is True (training logs
+    it as ``train/fivo_tempered``, never as ``train/bound``).
     Under IWAE and FIVO the trace has K*B rows (FIVO's after resampling) and
     ``trace.state`` carries them on.
     """
@@ -60,6 +63,10 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
     K = int(num_samples)
     if K < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not 0.0 <= kl_weight <= 1.0:
+        raise ValueError(f"kl_weight must be in [0, 1], got {kl_weight}")
+    if not free_bits >= 0.0:
+        raise ValueError(f"free_bits must be >= 0, got {free_bits}")
     B = x.shape[0]
     if not model.latent or bound == "elbo" or K == 1:
         tr = model(x, mask, state=state, samples=K if model.latent else 1)
@@ -92,13 +99,16 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
     steps = (tr.mask.sum() / max(1, tr.mask.shape[0] // B)).clamp(min=1.0) if normaliser is None else normaliser
     loss = -per_seq.sum() / steps
     tr.bound = reported.detach()
+    tr.tempered = bool(bound == "fivo" and model.latent and K > 1 and kl_weight != 1.0)
     return loss, tr
 
 
-def log_weights(model, x: Tensor, mask: Tensor | None = None, samples: int = 1) -> Tensor:
+def log_weights(model, x: Tensor, mask: Tensor | None = None, samples: int = 1,
+                noise: Tensor | None = None) -> Tensor:
     """log p(x, z) - log q(z | x) per sequence and posterior sample, Tensor[samples*B]
-    (sample-major: entry k*B + b is sample k of sequence b)."""
-    tr = model(x, mask, samples=samples)
+    (sample-major: entry k*B + b is sample k of sequence b); ``noise`` (samples*B, T, Z)
+    fixes the draws."""
+    tr = model(x, mask, samples=samples, noise=noise if model.latent else None)
     if tr.z is None:
         return tr.log_px.sum(1)
     return (tr.log_px + log_ratio(tr)).sum(1)
@@ -116,11 +126,58 @@ def row_step_bytes(model) -> int:
     return 4 * floats
 
 
+class SequenceDraws:
+    """The random draws of the estimators for B sequences, each from its own generators,
+    seeded by (seed, the sequence's position ``index``, the stream): a sequence's scores
+    are the same whatever batch it is scored in (padding, batch size, memory caps).
+    ``lengths``: the sequences' real steps; ``T``: the padded length; ``K``: samples."""
+
+    def __init__(self, seed: int, index, lengths, T: int, K: int, z_dim: int, dtype=torch.float32):
+        self.seed, self.index, self.lengths = int(seed), [int(i) for i in index], [int(n) for n in lengths]
+        self.T, self.K, self.Z, self.dtype = int(T), int(K), int(z_dim), dtype
+
+    def _gen(self, i: int, stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed(((self.seed * 1_000_003 + i) * 1_000_033 + stream) % (2 ** 63))
+
+    def subset(self, start: int, end: int) -> "SequenceDraws":
+        return SequenceDraws(self.seed, self.index[start:end], self.lengths[start:end], self.T, self.K,
+                             self.Z, self.dtype)
+
+    def _padded(self, i: int, n: int, stream: int) -> Tensor:
+        out = torch.zeros(self.T, self.Z, dtype=self.dtype)
+        out[:n] = torch.randn(n, self.Z, generator=self._gen(i, stream), dtype=self.dtype)
+        return out
+
+    def elbo_noise(self) -> Tensor:
+        """(B, T, Z): the ELBO's one draw per sequence."""
+        return torch.stack([self._padded(i, n, 0) for i, n in zip(self.index, self.lengths)])
+
+    def is_noise(self, start: int, k: int) -> Tensor:
+        """(k*B, T, Z), sample-major: importance samples start..start+k-1."""
+        return torch.stack([self._padded(i, n, 1 + j) for j in range(start, start + k)
+                            for i, n in zip(self.index, self.lengths)])
+
+    def smc(self) -> dict:
+        """``noise`` and ``uniforms`` for ``particle_filter``: per step, each sequence's
+        next draws from its own two generators (a sequence's t-th draws do not depend on
+        the batch's other sequences or length)."""
+        gens = [(self._gen(i, -1), self._gen(i, -2)) for i in self.index]
+        K, Z, dt = self.K, self.Z, self.dtype
+
+        def noise(t):  # (K*B, Z), row k*B + b
+            return torch.stack([torch.randn(K, Z, generator=g, dtype=dt) for g, _ in gens], 1).reshape(-1, Z)
+
+        def uniforms(t):  # (B, K), drawn at every step whether or not it resamples
+            return torch.stack([torch.rand(K, generator=u, dtype=dt) for _, u in gens])
+
+        return {"noise": noise, "uniforms": uniforms}
+
+
 @torch.no_grad()
 def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: int = 40,
                    method: str = "is", max_rows: int = 4096, max_bytes: int = 2 ** 30,
                    resample: str = "ess", threshold: float = 0.5, resampler: str = "systematic",
-                   generator: torch.Generator | None = None) -> Tensor:
+                   generator: torch.Generator | None = None, draws: "SequenceDraws | None" = None) -> Tensor:
     """Estimated log p(x) per sequence, Tensor[B]; exact for the RNN rows, which have no
     latent.
 
@@ -134,6 +191,8 @@ def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: in
     batch into groups of sequences instead. Both are lower bounds in expectation that
     tighten as K grows; K=1 is the ELBO's single-draw estimate. ``generator`` seeds the
     particle filter's draws (IS draws from the global generator: ``torch.manual_seed``).
+    ``draws`` (``SequenceDraws`` of these B sequences) takes every draw from each
+    sequence's own generator instead: the estimate no longer depends on how passes are cut.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -148,14 +207,17 @@ def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: in
         group = max(1, min(B, max_rows // K, max_bytes // ((K + T) * row_step_bytes(model))))
         out = []
         for s in range(0, B, group):
-            out.append(particle_filter(model, x[s:s + group], None if mask is None else mask[s:s + group],
-                                       K, resample, threshold, resampler, generator=generator).log_z)
+            g = min(group, B - s)
+            out.append(particle_filter(
+                model, x[s:s + group], None if mask is None else mask[s:s + group], K, resample, threshold,
+                resampler, generator=generator, **({} if draws is None else draws.subset(s, s + g).smc())).log_z)
         return torch.cat(out)
     per_pass = max(1, min(max_rows // max(B, 1), max_bytes // (max(B * T, 1) * row_step_bytes(model))))
     chunks = []
     for start in range(0, K, per_pass):
         k = min(per_pass, K - start)
-        chunks.append(log_weights(model, x, mask, samples=k).view(k, B))
+        eps = None if draws is None else draws.is_noise(start, k)
+        chunks.append(log_weights(model, x, mask, samples=k, noise=eps).view(k, B))
     lw = torch.cat(chunks, dim=0)
     return torch.logsumexp(lw, dim=0) - math.log(K)
 
@@ -166,7 +228,10 @@ def latents(model, x: Tensor, mask: Tensor | None = None, sample: bool = False) 
 
     With ``sample=False`` (default) z_t is the posterior mean (deterministic); with
     ``sample=True`` a posterior draw. Keys: ``mask`` (B,T); ``log_px`` (B,T) log p(x_t|.);
-    ``kl`` (B,T); ``score`` (B,T) = log_px - kl, the per-step ELBO term (low = anomalous);
+    ``kl`` (B,T); ``plugin_score`` (B,T) = log_px - kl at the z used (low = anomalous): at
+    the posterior mean a plug-in value, NOT the per-step ELBO term (its sum is not the ELBO,
+    which is an expectation over z ~ q); with ``sample=True`` a one-draw unbiased estimate
+    of that term;
     ``h`` (B,T,H) the deterministic state after step t (the VRNN's h_t, the SRNN's
     d_{t+1}); ``h_change`` (B,T) ||h after t - h before t||; and for latent models
     ``posterior_mean``, ``posterior_std``, ``prior_mean``, ``prior_std``, ``z`` (B,T,Z).
@@ -179,7 +244,7 @@ def latents(model, x: Tensor, mask: Tensor | None = None, sample: bool = False) 
         "mask": tr.mask,
         "log_px": tr.log_px,
         "kl": tr.kl,
-        "score": tr.log_px - tr.kl,
+        "plugin_score": tr.log_px - tr.kl,
         "h": tr.h,
         "h_change": (tr.h - tr.h_prev).norm(dim=-1) * tr.mask,
     }

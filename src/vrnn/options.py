@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import math
 import numbers
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class Spec:
     choices: tuple | None = None
     length: int | None = None         # how many entries a list option must have
     metavar: str | None = None
+    env: str | None = None            # an environment variable that sets it when the flag is not given
 
 
 def option(default, help: str, **spec) -> dataclasses.Field:
@@ -249,9 +251,11 @@ def parsed(cls, namespace, names=None) -> dict:
     for name, typ, spec, _ in specs(cls):
         if spec.flag is None or (names is not None and name not in names):
             continue
-        text = getattr(namespace, name, None)
+        text, where = getattr(namespace, name, None), spec.flag
+        if text is None and spec.env is not None and os.environ.get(spec.env) is not None:
+            text, where = os.environ[spec.env], f"${spec.env}"  # checked like the flag
         if text is not None:
-            out[name] = parse_text(str(text), typ, spec, spec.flag)
+            out[name] = parse_text(str(text), typ, spec, where)
     return out
 
 

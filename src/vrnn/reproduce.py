@@ -312,6 +312,25 @@ def split_id(data_desc: dict, test_index) -> dict:
             "test_sequences": len(test_index)}
 
 
+def _die_with_parent() -> None:  # pragma: no cover (runs in the child, before exec)
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+# children die with this process (Linux: the kernel kills them when it ends, even by
+# SIGKILL); elsewhere the run folder's lock (train.lock_run) stops a second writer
+CHILD = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+
+
+def finished(ckpt: Path) -> bool:
+    """The run's training ended for good (not interrupted by a signal)."""
+    try:
+        return json.loads((ckpt / "summary.json").read_text()).get("stopped") != "interrupted"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run_job(job: dict, out: Path, log=print) -> dict:
     """Train (or resume) then score one run; its record is written the moment it exists."""
     rec_path = record_path(out, job)
@@ -324,7 +343,7 @@ def run_job(job: dict, out: Path, log=print) -> dict:
     ckpt = run / "ckpt"
     if ckpt.exists() and not (ckpt / "last.ckpt").exists() and not (ckpt / "summary.json").exists():
         shutil.rmtree(ckpt)  # stopped before its first checkpoint: nothing to resume, start afresh
-    if not (ckpt / "summary.json").exists():  # training not finished: (re)start or resume
+    if not finished(ckpt):  # training not finished: (re)start or resume
         train = _vrnn_cmd("train", "--data", job["dataset"], "--model", job["preset"], "--out", ckpt,
                           "--seed", job["seed"], "--max-epochs", 100000, "--config", run / "config.json",
                           "--no-progress", *(["--resume"] if (ckpt / "last.ckpt").exists() else []),
@@ -332,13 +351,13 @@ def run_job(job: dict, out: Path, log=print) -> dict:
         with open(run / "train.log", "a") as f:
             f.write("$ " + shlex.join(train) + "\n")
             f.flush()
-            if subprocess.run(train, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+            if subprocess.run(train, stdout=f, stderr=subprocess.STDOUT, **CHILD).returncode != 0:
                 raise VRNNError(f"{run / 'train.log'}: training {job['row']} on {job['dataset']} failed")
     summary = json.loads((ckpt / "summary.json").read_text())
     best = ckpt / ("best.ckpt" if (ckpt / "best.ckpt").exists() else "last.ckpt")
     ev = subprocess.run(_vrnn_cmd("evaluate", best, "--data", job["dataset"], "--split", "test",
                                   "--estimator", "all", "--samples", SAMPLES, "--json",
-                                  "--seed", job["seed"]), capture_output=True, text=True)
+                                  "--seed", job["seed"]), capture_output=True, text=True, **CHILD)
     if ev.returncode != 0:
         raise VRNNError(f"{run}: evaluation failed: {ev.stderr.strip()[-300:]}")
     res = json.loads(ev.stdout)
@@ -499,10 +518,11 @@ def training_curve_facts(metrics_csv: Path) -> dict | None:
 def load_records(out: Path) -> list[dict]:
     """Every record; one still without its training-curve facts gets them from its run's
     logs when they are here (and is rewritten), so that the committed records carry them."""
+    from .records import check_records, record_files
     from .writers import write_text
+    paths = record_files(out / "records")
     records = []
-    for p in sorted((out / "records").rglob("*.json")):
-        rec = json.loads(p.read_text())
+    for p, rec in zip(paths, check_records(paths, DATASETS, ROWS, TABLES)):
         if "curve" not in rec:
             facts = training_curve_facts(out / "runs" / p.parent.parent.name / rec["dataset"] /
                                          f"{rec['model']}-seed{rec['seed']}" / "ckpt" / "logs" / "csv" /
@@ -817,6 +837,16 @@ def figures(out: Path, records, log=print) -> list[Path]:
 
 
 # ------------------------------------------------------------------------ main
+def prepared_here(dataset: str) -> bool:
+    """Whether ``dataset`` loads without a download or a corpus parse (for --plan)."""
+    from .data.fetch import cache_dir, fetched_path
+    from .data.pianoroll import CACHE_NAME, FOLK_CACHE_NAME
+    if dataset in ("asterisk-en", "fillets-cs"):
+        return fetched_path(dataset) is not None
+    cache = {"chorales": CACHE_NAME, "folk": FOLK_CACHE_NAME}.get(dataset)
+    return cache is None or (cache_dir() / cache).is_file()
+
+
 def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
               accelerator: str | None = None, budget_scale: float = 1.0, log=print, rows=None,
               tables=None, seeds: int | None = None, plan_only: bool = False,
@@ -843,6 +873,14 @@ def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
         written = figures(out, js["runs"], log)
         log(f"[reproduce] wrote the tables, {out / 'table1.json'} and {len(written)} figures/samples")
         return js
+    if plan_only:  # runs nothing: no download, no corpus parse
+        missing = [ds for ds in datasets if not prepared_here(ds)]
+        for ds in missing:
+            log(f"[reproduce] {ds}: left out of the plan: its data is not here yet (`vrnn data "
+                f"{'fetch' if ds in ('asterisk-en', 'fillets-cs') else 'info'} {ds}` prepares it)")
+        datasets = [ds for ds in datasets if ds not in missing]
+        if not datasets:
+            return None
     x_dims, sample_seqs = {}, {}
     for ds in datasets:  # fetch and cache once, before the parallel jobs
         if ds in ("asterisk-en", "fillets-cs"):

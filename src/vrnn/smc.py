@@ -8,8 +8,9 @@ model's posterior q and takes the incremental weight
     log w_t = log p(x_t | .) + log p(z_t | .) - log q(z_t | .)
 
 added to its running log-weight W. Where the effective sample size
-ESS = (sum_k e^W_k)^2 / sum_k e^(2 W_k) falls below ``threshold`` * K (or always, or
-never), the sequence's particles are resampled: each takes an ancestor drawn in
+ESS = (sum_k e^W_k)^2 / sum_k e^(2 W_k) falls to ``threshold`` * K or below (as FIVO's
+code: with K = 2 and the default 0.5, the ESS of 2 particles is never below 1; or always,
+or never), the sequence's particles are resampled: each takes an ancestor drawn in
 proportion to e^W (multinomial or systematic), its state becomes the ancestor's, and W
 is reset to 0. At every resampling and at the sequence's own last real step
 
@@ -113,7 +114,8 @@ def particle_filter(model, x: Tensor, mask: Tensor | None = None, particles: int
     marks sequences that go on after this chunk: they are resampled at their last step
     here (so the next chunk starts from equal weights). ``kl_weight`` tempers the latent
     part of each weight (KL warm-up). ``noise`` (K*B, T, Z) and ``uniforms`` (B, T, K) fix
-    the proposal and resampling draws; by default they are drawn step by step."""
+    the proposal and resampling draws (or, as callables of t, give step t's (K*B, Z) and
+    (B, K) draws); by default they are drawn step by step."""
     resampling_rule(resample, threshold)
     if particles < 1:
         raise ValueError(f"particles must be >= 1, got {particles}")
@@ -123,9 +125,9 @@ def particle_filter(model, x: Tensor, mask: Tensor | None = None, particles: int
     m = _real_mask(x, mask)
     B, T = m.shape
     R, Z, dev, dt = K * B, model.cfg.z_dim, x.device, x.dtype
-    if noise is not None and noise.shape != (R, T, Z):
+    if noise is not None and not callable(noise) and noise.shape != (R, T, Z):
         raise ValueError(f"noise must have shape {(R, T, Z)} (particles*B, T, z_dim), got {tuple(noise.shape)}")
-    if uniforms is not None and uniforms.shape != (B, T, K):
+    if uniforms is not None and not callable(uniforms) and uniforms.shape != (B, T, K):
         raise ValueError(f"uniforms must have shape {(B, T, K)}, got {tuple(uniforms.shape)}")
     real_all = m > 0
     n_real = real_all.sum(0).tolist()                  # per step: how many sequences go on
@@ -148,7 +150,10 @@ def particle_filter(model, x: Tensor, mask: Tensor | None = None, particles: int
             break  # every sequence has ended
         full = n_real[t] == B
         real = real_all[:, t]
-        eps = noise[:, t] if noise is not None else torch.randn(R, Z, device=dev, dtype=dt, generator=generator)
+        if callable(noise):  # per-step draws (inference.SequenceDraws): (R, Z), and (B, K) uniforms
+            eps, u_t = noise(t).to(dev, dt), uniforms(t).to(dev, dt) if callable(uniforms) else None
+        else:
+            eps = noise[:, t] if noise is not None else torch.randn(R, Z, device=dev, dtype=dt, generator=generator)
         if rec is not None:
             rec[:, t] = eps
         log_px, log_ratio, new = model.smc_step(feats, t, parts, eps)
@@ -167,7 +172,7 @@ def particle_filter(model, x: Tensor, mask: Tensor | None = None, particles: int
         if resample == "always":
             want = real & ~is_last
         elif resample == "ess":
-            want = real & ~is_last & (ess < threshold * K)
+            want = real & ~is_last & (ess <= threshold * K)
         if cont is not None and any_last[t]:
             want = is_last & cont if want is None else want | (is_last & cont)
         resampling = want is not None and bool(want.any())
@@ -176,8 +181,8 @@ def particle_filter(model, x: Tensor, mask: Tensor | None = None, particles: int
             log_z = log_z + torch.where(event, lse - log_k, 0.0)
             ev_all[:, t] = event
         if resampling:
-            u = uniforms[:, t] if uniforms is not None else torch.rand(B, K, device=dev, dtype=dt,
-                                                                      generator=generator)
+            u = (u_t if callable(uniforms) else uniforms[:, t]) if uniforms is not None else torch.rand(
+                B, K, device=dev, dtype=dt, generator=generator)
             a = torch.where(want, ancestors(W, u, resampler), identity)  # (K, B)
             rows = (a * B + cols).reshape(R)
             parts = tuple(p.index_select(0, rows) for p in parts)

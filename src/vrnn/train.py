@@ -16,9 +16,13 @@ weighs more than its share of the batch's steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,12 +36,14 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import checkpoint
 from .config import VRNNConfig
 from .data import DATASETS, Normalizer, SequenceSet, load, pad_batch, split
-from .errors import ConfigError, DataError, VRNNError
+from .errors import ConfigError, DataError, Interrupted, VRNNError
 from .fast import SCAN_IMPLS, set_scan
 from .inference import BOUNDS, log_likelihood, objective
 from .models import build
@@ -86,8 +92,9 @@ class TrainConfig:
                               above=0.0, flag="--grad-clip")
     kl_warmup_steps: int = option(0, "KL weight rises linearly 0 -> 1 over this many optimiser "
                                      "steps (0: no warm-up)", min=0, flag="--kl-warmup")
-    free_bits: float = option(0.0, "nats per latent dimension per step the KL is charged at "
-                                   "least (ELBO only)", min=0.0, flag="--free-bits")
+    free_bits: float = option(0.0, "nats of KL charged at least per latent dimension, clamped per "
+                                   "sequence, step and dimension (not Kingma et al.'s minibatch "
+                                   "average per group; ELBO only)", min=0.0, flag="--free-bits")
     tbptt: int | None = option(None, "truncated BPTT: chunks of this many steps, the state "
                                      "carried across", min=1, flag="--tbptt")
     patience: int = option(10, "early stopping: epochs without a better validation bound",
@@ -102,8 +109,8 @@ class TrainConfig:
                             flag="--particles")
     resample: str = option("ess", "FIVO: resample when the ESS is low (ess), always, or never",
                            choices=SCHEDULES, flag="--resample")
-    ess_threshold: float = option(0.5, "FIVO: resample when the ESS falls below this fraction of "
-                                       "the particles", above=0.0, max=1.0, flag="--ess-threshold")
+    ess_threshold: float = option(0.5, "FIVO: resample when the ESS falls to this fraction of "
+                                       "the particles or below", above=0.0, max=1.0, flag="--ess-threshold")
     resampler: str = option("systematic", "FIVO: how ancestors are drawn", choices=RESAMPLERS,
                             flag="--resampler")
     fractions: tuple[float, ...] = option((0.8, 0.1, 0.1), "train / valid / test fractions (data "
@@ -306,6 +313,84 @@ def model_config(model_name: str, data: SequenceSet, overrides: dict | None = No
     return VRNNConfig.preset(model_name, x_dim=data.dim, **fields)
 
 
+def machine_memory(accelerator: str = "cpu") -> int | None:
+    """Bytes of memory of the device training runs on (None when it cannot be told)."""
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[1])
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def parameter_count(cfg: VRNNConfig) -> int:
+    """The model's parameter count, built on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build(cfg).parameters())
+
+
+SIZE_FIELDS = ("h_dim", "z_dim", "n_components", "ar_hidden", "rnn_layers", "phi_x_dim", "phi_z_dim",
+               "enc_dim", "prior_dim", "dec_dim", "a_dim", "phi_x_layers", "phi_z_layers", "enc_layers",
+               "prior_layers", "dec_layers")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:,.1f} GiB"
+
+
+CLUSTER_VARIABLES = ("MASTER_ADDR", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "LSB_JOBID",
+                     "OMPI_COMM_WORLD_SIZE", "KUBERNETES_SERVICE_HOST")
+
+
+def check_cluster(tc: TrainConfig, say=None) -> None:
+    """--num-nodes N > 1 needs a cluster to join: refused in one line when none is set up
+    (it would wait for nodes that never come); else says what it waits for."""
+    if tc.num_nodes <= 1:
+        return
+    if not any(os.environ.get(v) for v in CLUSTER_VARIABLES):
+        raise ConfigError(f"--num-nodes {tc.num_nodes}: no cluster here to join ({', '.join(CLUSTER_VARIABLES)} "
+                          "are all unset); run the same command on every node with MASTER_ADDR, MASTER_PORT "
+                          "and NODE_RANK set, or under torchrun or SLURM")
+    if say is not None and _lead_process() and os.environ.get("MASTER_ADDR"):
+        say(f"notice: waiting for {tc.num_nodes} nodes x {tc.devices} processes to join at "
+            f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '?')} (torch.distributed gives up "
+            "after 30 minutes)")
+
+
+def check_memory(cfg: VRNNConfig, tc: TrainConfig, longest: int, memory: int | None) -> None:
+    """Refuse, before anything is allocated, a model or a batch that cannot fit in
+    ``memory`` bytes: the weights with their gradients and Adam's two moments (16 bytes a
+    parameter), and one batch's activations (a generous per-row-step estimate, times 3 for
+    the backward pass). The one-line error names the option that makes it too big."""
+    from .inference import row_step_bytes
+    if memory is None:
+        return
+    n = parameter_count(cfg)
+    if 16 * n > memory:
+        trial = {}
+        for name in SIZE_FIELDS:  # which size, set back to its default, shrinks the model most
+            default = {f.name: f.default for f in dataclasses.fields(VRNNConfig)}[name]
+            if getattr(cfg, name) != default:
+                try:
+                    trial[name] = parameter_count(dataclasses.replace(cfg, **{name: default}))
+                except (ConfigError, ValueError, RuntimeError):
+                    continue
+        name = min(trial, key=trial.get) if trial else "h_dim"
+        spec = dict((f.name, f.metadata.get("spec")) for f in dataclasses.fields(VRNNConfig))[name]
+        where = spec.flag if spec is not None and spec.flag else f"model.{name} (--config)"
+        raise ConfigError(f"{where} {getattr(cfg, name)}: the model would have {n:,} parameters, "
+                          f"{_gib(16 * n)} to train with Adam, more than this machine's {_gib(memory)}")
+    with torch.device("meta"):
+        per_row_step = row_step_bytes(build(cfg))
+    steps = min(tc.tbptt or longest, longest)
+    need = 3 * tc.batch_size * (tc.particles if cfg.latent else 1) * steps * per_row_step
+    if need > memory:
+        what = "--particles" if tc.particles > tc.batch_size and cfg.latent else "--batch-size"
+        raise ConfigError(f"{what} {getattr(tc, what[2:].replace('-', '_'))}: one batch of {tc.batch_size} "
+                          f"sequences x {tc.particles} particles x {steps} steps would need about "
+                          f"{_gib(need)} of activations, more than this machine's {_gib(memory)}")
+
+
 # --------------------------------------------------------------------------- module
 def nonfinite_report(tr, step: int, sequences: int) -> str | None:
     """Which term went NaN/Inf first, at which time step of which sequence; None if finite."""
@@ -367,14 +452,14 @@ class VRNNModule(L.LightningModule):
         steps = _all_reduce(mask.sum().detach().reshape(1), torch.distributed.ReduceOp.SUM)
         world = _world()[1]
         normaliser = steps.clamp(min=1.0) / world  # DDP averages the processes' gradients
-        L_ = self.tc.get("tbptt") or int(stats)
+        L_ = min(self.tc.get("tbptt") or int(stats), int(stats))  # never pad past the longest
         chunks = max(1, math.ceil(int(stats) / L_))
         if chunks * L_ > x.shape[1]:  # pad to the common schedule (padding-only chunks still step)
             pad = chunks * L_ - x.shape[1]
             x = torch.cat([x, x.new_zeros(B, pad, x.shape[2])], 1)
             mask = torch.cat([mask, mask.new_zeros(B, pad)], 1)
         fivo = self.tc.get("objective") == "fivo" and self.tc.get("particles", 1) > 1
-        state, total_bound, total_kl = None, 0.0, 0.0
+        state, total_bound, total_kl, tempered = None, 0.0, 0.0, False
         for c in range(chunks):
             xc, mc = x[:, c * L_:(c + 1) * L_], mask[:, c * L_:(c + 1) * L_]
             continues = (mask[:, (c + 1) * L_:].sum(1) > 0) if fivo and c + 1 < chunks else None
@@ -393,12 +478,15 @@ class VRNNModule(L.LightningModule):
             opt.step()
             state = tuple(s.detach() for s in tr.state)
             total_bound += float(tr.bound.sum())
+            tempered = tempered or getattr(tr, "tempered", False)
             total_kl += float(tr.kl.detach().sum()) * B / tr.kl.shape[0]
         real = float(mask.sum())
-        self.log("train/bound", total_bound / B, on_step=False, on_epoch=True, batch_size=B, sync_dist=True)
+        # FIVO under KL warm-up: its tempered log Z is a surrogate, not a bound on log p(x)
+        name = "train/fivo_tempered" if tempered else "train/bound"
+        self.log(name, total_bound / B, on_step=False, on_epoch=True, batch_size=B, sync_dist=True)
         self.log("train/kl", total_kl / B, on_step=False, on_epoch=True, batch_size=B, sync_dist=True)
-        self.log("train/nats_per_step", total_bound / max(real, 1.0), on_step=True, on_epoch=False,
-                 prog_bar=True, batch_size=B)
+        self.log("train/fivo_tempered_per_step" if tempered else "train/nats_per_step",
+                 total_bound / max(real, 1.0), on_step=True, on_epoch=False, prog_bar=True, batch_size=B)
 
     def validation_step(self, batch, batch_idx):
         x, mask = batch
@@ -416,6 +504,14 @@ class VRNNModule(L.LightningModule):
             bound = log_likelihood(self.model, x, mask, K, method=method, resample=self.tc.get("resample", "ess"),
                                    threshold=self.tc.get("ess_threshold", 0.5),
                                    resampler=self.tc.get("resampler", "systematic"))
+        bad = ~torch.isfinite(bound)
+        if bool(bad.any()):  # early stopping and best.ckpt would follow a NaN/-inf: stop here
+            r = int(bad.nonzero()[0])
+            raise NonFiniteLoss(f"{self.vrnn_meta.get('out', 'training')}: non-finite validation bound "
+                                f"({float(bound[r])}) in epoch "
+                                f"{self.current_epoch}, validation batch {batch_idx}, sequence {r} of "
+                                f"the batch (data far outside the training range, or a diverged model: "
+                                f"lower --lr?)")
         self.log("valid/bound", float(bound.sum()) / B, on_epoch=True, batch_size=B, prog_bar=True,
                  sync_dist=True)
 
@@ -442,6 +538,29 @@ class StepCap(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.max_steps is not None and trainer.global_step >= self.max_steps:
             trainer.should_stop = True
+
+
+class FolderCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, whose saved state follows the run folder: a run moved or
+    copied elsewhere and resumed keeps its best score (Lightning drops it when the folder's
+    path changed, so the next epoch, however bad, replaced best.ckpt)."""
+
+    @property
+    def state_key(self) -> str:  # the key ModelCheckpoint itself saves under
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old = state_dict.get("dirpath")
+        if old is not None and self.dirpath is not None and old != self.dirpath:
+            def here(p):
+                return str(Path(self.dirpath) / Path(p).name) if isinstance(p, str) and p else p
+            state_dict = dict(state_dict, dirpath=self.dirpath,
+                              best_model_path=here(state_dict.get("best_model_path")),
+                              kth_best_model_path=here(state_dict.get("kth_best_model_path")),
+                              last_model_path=here(state_dict.get("last_model_path")),
+                              best_k_models={here(k): v for k, v in
+                                             (state_dict.get("best_k_models") or {}).items()})
+        super().load_state_dict(state_dict)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -482,8 +601,9 @@ class AppendingCSVLogger(CSVLogger):
 # --------------------------------------------------------------------------- wiring
 def default_threads() -> int:
     """Intra-op threads for CPU training: 1 (measured: small recurrent models run faster and
-    degrade far less under load with one thread; see README "Threads")."""
-    return int(os.environ.get("VRNN_THREADS", "1"))
+    degrade far less under load with one thread; see README "Threads"). $VRNN_THREADS is
+    read, and checked, with ``--threads`` (vrnn.cli.GlobalOptions)."""
+    return 1
 
 
 RUN_FILES = ("best.ckpt", "last.ckpt", "logs")
@@ -505,11 +625,58 @@ def _check_out(out: Path, resume: bool) -> None:
         raise ConfigError(f"{out}: cannot write here ({exc.strerror or exc})") from None
 
 
+BOUND_OPTIONS = ("objective", "particles", "resample", "ess_threshold", "resampler")
+
+
+def check_same_bound(last: Path, old: dict | None, tc: TrainConfig) -> None:
+    """A resumed run trains, monitors and labels the same bound as before: its objective,
+    particles (and FIVO's resampling) cannot change. ConfigError naming the option."""
+    if not isinstance(old, dict):
+        return
+    names = BOUND_OPTIONS if tc.objective == "fivo" else BOUND_OPTIONS[:2]
+    for name in names:
+        before, now = old.get(name, getattr(TrainConfig, name)), getattr(tc, name)
+        if before != now:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag}: {last} was trained with {flag} {before}, not {now}; a resumed "
+                              f"run keeps the bound it trains and monitors (use a new --out)")
+
+
+def _lead_process() -> bool:
+    """Not a DDP child: the process that owns the run folder."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def lock_run(out: Path):
+    """An exclusive lock on OUT/.vrnn-lock for as long as this process trains there (the OS
+    drops it when the process ends, however it ends): a second ``train`` on the same folder,
+    or a rerun while an orphaned one still trains, stops with one line instead of mixing
+    the two runs. Returns the open file (keep it), or None where locks are not offered."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    f = open(out / ".vrnn-lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        who = f.read().strip()
+        f.close()
+        raise ConfigError(f"{out}: another vrnn train{f' (pid {who})' if who else ''} is writing this "
+                          "run folder; wait for it to end or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
         model_overrides: dict | None = None, data_opts: dict | None = None,
-        resume: bool = False, progress: bool = True, prepared: Prepared | None = None):
+        resume: bool = False, progress: bool = True, prepared: Prepared | None = None, say=None):
     """Train one model; returns (trainer, module, prepared). Writes into ``out``:
-    best.ckpt, last.ckpt, logs/ (TensorBoard + CSV metrics)."""
+    best.ckpt, last.ckpt, logs/ (TensorBoard + CSV metrics). ``say``: where notices go."""
     out = Path(out)
     L.seed_everything(tc.seed, verbose=False)
     split_seed = tc.seed if tc.split_seed is None else tc.split_seed
@@ -527,13 +694,41 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
     except TypeError as exc:
         raise ConfigError(f"bad model option: {exc}") from None
     prepared = prepared.for_model(cfg)
+    check_memory(cfg, tc, int(max(prepared.data.lengths)), machine_memory(tc.accelerator))
+    check_cluster(tc, say)
+    if not cfg.latent and tc.objective != "elbo" and say is not None:
+        say(f"notice: {model_name} has no latent variable: its ELBO, IWAE and FIVO are all the exact "
+            f"log p(x), so --objective {tc.objective} trains the same model as the ELBO")
+    if prepared.normalizer.constant and say is not None:
+        say(f"notice: {spec}: dimension(s) {prepared.normalizer.constant} have a standard deviation "
+            "below 1e-8 on the training split: treated as constant (not rescaled)")
     last = out / "last.ckpt"
     if resume:
-        old = checkpoint.read(last)["vrnn"]["config"]  # one-line error if missing or broken
-        if VRNNConfig.from_dict(old, f"{last}") != cfg:
+        old_ckpt = checkpoint.read(last)  # one-line error if missing or broken
+        old_meta, done = old_ckpt["vrnn"], int(old_ckpt.get("epoch", -1)) + 1
+        if tc.max_epochs < done:
+            raise ConfigError(f"--max-epochs {tc.max_epochs}: {last} has already trained {done} epochs; "
+                              "pass at least that many to resume it")
+        if VRNNConfig.from_dict(old_meta["config"], f"{last}") != cfg:
             raise ConfigError(f"{last}: was trained with another model configuration; "
                               "use a new --out or the same options")
+        check_same_bound(last, old_meta.get("train"), tc)
+        previous_summary(out)
     _check_out(out, resume)
+    lock = lock_run(out) if _lead_process() else None
+    try:
+        return _fit(spec, model_name, out, tc, cfg, prepared, split_seed, data_opts, resume, progress, last)
+    except BaseException:
+        if lock is not None and not resume and not last.exists():
+            shutil.rmtree(out / "logs", ignore_errors=True)  # no run to resume: nothing may block a rerun
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _fit(spec, model_name, out: Path, tc: TrainConfig, cfg, prepared: Prepared, split_seed, data_opts,
+         resume, progress, last):
     meta = {"format": checkpoint.FORMAT, "config": cfg.to_dict(),
             "normalizer": prepared.normalizer.state_dict(),
             "data": prepared.description(spec, split_seed, tc.fractions, data_opts),
@@ -543,9 +738,9 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
     train_dl = loader(prepared.sequences("train"), tc.batch_size, tc.seed, shuffle=True, bucket=tc.bucket)
     valid_dl = loader(prepared.sequences("valid"), tc.batch_size, bucket=tc.bucket)
     callbacks = [  # best on the validation bound; last after every epoch, for --resume
-        ModelCheckpoint(dirpath=out, filename="best", monitor="valid/bound", mode="max",
-                        save_top_k=1, enable_version_counter=False),
-        ModelCheckpoint(dirpath=out, filename="last", save_top_k=1, enable_version_counter=False),
+        FolderCheckpoint(dirpath=out, filename="best", monitor="valid/bound", mode="max",
+                         save_top_k=1, enable_version_counter=False),
+        FolderCheckpoint(dirpath=out, filename="last", save_top_k=1, enable_version_counter=False),
         EarlyStopping(monitor="valid/bound", mode="max", patience=tc.patience,
                       check_on_train_epoch_end=False),
         StepCap(tc.max_steps),
@@ -563,7 +758,19 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
         limit_train_batches=tc.limit_train_batches, use_distributed_sampler=False,
     )
     t0 = time.time()
-    trainer.fit(module, train_dl, valid_dl, ckpt_path=str(last) if resume else None)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(module, train_dl, valid_dl, ckpt_path=str(last) if resume else None)
+    except SystemExit as exc:  # Lightning ends a SIGINT with exit(1), a SIGTERM with SIGTERMException
+        if not (isinstance(exc, SIGTERMException) or trainer.state.status == TrainerStatus.INTERRUPTED):
+            raise
+        signum = signal.SIGTERM if getattr(trainer, "received_sigterm", False) or isinstance(
+            exc, SIGTERMException) else signal.SIGINT
+        raise _interrupted(out, trainer, tc, time.time() - t0, last, signum) from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)  # Lightning leaves SIGINT ignored after one
+    trainer.vrnn_seconds = time.time() - t0  # training alone (not the data's loading)
     if trainer.global_rank == 0:
         if not last.exists():
             raise VRNNError(f"{out}: no checkpoint was written: training stopped before its first "
@@ -572,23 +779,57 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
     return trainer, module, prepared
 
 
-def write_summary(out: Path, trainer, tc: TrainConfig, seconds: float) -> dict:
+def _interrupted(out: Path, trainer, tc: TrainConfig, seconds: float, last: Path, signum) -> Interrupted:
+    """After SIGINT/SIGTERM stopped training (at a batch's end): the summary says so
+    (``stopped``: "interrupted"), last.ckpt is the last whole epoch's; the error to raise."""
+    name = signal.Signals(signum).name
+    if trainer.global_rank != 0:
+        return Interrupted(f"interrupted by {name}", int(signum))
+    if not last.exists():
+        return Interrupted(f"interrupted by {name} before the first epoch ended: nothing to resume "
+                           f"in {out}", int(signum))
+    write_summary(out, trainer, tc, seconds, stopped="interrupted")
+    epoch = int(checkpoint.read(last).get("epoch", -1)) + 1
+    return Interrupted(f"interrupted by {name}: {last} holds {epoch} whole epoch(s) (the one in progress "
+                       f"is dropped); continue with --resume", int(signum))
+
+
+def previous_summary(out: Path) -> dict:
+    """OUT/summary.json of the sessions before a resume ({} if none); ConfigError if it is
+    not the JSON object a run writes."""
+    path = out / "summary.json"
+    try:
+        before = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        before = None
+    if not isinstance(before, dict) or not isinstance(before.get("seconds", 0.0), (int, float)):
+        raise ConfigError(f"{path}: not the JSON object a run writes; move it away (the seconds of "
+                          "earlier sessions are then not counted) and resume again")
+    return before
+
+
+def write_summary(out: Path, trainer, tc: TrainConfig, seconds: float, stopped: str | None = None) -> dict:
     """OUT/summary.json: how the run ended (``stopped``: "early" when the validation bound
     stopped improving for ``patience`` epochs, else "steps", "epochs" or "time", the cap
-    that ended it), its optimiser steps, epochs, seconds (added up over resumes) and best
-    validation bound."""
+    that ended it, or "interrupted": SIGINT or SIGTERM), its optimiser steps, epochs,
+    seconds (added up over resumes) and best validation bound (null if not finite)."""
     path = out / "summary.json"
-    before = json.loads(path.read_text()) if path.exists() else {}
+    before = previous_summary(out)
     early = next(c for c in trainer.callbacks if isinstance(c, EarlyStopping))
-    if early.stopped_epoch > 0:
+    if stopped is not None:
+        pass
+    elif early.stopped_epoch > 0:
         stopped = "early"
     elif tc.max_steps is not None and trainer.global_step >= tc.max_steps:
         stopped = "steps"
     elif trainer.current_epoch >= tc.max_epochs:
         stopped = "epochs"
-    else:
+    elif tc.max_time_minutes is not None:
         stopped = "time"
+    else:
+        stopped = "interrupted"
     best = trainer.checkpoint_callback.best_model_score
+    best = None if best is None or not math.isfinite(float(best)) else best
     summary = {"stopped": stopped, "converged": stopped == "early", "steps": int(trainer.global_step),
                "epochs": int(trainer.current_epoch),
                "seconds": round(before.get("seconds", 0.0) + seconds, 1),

@@ -42,6 +42,7 @@ class Normalizer:
             raise ValueError("mean and std must have the same length")
         self.mean[self.skip] = 0.0
         self.std[self.skip] = 1.0
+        self.constant: list[int] = []  # dimensions fit() found (nearly) constant
 
     @property
     def dim(self) -> int:
@@ -49,14 +50,17 @@ class Normalizer:
 
     @classmethod
     def fit(cls, sequences, skip=()) -> "Normalizer":
-        """Fit on the (training) sequences: mean/std over all their steps; std < 1e-8 -> 1."""
+        """Fit on the (training) sequences: mean/std over all their steps; std < 1e-8 -> 1
+        (such a dimension is treated as constant: listed in ``constant``, for a notice)."""
         if len(sequences) == 0:
             raise DataError("cannot fit a normaliser on no sequences")
         x = np.concatenate([np.asarray(s, dtype=np.float64).reshape(len(s), -1) for s in sequences], axis=0)
         mean = x.mean(axis=0)
         std = x.std(axis=0)
-        std = np.where(std < 1e-8, 1.0, std)
-        return cls(mean, std, skip)
+        flat = std < 1e-8
+        norm = cls(mean, np.where(flat, 1.0, std), skip)
+        norm.constant = [int(d) for d in np.flatnonzero(flat) if int(d) not in norm.skip]
+        return norm
 
     @classmethod
     def identity(cls, dim: int) -> "Normalizer":

@@ -24,6 +24,7 @@ sequence in ``meta["split"]``), never pooled and redrawn.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,8 @@ DATASETS: dict[str, str] = {
     "folk": "Ryan's Mammoth Collection (1883) from the music21 corpus: 1,059 fiddle tunes as binary "
             "piano-rolls of their melodies, eighth-note frames (a Nottingham-like set; cached "
             "after the first parse, about 80 s)",
-    "asterisk-en": "one female speaker, 25.5 min of prompts (Debian asterisk-core-sounds-en-wav), "
+    "asterisk-en": "one female speaker, 25.5 min of prompts as recorded, about 22 min in the whole "
+                   "0.5 s chunks kept (what `data info` counts; Debian asterisk-core-sounds-en-wav), "
                    "16 kHz, 200-sample frames, 0.5 s chunks; needs `vrnn data fetch asterisk-en`",
     "fillets-cs": "many speakers, ~105 min of Czech game dialogue (Debian fillets-ng-data-cs), "
                   "16 kHz, 200-sample frames, whole utterances; needs `vrnn data fetch fillets-cs`",
@@ -129,6 +131,11 @@ def _data_files(folder: Path) -> dict[str, list[Path]]:
         files, dirs = _listing(d)
         for name in files:
             f = d / name
+            try:
+                if not stat.S_ISREG(os.stat(f).st_mode):
+                    continue  # a named pipe, socket or device: reading it could block forever
+            except OSError:
+                pass  # a broken link: named by _identity below, if it looks like data
             kind = _classify(f)
             if kind is None:
                 continue

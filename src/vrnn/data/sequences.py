@@ -122,6 +122,9 @@ class SequenceSet:
             frame = self.meta.get("frame_size", self.dim)
             if rate:
                 out["duration_seconds"] = round(float(lengths.sum()) * frame / rate, 3)
+                if self.meta.get("chunk_seconds"):
+                    out["duration_counts"] = ("the whole chunks kept (each file's remainder shorter than "
+                                              "a chunk, and silent chunks, are dropped)")
             for key in ("sample_rate", "frame_size", "chunk_seconds"):
                 if key in self.meta:
                     out[key] = self.meta[key]

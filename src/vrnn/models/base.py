@@ -152,6 +152,8 @@ class SequenceModel(nn.Module):
             raise ValueError(f"x must be a torch.Tensor (B, T, {self.cfg.x_dim}), got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.cfg.x_dim:
             raise ValueError(f"x must be (B, T, {self.cfg.x_dim}), got {tuple(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"x must hold at least one sequence of at least one step, got shape {tuple(x.shape)}")
         p = next(self.parameters())
         if x.dtype != p.dtype or x.device != p.device:
             raise ValueError(f"x is {x.dtype} on {x.device} but the model is {p.dtype} on {p.device}; "
@@ -211,7 +213,9 @@ class SequenceModel(nn.Module):
 
     def sample(self, num: int, steps: int, prefix: Tensor | None = None, mean: bool = False,
                prefix_mask: Tensor | None = None) -> Tensor:
-        """Draw ``num`` sequences of ``steps`` new steps (after ``prefix``, if given); see generate.py."""
+        """Draw ``num`` sequences of ``steps`` new steps (after ``prefix``, if given): only the
+        new steps are returned, (num, steps, D), not the prefix (``vrnn sample --prefix``
+        writes the prefix followed by them); see generate.py."""
         from ..generate import sample
         return sample(self, num, steps, prefix=prefix, mean=mean, prefix_mask=prefix_mask)
 
