@@ -3,6 +3,7 @@
 
 from .config import PRESETS, VRNNConfig
 from .errors import CheckpointError, ConfigError, DataError, VRNNError
+from . import generate as _generate  # noqa: F401 (fills SequenceModel.sample)
 from .inference import bits_per_dim, nats_per_step
 from .models import RNN, SRNN, VRNN, SequenceModel, Trace, build
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .models import SequenceModel, State
+from .models.base import provides
 
 
 @torch.inference_mode()
@@ -23,6 +24,7 @@ def filter_prefix(model: SequenceModel, prefix: Tensor, mask: Tensor | None = No
     return model(prefix, mask, noise=noise).state
 
 
+@provides("sample")
 @torch.inference_mode()
 def sample(model: SequenceModel, num: int, steps: int, prefix: Tensor | None = None, mean: bool = False,
            prefix_mask: Tensor | None = None, state: State | None = None) -> Tensor:

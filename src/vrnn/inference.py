@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .heads import gaussian_log_prob
+from .models.base import provides
 from .smc import last_step_events, log_z_from_weights, particle_filter
 
 BOUNDS = ("elbo", "iwae", "fivo")
@@ -174,6 +175,7 @@ class SequenceDraws:
 
 
 @torch.no_grad()
+@provides("log_likelihood")
 def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: int = 40,
                    method: str = "is", max_rows: int = 4096, max_bytes: int = 2 ** 30,
                    resample: str = "ess", threshold: float = 0.5, resampler: str = "systematic",
@@ -223,6 +225,7 @@ def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: in
 
 
 @torch.no_grad()
+@provides("latents")
 def latents(model, x: Tensor, mask: Tensor | None = None, sample: bool = False) -> dict:
     """Per-step quantities for analysis and anomaly scoring, all batch-first.
 

@@ -36,6 +36,7 @@ prefix of each row. Padded steps contribute nothing and leave the state untouche
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,19 @@ from ..heads import LOG_2PI, positive_std
 from ..rows import add_shared, repeat_rows  # noqa: F401 (the models import them from here)
 
 State = tuple[Tensor, ...]
+
+# The verbs that need what lies above the models (the estimators of inference.py, the
+# sampler of generate.py) reach it through this table, which those modules fill when they
+# are imported (``import vrnn`` imports both): the models never import them.
+VERBS: dict[str, Callable] = {}
+
+
+def provides(verb: str):
+    """Decorator: ``fn(model, ...)`` is what ``SequenceModel.<verb>`` runs."""
+    def put(fn):
+        VERBS[verb] = fn
+        return fn
+    return put
 
 
 def mlp(in_dim: int, width: int, layers: int) -> nn.Sequential:
@@ -202,22 +216,19 @@ class SequenceModel(nn.Module):
                        **smc_options) -> Tensor:
         """Estimated log p(x) per sequence, Tensor[B] (exact for RNN rows): importance
         sampling (``method="is"``) or a particle filter (``"smc"``); see inference.py."""
-        from ..inference import log_likelihood
-        return log_likelihood(self, x, mask, num_samples, method=method, max_rows=max_rows,
-                              max_bytes=max_bytes, **smc_options)
+        return VERBS["log_likelihood"](self, x, mask, num_samples, method=method, max_rows=max_rows,
+                                       max_bytes=max_bytes, **smc_options)
 
     def latents(self, x: Tensor, mask: Tensor | None = None, sample: bool = False) -> dict:
         """Per-step posterior/prior mean and std, KL, log p(x_t), states; see inference.py."""
-        from ..inference import latents
-        return latents(self, x, mask, sample)
+        return VERBS["latents"](self, x, mask, sample)
 
     def sample(self, num: int, steps: int, prefix: Tensor | None = None, mean: bool = False,
                prefix_mask: Tensor | None = None) -> Tensor:
         """Draw ``num`` sequences of ``steps`` new steps (after ``prefix``, if given): only the
         new steps are returned, (num, steps, D), not the prefix (``vrnn sample --prefix``
         writes the prefix followed by them); see generate.py."""
-        from ..generate import sample
-        return sample(self, num, steps, prefix=prefix, mean=mean, prefix_mask=prefix_mask)
+        return VERBS["sample"](self, num, steps, prefix=prefix, mean=mean, prefix_mask=prefix_mask)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
