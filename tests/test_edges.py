@@ -491,3 +491,12 @@ def test_data_info_says_what_a_speech_duration_counts(tmp_path):
     from vrnn.data import describe
     info = describe(folder, chunk_seconds=0.5)  # the fetched corpora are chunked so
     assert info["duration_seconds"] == 1.0 and "remainder" in info["duration_counts"]
+
+
+def test_a_long_sample_says_how_far_it_is(trained, tmp_path, capsys, monkeypatch):
+    import vrnn.generate as generate
+    clock = iter(range(0, 10 ** 6, 11))  # 11 s pass between two looks at the clock
+    monkeypatch.setattr(generate, "monotonic", lambda: next(clock))
+    _, _, out = trained
+    assert run("sample", out / "best.ckpt", "--num", 1, "--steps", 128, "--out", tmp_path / "s") == 0
+    assert "64 of 128 steps" in capsys.readouterr().err
