@@ -739,6 +739,13 @@ def _fit(spec, model_name, out: Path, tc: TrainConfig, cfg, prepared: Prepared, 
         signum = signal.SIGTERM if getattr(trainer, "received_sigterm", False) or isinstance(
             exc, SIGTERMException) else signal.SIGINT
         raise _interrupted(out, trainer, tc, time.time() - t0, last, signum) from None
+    except torch.distributed.DistError as exc:  # the nodes never met: one line, not a traceback
+        if tc.num_nodes * tc.devices <= 1:
+            raise
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise VRNNError(f"--num-nodes {tc.num_nodes}: the {tc.num_nodes * tc.devices} processes did not all "
+                        f"join at {where} ({reason}); start the same command on every node") from None
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)  # Lightning leaves SIGINT ignored after one
