@@ -345,7 +345,12 @@ def check_memory(cfg: VRNNConfig, tc: TrainConfig, longest: int, memory: int | N
     from .inference import row_step_bytes
     if memory is None:
         return
-    n = parameter_count(cfg)
+    try:
+        n = parameter_count(cfg)
+        with torch.device("meta"):
+            per_row_step = row_step_bytes(build(cfg))
+    except Exception:  # noqa: BLE001 (a model that cannot be built on the meta device is not checked)
+        return
     if 16 * n > memory:
         trial = {}
         for name in SIZE_FIELDS:  # which size, set back to its default, shrinks the model most
@@ -360,8 +365,6 @@ def check_memory(cfg: VRNNConfig, tc: TrainConfig, longest: int, memory: int | N
         where = spec.flag if spec is not None and spec.flag else f"model.{name} (--config)"
         raise ConfigError(f"{where} {getattr(cfg, name)}: the model would have {n:,} parameters, "
                           f"{_gib(16 * n)} to train with Adam, more than this machine's {_gib(memory)}")
-    with torch.device("meta"):
-        per_row_step = row_step_bytes(build(cfg))
     steps = min(tc.tbptt or longest, longest)
     need = 3 * tc.batch_size * (tc.particles if cfg.latent else 1) * steps * per_row_step
     if need > memory:
