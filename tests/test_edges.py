@@ -491,3 +491,29 @@ def test_data_info_says_what_a_speech_duration_counts(tmp_path):
     from vrnn.data import describe
     info = describe(folder, chunk_seconds=0.5)  # the fetched corpora are chunked so
     assert info["duration_seconds"] == 1.0 and "remainder" in info["duration_counts"]
+
+
+def test_a_long_sample_says_how_far_it_is(trained, tmp_path, capsys, monkeypatch):
+    import vrnn.generate as generate
+    clock = iter(range(0, 10 ** 6, 11))  # 11 s pass between two looks at the clock
+    monkeypatch.setattr(generate, "monotonic", lambda: next(clock))
+    _, _, out = trained
+    assert run("sample", out / "best.ckpt", "--num", 1, "--steps", 128, "--out", tmp_path / "s") == 0
+    assert "64 of 128 steps" in capsys.readouterr().err
+
+
+def test_nodes_that_never_join_end_in_one_line(arrays, tiny_config, tmp_path, capsys, monkeypatch):
+    import lightning as L
+    import torch.distributed as dist
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+
+    def never(self, *a, **k):  # what torch.distributed raises after its 30-minute wait
+        raise dist.DistStoreError("Timed out after 1801 seconds waiting for clients. 1/2 clients joined.")
+
+    monkeypatch.setattr(L.Trainer, "fit", never)
+    code = train(arrays, tmp_path / "r", tiny_config, "vrnn-gauss", 1, "--num-nodes", 2)
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    assert "waiting for 2 nodes" in captured.err and "did not all join at 127.0.0.1:29999" in captured.err
+    assert not (tmp_path / "r" / "logs").exists()

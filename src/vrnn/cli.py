@@ -383,7 +383,9 @@ def cmd_sample(a) -> int:
     steps = o.steps or int(desc.get("median_length") or 100)
     _check_sample_memory(model, o.num, steps)
     prefix, raw_prefix = (None, None) if not o.prefix else _prefix_sequence(o.prefix, model, normalizer)
-    x = model.sample(o.num, steps, prefix=prefix, mean=o.mean)
+    from .generate import sample
+    x = sample(model, o.num, steps, prefix=prefix, mean=o.mean,
+               progress=lambda done, n: _err(f"vrnn sample: {done:,} of {n:,} steps"))
     x = normalizer.invert(x).numpy()
     samples = [x[i] if raw_prefix is None else np.concatenate([raw_prefix, x[i]]) for i in range(o.num)]
     paths = write_samples(a.out, samples, desc["kind"], desc.get("meta", {}))

@@ -10,6 +10,8 @@ generation continues from its final state. Everything runs under ``torch.inferen
 
 from __future__ import annotations
 
+from time import monotonic
+
 import torch
 from torch import Tensor
 
@@ -27,7 +29,7 @@ def filter_prefix(model: SequenceModel, prefix: Tensor, mask: Tensor | None = No
 @provides("sample")
 @torch.inference_mode()
 def sample(model: SequenceModel, num: int, steps: int, prefix: Tensor | None = None, mean: bool = False,
-           prefix_mask: Tensor | None = None, state: State | None = None) -> Tensor:
+           prefix_mask: Tensor | None = None, state: State | None = None, progress=None) -> Tensor:
     """Generate ``num`` sequences of ``steps`` new steps, Tensor[num, steps, x_dim].
 
     ``prefix`` (P, D), (1, P, D) or (num, P, D) is filtered through the posterior first and
@@ -35,6 +37,7 @@ def sample(model: SequenceModel, num: int, steps: int, prefix: Tensor | None = N
     ``point`` instead of a draw: the mean of continuous outputs, the most likely value of
     bits (piano-roll notes, pen lifts); z_t is always drawn from the prior. ``state``
     starts from a given state instead (e.g. one returned by ``filter_prefix``).
+    ``progress(done, steps)``, if given, is called about every 10 seconds.
     """
     for name, value in (("num", num), ("steps", steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "num" else 0):
@@ -53,8 +56,11 @@ def sample(model: SequenceModel, num: int, steps: int, prefix: Tensor | None = N
         state = filter_prefix(model, prefix, prefix_mask)
     elif state is None:
         state = model.initial_state(num, p.device, p.dtype)
-    out = []
-    for _ in range(steps):
+    out, said = [], monotonic()
+    for t in range(steps):
         x, state = model.generate_step(state, mean)
         out.append(x)
+        if progress is not None and t % 64 == 63 and monotonic() - said >= 10.0:
+            progress(t + 1, steps)
+            said = monotonic()
     return torch.stack(out, dim=1) if out else p.new_zeros(num, 0, model.cfg.x_dim)

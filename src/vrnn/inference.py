@@ -188,7 +188,7 @@ def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: in
     ``max_rows`` rows and about ``max_bytes`` of memory (``row_step_bytes`` per row and
     step; one sample per pass at least: split the batch for less), the z-independent work
     shared by the samples of a pass. ``method="smc"``: the particle filter of smc.py with K
-    particles (``resample``: "ess" below ``threshold`` * K, "always" or "never";
+    particles (``resample``: "ess" at or below ``threshold`` * K, "always" or "never";
     ``resampler``: "systematic" or "multinomial"); particles interact, so passes split the
     batch into groups of sequences instead. Both are lower bounds in expectation that
     tighten as K grows; K=1 is the ELBO's single-draw estimate. ``generator`` seeds the

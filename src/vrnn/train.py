@@ -365,7 +365,12 @@ def check_memory(cfg: VRNNConfig, tc: TrainConfig, longest: int, memory: int | N
     from .inference import row_step_bytes
     if memory is None:
         return
-    n = parameter_count(cfg)
+    try:
+        n = parameter_count(cfg)
+        with torch.device("meta"):
+            per_row_step = row_step_bytes(build(cfg))
+    except Exception:  # noqa: BLE001 (a model that cannot be built on the meta device is not checked)
+        return
     if 16 * n > memory:
         trial = {}
         for name in SIZE_FIELDS:  # which size, set back to its default, shrinks the model most
@@ -380,8 +385,6 @@ def check_memory(cfg: VRNNConfig, tc: TrainConfig, longest: int, memory: int | N
         where = spec.flag if spec is not None and spec.flag else f"model.{name} (--config)"
         raise ConfigError(f"{where} {getattr(cfg, name)}: the model would have {n:,} parameters, "
                           f"{_gib(16 * n)} to train with Adam, more than this machine's {_gib(memory)}")
-    with torch.device("meta"):
-        per_row_step = row_step_bytes(build(cfg))
     steps = min(tc.tbptt or longest, longest)
     need = 3 * tc.batch_size * (tc.particles if cfg.latent else 1) * steps * per_row_step
     if need > memory:
@@ -767,6 +770,13 @@ def _fit(spec, model_name, out: Path, tc: TrainConfig, cfg, prepared: Prepared, 
         signum = signal.SIGTERM if getattr(trainer, "received_sigterm", False) or isinstance(
             exc, SIGTERMException) else signal.SIGINT
         raise _interrupted(out, trainer, tc, time.time() - t0, last, signum) from None
+    except torch.distributed.DistError as exc:  # the nodes never met: one line, not a traceback
+        if tc.num_nodes * tc.devices <= 1:
+            raise
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise VRNNError(f"--num-nodes {tc.num_nodes}: the {tc.num_nodes * tc.devices} processes did not all "
+                        f"join at {where} ({reason}); start the same command on every node") from None
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)  # Lightning leaves SIGINT ignored after one
