@@ -40,7 +40,7 @@ from .data import Normalizer, SequenceSet, load, pad_batch, split
 from .errors import ConfigError, DataError, VRNNError
 from .fast import SCAN_IMPLS, set_scan
 from .inference import BOUNDS, log_likelihood, objective
-from .models import build
+from .models import build, cannot
 from .options import check_instance, option
 from .smc import RESAMPLERS, SCHEDULES
 from .writers import write_text
@@ -478,6 +478,9 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
         cfg = model_config(model_name, prepared.data, model_overrides)
     except TypeError as exc:
         raise ConfigError(f"bad model option: {exc}") from None
+    for verb, flag, used in (("smc", "--objective fivo", tc.objective == "fivo"), ("tbptt", "--tbptt", tc.tbptt)):
+        if used and cannot(cfg, verb):
+            raise ConfigError(f"{flag}: {cannot(cfg, verb)}")
     last = out / "last.ckpt"
     if resume:
         old = checkpoint.read(last)["vrnn"]["config"]  # one-line error if missing or broken
