@@ -209,7 +209,8 @@ def test_dvae_models_train_evaluate_sample_and_export(preset, tmp_path, monkeypa
     data = str(make_arrays(tmp_path / "arrays", n=10))
     out = tmp_path / "run"
     assert train(data, out, config(tmp_path), preset, 1, "--limit-train-batches", 2,
-                 *(("--objective", "fivo", "--particles", 2) if smc else ("--objective", "iwae", "--particles", 2))) == 0
+                 *(("--objective", "fivo", "--particles", 2, "--tbptt", 4) if smc
+                   else ("--objective", "iwae", "--particles", 2))) == 0
     model, _, _ = checkpoint.load(out / "last.ckpt")
     assert model.cfg.family == preset.split("-")[0] and model.cfg.name == preset
     capsys.readouterr()

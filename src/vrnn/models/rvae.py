@@ -63,7 +63,7 @@ class RVAE(SequenceModel):
         if cfg.causal:
             return None
         return {"smc": f"{NON_CAUSAL}: the joint does not factor step by step, so there is no particle "
-                       "filter or FIVO (use importance sampling, or the causal RVAE: --causal true)",
+                       "filter or FIVO (use importance sampling, or the causal RVAE: rvae-causal-gauss)",
                 "tbptt": f"{NON_CAUSAL}: a pass cannot continue from a state (no --tbptt)",
                 "prefix": f"{NON_CAUSAL}: it generates whole sequences and cannot continue a prefix",
                 "online": f"{NON_CAUSAL}: it generates whole sequences, not step by step"}.get(verb)
