@@ -92,11 +92,23 @@ def run_segments(rnn: nn.Module, inp: Tensor, lengths: Tensor | None, state, anc
 
 
 def step(rnn: nn.Module, inp: Tensor, state, keep: Tensor | None = None):
-    """One step of ``rnn`` on ``inp`` (rows, D): (top output (rows, H), new state); rows
-    where ``keep`` (rows, 1) is False keep their state."""
-    out, last = rnn(inp.unsqueeze(1), _hx(rnn, state))
-    new = _pair(rnn, last, state[1])
+    """One step of a unidirectional ``rnn`` on ``inp`` (rows, D): (top output (rows, H), new
+    state); rows where ``keep`` (rows, 1) is False keep their state. Layer by layer with
+    ``torch.lstm_cell`` / ``torch.gru_cell`` on the module's own weights (the maths of
+    nn.LSTM, without its per-call overhead: this runs inside the models' time loops)."""
+    lstm = isinstance(rnn, nn.LSTM)
+    hs, cs = [], []
+    for layer in range(rnn.num_layers):
+        w = [getattr(rnn, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if lstm:
+            h, c = torch.lstm_cell(inp, (state[0][layer], state[1][layer]), *w)
+        else:
+            h, c = torch.gru_cell(inp, state[0][layer], *w), state[1][layer]
+        hs.append(h)
+        cs.append(c)
+        inp = h
+    new = (torch.stack(hs), torch.stack(cs))
     if keep is not None:
         k = keep.view(1, -1, 1)
         new = tuple(torch.where(k, n, o) for n, o in zip(new, state))
-    return out[:, 0], new
+    return new[0][-1], new
