@@ -1,7 +1,9 @@
-"""Plain, step-by-step references of the DKF, STORN, RVAE and DSAE, for the tests.
+"""Plain, step-by-step references of the DKF, STORN, RVAE, DSAE and KVAE, for the tests.
 
 Each uses a model instance only as a bag of parameters and derives everything from the
-equations of its module docstring (vrnn/models/dkf.py, storn.py, rvae.py, dsae.py). Every
+equations of its module docstring (vrnn/models/dkf.py, storn.py, rvae.py, dsae.py,
+kvae.py; the KVAE's Kalman filter in its textbook form, P = (I - K C) P_pred, with
+explicit inverses and ``MultivariateNormal``). Every
 recurrence is written out from the raw weights (``weight_ih_l0``, ``..._reverse``) one
 step at a time: forward loops t = 1..T, backward loops t = T..1, bidirectional stacks
 layer by layer. MLP first layers see the concatenated input with the concatenated weight
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.distributions import Independent, Normal, kl_divergence
+from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
 from reference_srnn import _lin, _relu_body, rnn_step, split_mlp
 
@@ -224,10 +226,64 @@ def _dsae_generative(model, u, x, u_v):
     return torch.stack(ems, 1)
 
 
+# ------------------------------------------------------------------------- KVAE
+def _kvae_run(model, B, dtype, codes):
+    """The mixing RNN and the Kalman filter over codes given step by step: ``codes(t,
+    mean, S)`` returns a_t from the predictive N(mean, S). Returns per step (a_t, mean, S)."""
+    cfg = model.cfg
+    n, floor = cfg.state_dim, cfg.std_floor
+    Qd = (F.softplus(model.q_pre) + floor) ** 2
+    Rd = (F.softplus(model.r_pre) + floor) ** 2
+    hs, cs = rnn_step(model.rnn, cfg.cell, torch.zeros(B, cfg.z_dim, dtype=dtype), zeros_list(model.rnn, B, dtype),
+                      zeros_list(model.rnn, B, dtype))
+    m, P = torch.zeros(B, n, dtype=dtype), torch.eye(n, dtype=dtype).repeat(B, 1, 1)
+    out = []
+    for t in range(codes.steps):
+        alpha = torch.softmax(_lin(hs[-1], model.mixing.weight, model.mixing.bias), -1)
+        A = sum(alpha[:, k, None, None] * model.A[k] for k in range(cfg.mixtures))
+        C = sum(alpha[:, k, None, None] * model.C[k] for k in range(cfg.mixtures))
+        m_p = (A @ m.unsqueeze(-1)).squeeze(-1)
+        P_p = A @ P @ A.transpose(1, 2) + torch.diag(Qd)
+        S = C @ P_p @ C.transpose(1, 2) + torch.diag(Rd)
+        S = 0.5 * (S + S.transpose(1, 2))
+        mean = (C @ m_p.unsqueeze(-1)).squeeze(-1)
+        a = codes(t, mean, S)
+        gain = P_p @ C.transpose(1, 2) @ torch.linalg.inv(S)
+        m = m_p + (gain @ (a - mean).unsqueeze(-1)).squeeze(-1)
+        P = (torch.eye(n, dtype=dtype) - gain @ C) @ P_p
+        out.append((a, mean, S))
+        hs, cs = rnn_step(model.rnn, cfg.cell, a, hs, cs)
+    return out
+
+
+def _kvae(model, x, noise):
+    B, T = x.shape[:2]
+    qs = [gauss(model.encoder[1], _relu_body(model.encoder[0], _relu_body(model.phi_x, x[:, t]))) for t in range(T)]
+
+    def codes(t, mean, S):
+        return qs[t][0] + qs[t][1] * noise[:, t]
+    codes.steps = T
+    steps = []
+    for t, (a, mean, S) in enumerate(_kvae_run(model, B, x.dtype, codes)):
+        steps.append((a, qs[t][0], qs[t][1], mean, torch.sqrt(torch.diagonal(S, dim1=1, dim2=2)),
+                      model.head(_relu_body(model.decoder, a)), MultivariateNormal(mean, covariance_matrix=S)))
+    return steps
+
+
+def _kvae_generative(model, u, x, u_v):
+    def codes(t, mean, S):
+        return mean + (torch.linalg.cholesky(S) @ u[:, t].unsqueeze(-1)).squeeze(-1)
+    codes.steps = u.shape[1]
+    return torch.stack([model.head(_relu_body(model.decoder, a)) for a, _, _ in
+                        _kvae_run(model, u.shape[0], u.dtype, codes)], 1)
+
+
 # ------------------------------------------------------------------------ both
 def reference(model, x, noise, static_noise=None):
     family = model.cfg.family
     static = None
+    if family == "kvae":
+        return _reference_kvae(model, x, noise)
     if family == "dkf":
         steps = _dkf(model, x, noise)
     elif family == "storn":
@@ -255,6 +311,22 @@ def reference(model, x, noise, static_noise=None):
     return res
 
 
+def _reference_kvae(model, x, noise):
+    """The KVAE's prior has a full covariance: KL and log p(a_t | a_<t) from
+    ``MultivariateNormal`` (no per-dimension KL)."""
+    steps = _kvae(model, x, noise)
+    names = ("z", "mu_q", "std_q", "mu_p", "std_p", "params")
+    res = {k: torch.stack([s[i] for s in steps], 1) for i, k in enumerate(names)}
+    q = [MultivariateNormal(s[1], covariance_matrix=torch.diag_embed(s[2] ** 2)) for s in steps]
+    res["kl"] = torch.stack([kl_divergence(qt, s[6]) for qt, s in zip(q, steps)], 1)
+    res["log_px"] = torch.stack([model.head.log_prob(s[5], x[:, t]) for t, s in enumerate(steps)], 1)
+    lp = torch.stack([s[6].log_prob(s[0]) for s in steps], 1)
+    lq = torch.stack([qt.log_prob(s[0]) for qt, s in zip(q, steps)], 1)
+    res["log_w"] = (res["log_px"] + lp - lq).sum(1)
+    res["elbo"] = (res["log_px"] - res["kl"]).sum(1)
+    return res
+
+
 def generative(model, u, x, u_v=None):
     return {"dkf": _dkf_generative, "storn": _storn_generative, "rvae": _rvae_generative,
-            "dsae": _dsae_generative}[model.cfg.family](model, u, x, u_v)
+            "dsae": _dsae_generative, "kvae": _kvae_generative}[model.cfg.family](model, u, x, u_v)

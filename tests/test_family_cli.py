@@ -196,11 +196,11 @@ def test_non_finite_scores_are_null_with_a_warning(tmp_path, capsys, monkeypatch
 
 # ------------------------------------------- the rest of the dynamical-VAE family (DVAE)
 DVAE = {"dkf-gauss": True, "storn-gauss": True, "rvae-causal-gauss": True, "rvae-gauss": False,
-        "dsae-gauss": False}  # preset: offers the particle filter (SMC, FIVO)
+        "dsae-gauss": False, "kvae-gauss": True}  # preset: offers the particle filter (SMC, FIVO)
 # one data kind each besides arrays (piano-rolls: the Bernoulli head is in test_dvae.py),
 # so that the heads the kinds pick (gauss, strokes) meet the families through the CLI
 DVAE_KINDS = {"dkf-gauss": "lasa", "storn-gauss": "iam", "rvae-causal-gauss": "audio",
-              "rvae-gauss": "lasa", "dsae-gauss": "iam"}
+              "rvae-gauss": "lasa", "dsae-gauss": "iam", "kvae-gauss": "audio"}
 
 
 @pytest.mark.parametrize("preset", list(DVAE))

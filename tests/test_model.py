@@ -397,6 +397,7 @@ EXPECTED_PRESETS = {
                               n_components=1),
     "dsae-gauss": dict(latent=True, family="dsae", prior="learned", output="gauss", n_components=1),
     "dsae-gmm": dict(latent=True, family="dsae", prior="learned", output="gmm", n_components=20),
+    "kvae-gauss": dict(latent=True, family="kvae", prior="learned", output="gauss", n_components=1),
 }
 
 

@@ -8,7 +8,9 @@
 * ``dkf``: the DKF / DMM of Krishnan, Shalit and Sontag (2015, 2017);
 * ``storn``: STORN of Bayer and Osendorfer (2014);
 * ``rvae``: the RVAE of Leglaive et al. (2020), causal or not;
-* ``dsae``: the DSAE of Li and Mandt (2018), a static v and a dynamic z_t.
+* ``dsae``: the DSAE of Li and Mandt (2018), a static v and a dynamic z_t;
+* ``kvae``: the KVAE of Fraccaro et al. (2017), codes z_t (its a_t) over a linear-Gaussian
+  state space.
 
 Every field is declared once with its type, range and help (``vrnn.options``); the same
 declaration checks a value from the Python API, a config file and the command line.
@@ -22,7 +24,7 @@ from dataclasses import MISSING, dataclass
 from .errors import ConfigError
 from .options import check_instance, check_section, option
 
-FAMILIES = ("rnn", "vrnn", "srnn", "dkf", "storn", "rvae", "dsae")
+FAMILIES = ("rnn", "vrnn", "srnn", "dkf", "storn", "rvae", "dsae", "kvae")
 OUTPUTS = ("gauss", "gmm", "bernoulli", "strokes", "ar")
 CELLS = ("lstm", "gru")
 
@@ -44,6 +46,7 @@ PRESETS: dict[str, dict] = {
     "rvae-causal-gauss": dict(family="rvae", prior="standard", causal=True, output="gauss", n_components=1),
     "dsae-gauss": dict(family="dsae", output="gauss", n_components=1),
     "dsae-gmm": dict(family="dsae", output="gmm", n_components=20),
+    "kvae-gauss": dict(family="kvae", output="gauss", n_components=1),
 }
 
 _WIDTHS = ("phi_x_dim", "phi_z_dim", "enc_dim", "prior_dim", "dec_dim")
@@ -61,7 +64,7 @@ class VRNNConfig:
     family: str = option("vrnn", "the model: rnn (no latent), vrnn (Chung et al. 2015), "
                                  "srnn (Fraccaro et al. 2016), dkf (Krishnan et al. 2015), storn "
                                  "(Bayer and Osendorfer 2014), rvae (Leglaive et al. 2020), dsae "
-                                 "(Li and Mandt 2018)", choices=FAMILIES)
+                                 "(Li and Mandt 2018), kvae (Fraccaro et al. 2017)", choices=FAMILIES)
     h_dim: int = option(256, "width of the recurrent state (the SRNN's d_t)", min=1, flag="--h-dim")
     z_dim: int = option(32, "dimension of the latent z_t", min=1, flag="--z-dim")
     prior: str = option("learned", "prior of z_t: learned from the past, or standard N(0, I) "
@@ -91,7 +94,7 @@ class VRNNConfig:
                                          "RNN (smoothing) or a forward one (filtering, causal)",
                             choices=("smoothing", "filtering"))
     residual: bool = option(True, "SRNN: posterior mean = prior mean + MLP(z_{t-1}, a_t) (Resq)")
-    # DKF, RVAE, DSAE only
+    # DKF, RVAE, DSAE, KVAE only
     combiner: str = option("st-r", "DKF: q(z_t | z_{t-1}, x_{t:T}) from a backward RNN (st-r) or "
                                    "q(z_t | z_{t-1}, x_{1:T}) from a bidirectional one (st-lr)",
                            choices=("st-r", "st-lr"))
@@ -99,6 +102,9 @@ class VRNNConfig:
                                  "z_{1:t-1}, x_{t:T}) (causal), or p(x_t | z_{1:T}) by a "
                                  "bidirectional RNN and q(z_t | z_{1:t-1}, x_{1:T})")
     v_dim: int = option(16, "DSAE: dimension of the static latent v", min=1)
+    state_dim: int = option(4, "KVAE: dimension of the linear-Gaussian state (the paper's z_t; "
+                               "z_dim is its code a_t)", min=1)
+    mixtures: int = option(3, "KVAE: K, the transition/emission matrices mixed by the RNN", min=1)
     # the autoregressive output head only
     ar_hidden: int | None = option(None, "ar: width of its masked hidden layer "
                                          "(default max(64, 2 x_dim))", min=1)
@@ -119,7 +125,7 @@ class VRNNConfig:
             raise ConfigError(f"binary_dims applies to the ar output only (output is {self.output})")
         if any(d >= self.x_dim for d in self.binary_dims):
             raise ConfigError(f"binary_dims {list(self.binary_dims)} must lie in 0..{self.x_dim - 1}")
-        if self.family in ("srnn", "dkf", "dsae") and self.prior != "learned":
+        if self.family in ("srnn", "dkf", "dsae", "kvae") and self.prior != "learned":
             raise ConfigError(f"the {self.family.upper()}'s prior of z_t is always learned; "
                               "prior='standard' is the VRNN-I row")
         if self.family in ("storn", "rvae") and self.prior != "standard":

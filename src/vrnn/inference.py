@@ -28,9 +28,11 @@ METHODS = ("is", "smc")
 
 
 def log_ratio(tr) -> Tensor:
-    """(rows, T): log p(z_t | .) - log q(z_t | .) at the trace's posterior sample, masked;
-    a static latent's log p(v) - log q(v | x) (DSAE) is added at the first step."""
-    r = (gaussian_log_prob(tr.z, tr.mu_p, tr.std_p) - gaussian_log_prob(tr.z, tr.mu_q, tr.std_q)) * tr.mask
+    """(rows, T): log p(z_t | .) - log q(z_t | .) at the trace's posterior sample, masked
+    (log p from ``tr.log_prior`` where the model gives it: KVAE); a static latent's
+    log p(v) - log q(v | x) (DSAE) is added at the first step."""
+    log_p = gaussian_log_prob(tr.z, tr.mu_p, tr.std_p) if tr.log_prior is None else tr.log_prior
+    r = (log_p - gaussian_log_prob(tr.z, tr.mu_q, tr.std_q)) * tr.mask
     if tr.v is None:
         return r
     v = tr.v
@@ -74,6 +76,9 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
             kl = tr.kl_dims.clamp(min=free_bits).sum(-1) * tr.mask
             if tr.v is not None:  # a static latent's KL (in kl[:, 0], not in kl_dims) is charged whole
                 kl = kl + (tr.kl - tr.kl_dims.sum(-1))
+        elif free_bits > 0.0 and model.latent:
+            raise ValueError(f"free bits charge each latent dimension; the {model.cfg.family.upper()}'s "
+                             "prior has a full covariance and no per-dimension KL")
         per_seq = (tr.log_px - kl_weight * kl).sum(1).view(-1, B).mean(0)
         reported = (tr.log_px - tr.kl).sum(1).view(-1, B).mean(0)
     else:

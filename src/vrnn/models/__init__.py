@@ -7,6 +7,7 @@
     storn.py  STORN (Bayer and Osendorfer 2014)
     rvae.py   the RVAE (Leglaive et al. 2020), causal or not
     dsae.py   the DSAE (Li and Mandt 2018)
+    kvae.py   the KVAE (Fraccaro et al. 2017)
 
 ``build(cfg)`` is the one way to construct a model from a ``VRNNConfig``: it picks the
 class from ``cfg.family``. The CLI, training, checkpoints and ``reproduce`` all use it.
@@ -17,13 +18,15 @@ from __future__ import annotations
 from .base import SequenceModel, State, Trace
 from .dkf import DKF
 from .dsae import DSAE
+from .kvae import KVAE
 from .rnn import RNN
 from .rvae import RVAE
 from .srnn import SRNN
 from .storn import STORN
 from .vrnn import VRNN
 
-CLASSES = {"rnn": RNN, "vrnn": VRNN, "srnn": SRNN, "dkf": DKF, "storn": STORN, "rvae": RVAE, "dsae": DSAE}
+CLASSES = {"rnn": RNN, "vrnn": VRNN, "srnn": SRNN, "dkf": DKF, "storn": STORN, "rvae": RVAE, "dsae": DSAE,
+           "kvae": KVAE}
 
 
 def build(cfg) -> SequenceModel:
@@ -38,4 +41,4 @@ def cannot(cfg, verb: str) -> str | None:
 
 
 __all__ = ["build", "cannot", "SequenceModel", "Trace", "State", "RNN", "VRNN", "SRNN", "DKF", "STORN",
-           "RVAE", "DSAE", "CLASSES"]
+           "RVAE", "DSAE", "KVAE", "CLASSES"]

@@ -118,6 +118,8 @@ class Trace:
     v: Tensor | None = None        # (B, V) a static latent drawn once per sequence (DSAE), whose
     mu_v: Tensor | None = None     #   q(v | x) = N(mu_v, std_v) and prior N(0, I) enter the
     std_v: Tensor | None = None    #   first step: its KL is in kl[:, 0] (not in kl_dims)
+    log_prior: Tensor | None = None  # (B, T) log p(z_t | .) at z, where the prior is not the
+                                     #   diagonal N(mu_p, std_p) (KVAE: a full covariance)
 
 
 def add_shared(shared: Tensor, rows: Tensor) -> Tensor:
