@@ -483,5 +483,5 @@ def test_kvae_smoother_is_the_exact_gaussian_posterior():
 
 def test_kvae_refuses_free_bits():
     model = make_model("kvae-gauss", seed=42)
-    with pytest.raises(ValueError, match="full covariance"):
+    with pytest.raises(ConfigError, match="full covariance"):
         objective(model, make_x(model, 2, 3), free_bits=0.5)

@@ -6,7 +6,8 @@ h_{t-1})), h_t = f(phi_x(x_t), phi_z(z_t), h_{t-1}); SRNN: z_t ~ prior(z_{t-1}, 
 x_t ~ head(phi_dec(z_t, d_t)), d_{t+1} = f(d_t, phi_x(x_t)); RNN: x_t ~ head(phi_dec(h_{t-1}))).
 A prefix is first filtered through the posterior (the same pass as training), and
 generation continues from its final state. A model that cannot generate online (the
-non-causal RVAE) draws whole sequences with its ``generate_sequence`` and refuses a prefix. Everything runs under ``torch.inference_mode``.
+non-causal RVAE) draws whole sequences with its ``generate_sequence`` and refuses a
+prefix. Everything runs under ``torch.inference_mode``.
 """
 
 from __future__ import annotations

@@ -77,8 +77,7 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
             if tr.v is not None:  # a static latent's KL (in kl[:, 0], not in kl_dims) is charged whole
                 kl = kl + (tr.kl - tr.kl_dims.sum(-1))
         elif free_bits > 0.0 and model.latent:
-            raise ValueError(f"free bits charge each latent dimension; the {model.cfg.family.upper()}'s "
-                             "prior has a full covariance and no per-dimension KL")
+            model.refuse("free_bits")
         per_seq = (tr.log_px - kl_weight * kl).sum(1).view(-1, B).mean(0)
         reported = (tr.log_px - tr.kl).sum(1).view(-1, B).mean(0)
     else:

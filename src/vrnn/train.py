@@ -478,7 +478,8 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
         cfg = model_config(model_name, prepared.data, model_overrides)
     except TypeError as exc:
         raise ConfigError(f"bad model option: {exc}") from None
-    for verb, flag, used in (("smc", "--objective fivo", tc.objective == "fivo"), ("tbptt", "--tbptt", tc.tbptt)):
+    for verb, flag, used in (("smc", "--objective fivo", tc.objective == "fivo"), ("tbptt", "--tbptt", tc.tbptt),
+                             ("free_bits", "--free-bits", tc.free_bits > 0)):
         if used and cannot(cfg, verb):
             raise ConfigError(f"{flag}: {cannot(cfg, verb)}")
     last = out / "last.ckpt"

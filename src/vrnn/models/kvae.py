@@ -97,10 +97,10 @@ class KVAE(SequenceModel):
         return m, P, (C @ m.unsqueeze(-1)).squeeze(-1), 0.5 * (S + _t(S))
 
     @staticmethod
-    def update(C, m, P, mean_a, L, a, Rd):
+    def update(C, m, P, mean_a, S_inv, a, Rd):
         """The filtered state given a_t (Joseph form), from the predicted one and the
-        predictive's Cholesky factor L."""
-        gain = _t(torch.cholesky_solve(C @ P, L))                     # P C^T S^-1 (rows, n, Z)
+        predictive's inverse covariance."""
+        gain = _t(S_inv @ C @ P)                                      # P C^T S^-1 (rows, n, Z)
         m = m + (gain @ (a - mean_a).unsqueeze(-1)).squeeze(-1)
         I_KC = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device) - gain @ C
         P = I_KC @ P @ _t(I_KC) + gain @ torch.diag_embed(Rd) @ _t(gain)
@@ -115,22 +115,23 @@ class KVAE(SequenceModel):
         keeps = [None] * T if keep is None else keep.unbind(1)
         ancestors = [None] * T if ancestors is None else ancestors
         logps, kls, means, stds = [], [], [], []
+        # (time indexed by unbind: slicing a tensor that needs grad per step would cost a
+        # full-size gradient buffer per step in backward)
+        A, C, a, mu_q, std_q = (v.unbind(1) for v in (A, C, a, mu_q, std_q))
         for t in range(T):
-            m_p, P_p, mean_a, S = self.predict(A[:, t], C[:, t], m, P, Qd, Rd)
+            m_p, P_p, mean_a, S = self.predict(A[t], C[t], m, P, Qd, Rd)
             L = torch.linalg.cholesky(S)
-            d = a[:, t] - mean_a
-            w = torch.linalg.solve_triangular(L, d.unsqueeze(-1), upper=False).squeeze(-1)
-            half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
-            logps.append(-0.5 * (w * w).sum(-1) - half_logdet - 0.5 * Z * LOG_2PI)
             S_inv = torch.cholesky_inverse(L)
-            e = mu_q[:, t] - mean_a
-            quad = (e.unsqueeze(-2) @ S_inv @ e.unsqueeze(-1))[..., 0, 0]
-            var_q = std_q[:, t] ** 2
-            kls.append(0.5 * ((torch.diagonal(S_inv, dim1=-2, dim2=-1) * var_q).sum(-1) + quad - Z
+            half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+            de = torch.stack([a[t] - mean_a, mu_q[t] - mean_a], 1)                # (rows, 2, Z)
+            quads = ((de @ S_inv) * de).sum(-1)                                    # d^T S^-1 d, e^T S^-1 e
+            logps.append(-0.5 * quads[:, 0] - half_logdet - 0.5 * Z * LOG_2PI)
+            var_q = std_q[t] ** 2
+            kls.append(0.5 * ((torch.diagonal(S_inv, dim1=-2, dim2=-1) * var_q).sum(-1) + quads[:, 1] - Z
                               + 2.0 * half_logdet - torch.log(var_q).sum(-1)))
             means.append(mean_a)
             stds.append(torch.sqrt(torch.diagonal(S, dim1=-2, dim2=-1)))
-            m_new, P_new = self.update(C[:, t], m_p, P_p, mean_a, L, a[:, t], Rd)
+            m_new, P_new = self.update(C[t], m_p, P_p, mean_a, S_inv, a[t], Rd)
             if keeps[t] is not None:
                 m = torch.where(keeps[t], m_new, m)
                 P = torch.where(keeps[t].unsqueeze(-1), P_new, P)
@@ -140,6 +141,13 @@ class KVAE(SequenceModel):
                 m, P = m.index_select(0, ancestors[t]), P.index_select(0, ancestors[t])
         st = lambda v: torch.stack(v, 1)  # noqa: E731
         return st(logps), st(kls), st(means), st(stds), m, P
+
+    @classmethod
+    def cannot(cls, cfg, verb: str) -> str | None:
+        if verb == "free_bits":
+            return ("the KVAE's prior p(a_t | a_{<t}) has a full covariance: there is no per-dimension "
+                    "KL for free bits to charge")
+        return None
 
     def initial_state(self, batch: int, device=None, dtype=None) -> State:
         """h after reading a_0 = 0 from a zero state; s_0 ~ N(0, I)."""
@@ -221,7 +229,7 @@ class KVAE(SequenceModel):
         filt, pred = [], []
         for t in range(T):
             m_p, P_p, mean_a, S = self.predict(A[:, t], C[:, t], m, P, Qd, Rd)
-            m, P = self.update(C[:, t], m_p, P_p, mean_a, torch.linalg.cholesky(S), mu_q[:, t], Rd)
+            m, P = self.update(C[:, t], m_p, P_p, mean_a, torch.linalg.inv(S), mu_q[:, t], Rd)
             filt.append((m, P))
             pred.append((m_p, P_p))
         L = torch.full((B,), T, device=x.device, dtype=torch.long) if mask is None else mask.sum(1).long()
@@ -278,10 +286,11 @@ class KVAE(SequenceModel):
         Qd, Rd = self.noise_vars(a.dtype)
         m_p, P_p, mean_a, S = self.predict(A, C, m, P, Qd, Rd)
         L = torch.linalg.cholesky(S)
-        w = torch.linalg.solve_triangular(L, (a - mean_a).unsqueeze(-1), upper=False).squeeze(-1)
-        logp = (-0.5 * (w * w).sum(-1) - torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
-                - 0.5 * a.shape[-1] * LOG_2PI)
-        m, P = self.update(C, m_p, P_p, mean_a, L, a, Rd)
+        S_inv = torch.cholesky_inverse(L)
+        d = a - mean_a
+        logp = (-0.5 * ((d.unsqueeze(-2) @ S_inv)[:, 0] * d).sum(-1)
+                - torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1) - 0.5 * a.shape[-1] * LOG_2PI)
+        m, P = self.update(C, m_p, P_p, mean_a, S_inv, a, Rd)
         params = self.head(self.decoder(a)).to(a.dtype)
         log_px = rows_log_prob(self.head, params, features["x"][t])
         _, (h, c) = step(self.rnn, a, (h, c))
