@@ -30,7 +30,8 @@ from vrnn import VRNNConfig, build  # noqa: E402
 from vrnn.inference import objective  # noqa: E402
 from vrnn.reproduce import SETUPS, Row, match_params  # noqa: E402
 
-MODELS = ["vrnn-gauss", "srnn-gauss", "dkf-gauss", "storn-gauss", "rvae-causal-gauss", "rvae-gauss", "dsae-gauss"]
+MODELS = ["vrnn-gauss", "srnn-gauss", "dkf-gauss", "storn-gauss", "rvae-causal-gauss", "rvae-gauss", "dsae-gauss",
+          "kvae-gauss"]
 # (dataset whose reproduction sizes are used, x_dim, T, B)
 WORKLOADS = {"asterisk-en": (200, 40, 32), "lasa": (2, 124, 16)}
 
