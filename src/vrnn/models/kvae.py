@@ -67,9 +67,10 @@ class KVAE(SequenceModel):
                                      GaussianFromHidden(cfg.enc_dim, Z, cfg.std_floor))
         self.rnn = make_rnn(cfg.cell, Z, cfg.h_dim, cfg.rnn_layers)
         self.mixing = nn.Linear(cfg.h_dim, K)
-        g = torch.Generator().manual_seed(0)
-        self.A = nn.Parameter(torch.eye(n).repeat(K, 1, 1) + 0.05 * torch.randn(K, n, n, generator=g))
-        self.C = nn.Parameter(torch.randn(K, Z, n, generator=g) / math.sqrt(n))
+        # A^(k) near the identity (the paper initialises it to I; a little noise tells the K
+        # apart, so that the mixing weights get a gradient from the start)
+        self.A = nn.Parameter(torch.eye(n).repeat(K, 1, 1) + 0.05 * torch.randn(K, n, n))
+        self.C = nn.Parameter(torch.randn(K, Z, n) / math.sqrt(n))
         self.q_pre = nn.Parameter(torch.full((n,), -1.0))   # std of Q: softplus(-1) ~ 0.31
         self.r_pre = nn.Parameter(torch.full((Z,), -1.0))
         self.decoder = mlp(Z, cfg.dec_dim, cfg.dec_layers)
