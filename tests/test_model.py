@@ -388,6 +388,16 @@ EXPECTED_PRESETS = {
     "vrnn-i-gauss": dict(latent=True, prior="standard", output="gauss", n_components=1),
     "vrnn-gauss": dict(latent=True, prior="learned", output="gauss", n_components=1),
     "vrnn-gmm": dict(latent=True, prior="learned", output="gmm", n_components=20),
+    "dkf-gauss": dict(latent=True, family="dkf", prior="learned", output="gauss", n_components=1),
+    "dkf-gmm": dict(latent=True, family="dkf", prior="learned", output="gmm", n_components=20),
+    "storn-gauss": dict(latent=True, family="storn", prior="standard", output="gauss", n_components=1),
+    "storn-gmm": dict(latent=True, family="storn", prior="standard", output="gmm", n_components=20),
+    "rvae-gauss": dict(latent=True, family="rvae", causal=False, prior="standard", output="gauss", n_components=1),
+    "rvae-causal-gauss": dict(latent=True, family="rvae", causal=True, prior="standard", output="gauss",
+                              n_components=1),
+    "dsae-gauss": dict(latent=True, family="dsae", prior="learned", output="gauss", n_components=1),
+    "dsae-gmm": dict(latent=True, family="dsae", prior="learned", output="gmm", n_components=20),
+    "kvae-gauss": dict(latent=True, family="kvae", prior="learned", output="gauss", n_components=1),
 }
 
 

@@ -340,6 +340,8 @@ def cmd_evaluate(a) -> int:
               f"{fmt(f['per_step'], 4)} per step; {fmt(f['bits_per_dim'], 4)} bits/dim")
         print(f"  {'':21s} {fmt(f['per_sequence_raw'])} nats per sequence in the data's own units; "
               f"{fmt(f['bits_per_dim_raw'], 4)} bits/dim")
+    for k, why in res.get("not_offered", {}).items():
+        print(f"  ({k} not offered: {why})")
     print(f"  (normalised data, as in the paper; the data's own units add "
           f"{res['raw_offset_per_step']:.4f} nats per step, -sum_d log s_d)")
     if res["rescored_in_float64"]:
@@ -406,6 +408,9 @@ def cmd_latents(a) -> int:
     if o.smc and not model.latent:
         from .errors import ConfigError
         raise ConfigError(f"--smc: {a.checkpoint} holds an RNN row, which has no latent to filter")
+    if o.smc and model.cannot(model.cfg, "smc"):
+        from .errors import ConfigError
+        raise ConfigError(f"--smc: {model.cannot(model.cfg, 'smc')}")
     lengths = [len(s) for s in seqs]
     T = max(lengths)
     arrays: dict[str, np.ndarray] = {}  # (N, T, ...) in the split's order, zero-padded

@@ -4,7 +4,13 @@
 
 * ``rnn``: the latent-free baselines (RNN-Gauss, RNN-GMM), exact likelihood;
 * ``vrnn``: the VRNN of Chung et al. 2015 (VRNN-I-Gauss, VRNN-Gauss, VRNN-GMM);
-* ``srnn``: the SRNN of Fraccaro et al. 2016 (SRNN-Gauss, SRNN-GMM).
+* ``srnn``: the SRNN of Fraccaro et al. 2016 (SRNN-Gauss, SRNN-GMM);
+* ``dkf``: the DKF / DMM of Krishnan, Shalit and Sontag (2015, 2017);
+* ``storn``: STORN of Bayer and Osendorfer (2014);
+* ``rvae``: the RVAE of Leglaive et al. (2020), causal or not;
+* ``dsae``: the DSAE of Li and Mandt (2018), a static v and a dynamic z_t;
+* ``kvae``: the KVAE of Fraccaro et al. (2017), codes z_t (its a_t) over a linear-Gaussian
+  state space.
 
 Every field is declared once with its type, range and help (``vrnn.options``); the same
 declaration checks a value from the Python API, a config file and the command line.
@@ -18,7 +24,7 @@ from dataclasses import MISSING, dataclass
 from .errors import ConfigError
 from .options import check_instance, check_section, option
 
-FAMILIES = ("rnn", "vrnn", "srnn")
+FAMILIES = ("rnn", "vrnn", "srnn", "dkf", "storn", "rvae", "dsae", "kvae")
 OUTPUTS = ("gauss", "gmm", "bernoulli", "strokes", "ar")
 CELLS = ("lstm", "gru")
 
@@ -31,6 +37,16 @@ PRESETS: dict[str, dict] = {
     "vrnn-gmm": dict(family="vrnn", prior="learned", output="gmm", n_components=20),
     "srnn-gauss": dict(family="srnn", prior="learned", output="gauss", n_components=1),
     "srnn-gmm": dict(family="srnn", prior="learned", output="gmm", n_components=20),
+    # the rest of the dynamical-VAE family (Girin et al. 2021): models/dkf.py ... dsae.py
+    "dkf-gauss": dict(family="dkf", output="gauss", n_components=1),
+    "dkf-gmm": dict(family="dkf", output="gmm", n_components=20),
+    "storn-gauss": dict(family="storn", prior="standard", output="gauss", n_components=1),
+    "storn-gmm": dict(family="storn", prior="standard", output="gmm", n_components=20),
+    "rvae-gauss": dict(family="rvae", prior="standard", causal=False, output="gauss", n_components=1),
+    "rvae-causal-gauss": dict(family="rvae", prior="standard", causal=True, output="gauss", n_components=1),
+    "dsae-gauss": dict(family="dsae", output="gauss", n_components=1),
+    "dsae-gmm": dict(family="dsae", output="gmm", n_components=20),
+    "kvae-gauss": dict(family="kvae", output="gauss", n_components=1),
 }
 
 _WIDTHS = ("phi_x_dim", "phi_z_dim", "enc_dim", "prior_dim", "dec_dim")
@@ -46,7 +62,9 @@ class VRNNConfig:
 
     x_dim: int = option(MISSING, "dimension of one step x_t", min=1)
     family: str = option("vrnn", "the model: rnn (no latent), vrnn (Chung et al. 2015), "
-                                 "srnn (Fraccaro et al. 2016)", choices=FAMILIES)
+                                 "srnn (Fraccaro et al. 2016), dkf (Krishnan et al. 2015), storn "
+                                 "(Bayer and Osendorfer 2014), rvae (Leglaive et al. 2020), dsae "
+                                 "(Li and Mandt 2018), kvae (Fraccaro et al. 2017)", choices=FAMILIES)
     h_dim: int = option(256, "width of the recurrent state (the SRNN's d_t)", min=1, flag="--h-dim")
     z_dim: int = option(32, "dimension of the latent z_t", min=1, flag="--z-dim")
     prior: str = option("learned", "prior of z_t: learned from the past, or standard N(0, I) "
@@ -70,11 +88,23 @@ class VRNNConfig:
     dec_layers: int = option(1, "ReLU layers of the decoder", min=1)
     std_floor: float = option(1e-4, "floor added to every std (std = softplus + floor)", above=0.0)
     # SRNN only
-    a_dim: int | None = option(None, "SRNN: width of the inference RNN a_t (default h_dim)", min=1)
+    a_dim: int | None = option(None, "SRNN, DKF, STORN, RVAE, DSAE: width of the inference RNN "
+                                     "(default h_dim)", min=1)
     posterior: str = option("smoothing", "SRNN: q(z_t | z_{t-1}, a_t) with a_t from a backward "
                                          "RNN (smoothing) or a forward one (filtering, causal)",
                             choices=("smoothing", "filtering"))
     residual: bool = option(True, "SRNN: posterior mean = prior mean + MLP(z_{t-1}, a_t) (Resq)")
+    # DKF, RVAE, DSAE, KVAE only
+    combiner: str = option("st-r", "DKF: q(z_t | z_{t-1}, x_{t:T}) from a backward RNN (st-r) or "
+                                   "q(z_t | z_{t-1}, x_{1:T}) from a bidirectional one (st-lr)",
+                           choices=("st-r", "st-lr"))
+    causal: bool = option(False, "RVAE: p(x_t | z_{1:t}) by a forward RNN over z and q(z_t | "
+                                 "z_{1:t-1}, x_{t:T}) (causal), or p(x_t | z_{1:T}) by a "
+                                 "bidirectional RNN and q(z_t | z_{1:t-1}, x_{1:T})")
+    v_dim: int = option(16, "DSAE: dimension of the static latent v", min=1)
+    state_dim: int = option(4, "KVAE: dimension of the linear-Gaussian state (the paper's z_t; "
+                               "z_dim is its code a_t)", min=1)
+    mixtures: int = option(3, "KVAE: K, the transition/emission matrices mixed by the RNN", min=1)
     # the autoregressive output head only
     ar_hidden: int | None = option(None, "ar: width of its masked hidden layer "
                                          "(default max(64, 2 x_dim))", min=1)
@@ -97,9 +127,12 @@ class VRNNConfig:
             raise ConfigError(f"binary_dims {list(self.binary_dims)} must lie in 0..{self.x_dim - 1}")
         if len(set(self.binary_dims)) != len(self.binary_dims):
             raise ConfigError(f"binary_dims {list(self.binary_dims)} lists a dimension twice")
-        if self.family == "srnn" and self.prior != "learned":
-            raise ConfigError("the SRNN's prior p(z_t | z_{t-1}, d_t) is always learned; "
+        if self.family in ("srnn", "dkf", "dsae", "kvae") and self.prior != "learned":
+            raise ConfigError(f"the {self.family.upper()}'s prior of z_t is always learned; "
                               "prior='standard' is the VRNN-I row")
+        if self.family in ("storn", "rvae") and self.prior != "standard":
+            raise ConfigError(f"the {self.family.upper()}'s prior of z_t is always N(0, I): "
+                              "use prior='standard'")
 
     @property
     def latent(self) -> bool:
@@ -122,7 +155,8 @@ class VRNNConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "VRNNConfig":
         """A row by name (rnn-gauss, rnn-gmm, vrnn-i-gauss, vrnn-gauss, vrnn-gmm, srnn-gauss,
-        srnn-gmm), any field overridden.
+        srnn-gmm, dkf-gauss, storn-gauss, rvae-gauss, rvae-causal-gauss, dsae-gauss, ...; see
+        PRESETS), any field overridden.
 
         ``output="strokes"`` keeps the row's mixture size (1 for *-gauss rows, 20 for *-gmm
         rows), and so does ``output="ar"`` (the mixture size of each dimension's

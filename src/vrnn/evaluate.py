@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint
 from .data import load, pad_batch
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .inference import SequenceDraws, row_step_bytes
 from .train import Prepared, data_splits, dataset_identity
 
@@ -128,12 +128,20 @@ def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max
     ``estimator``; of IS under "all"). Non-finite scores (after a float64 retry) are None,
     counted in ``non_finite``. With ``seed``, each sequence's draws come from its own
     generators (``inference.SequenceDraws``): the same scores however the passes are cut; without,
-    from the global generator.
+    from the global generator. Under "all", an estimator the model does not offer (SMC for
+    the non-causal RVAE and the DSAE) is left out, its reason in ``not_offered``; asked
+    for alone, it is refused (ConfigError).
     """
     if estimator not in ("is", "smc", "all"):
         raise ValueError(f"unknown estimator {estimator!r}; choose is, smc or all")
     latent = model.latent
     methods = ["elbo"] + (["is", "smc"] if estimator == "all" else [estimator]) if latent else ["exact"]
+    not_offered = {}
+    if "smc" in methods and model.cannot(model.cfg, "smc"):  # "all" gives what the model offers
+        if estimator == "smc":
+            raise ConfigError(f"--estimator smc: {model.cannot(model.cfg, 'smc')}")
+        methods.remove("smc")
+        not_offered["smc"] = model.cannot(model.cfg, "smc")
     scored = {m: [] for m in methods}
     lengths, first, done, n = [], [], 0, len(sequences)
     retried = 0
@@ -209,6 +217,8 @@ def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max
         "rescored_in_float64": retried,
         "non_finite": non_finite,
     }
+    if not_offered:
+        res["not_offered"] = not_offered
     if latent and "smc" in figures:
         res["log_likelihood_smc"] = figures["smc"]["per_sequence"]
         res["log_likelihood_smc_raw"] = figures["smc"]["per_sequence_raw"]

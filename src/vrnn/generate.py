@@ -5,7 +5,9 @@ advances its state with x_t (VRNN: z_t ~ prior(h_{t-1}), x_t ~ head(phi_dec(phi_
 h_{t-1})), h_t = f(phi_x(x_t), phi_z(z_t), h_{t-1}); SRNN: z_t ~ prior(z_{t-1}, d_t),
 x_t ~ head(phi_dec(z_t, d_t)), d_{t+1} = f(d_t, phi_x(x_t)); RNN: x_t ~ head(phi_dec(h_{t-1}))).
 A prefix is first filtered through the posterior (the same pass as training), and
-generation continues from its final state. Everything runs under ``torch.inference_mode``.
+generation continues from its final state. A model that cannot generate online (the
+non-causal RVAE) draws whole sequences with its ``generate_sequence`` and refuses a
+prefix. Everything runs under ``torch.inference_mode``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def sample(model: SequenceModel, num: int, steps: int, prefix: Tensor | None = N
             raise ValueError(f"{name} must be an integer >= {1 if name == 'num' else 0}, got {value!r}")
     p = next(model.parameters())
     if prefix is not None:
+        model.refuse("prefix")
         prefix = torch.as_tensor(prefix, dtype=p.dtype, device=p.device)
         if prefix.dim() == 2:
             prefix = prefix.unsqueeze(0)
@@ -55,6 +58,8 @@ def sample(model: SequenceModel, num: int, steps: int, prefix: Tensor | None = N
                              f"or ({num}, P, {model.cfg.x_dim}); got {tuple(prefix.shape)}")
         state = filter_prefix(model, prefix, prefix_mask)
     elif state is None:
+        if model.cannot(model.cfg, "online"):  # a whole sequence at once (the non-causal RVAE)
+            return model.generate_sequence(num, steps, mean) if steps else p.new_zeros(num, 0, model.cfg.x_dim)
         state = model.initial_state(num, p.device, p.dtype)
     out, said = [], monotonic()
     for t in range(steps):

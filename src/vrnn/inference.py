@@ -29,8 +29,16 @@ METHODS = ("is", "smc")
 
 
 def log_ratio(tr) -> Tensor:
-    """(rows, T): log p(z_t | .) - log q(z_t | .) at the trace's posterior sample, masked."""
-    return (gaussian_log_prob(tr.z, tr.mu_p, tr.std_p) - gaussian_log_prob(tr.z, tr.mu_q, tr.std_q)) * tr.mask
+    """(rows, T): log p(z_t | .) - log q(z_t | .) at the trace's posterior sample, masked
+    (log p from ``tr.log_prior`` where the model gives it: KVAE); a static latent's
+    log p(v) - log q(v | x) (DSAE) is added at the first step."""
+    log_p = gaussian_log_prob(tr.z, tr.mu_p, tr.std_p) if tr.log_prior is None else tr.log_prior
+    r = (log_p - gaussian_log_prob(tr.z, tr.mu_q, tr.std_q)) * tr.mask
+    if tr.v is None:
+        return r
+    v = tr.v
+    static = gaussian_log_prob(v, torch.zeros_like(v), torch.ones_like(v)) - gaussian_log_prob(v, tr.mu_v, tr.std_v)
+    return torch.cat([r[:, :1] + (static * tr.mask[:, 0]).unsqueeze(1), r[:, 1:]], dim=1)
 
 
 def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weight: float = 1.0,
@@ -74,6 +82,10 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
         kl = tr.kl
         if free_bits > 0.0 and tr.kl_dims is not None:
             kl = tr.kl_dims.clamp(min=free_bits).sum(-1) * tr.mask
+            if tr.v is not None:  # a static latent's KL (in kl[:, 0], not in kl_dims) is charged whole
+                kl = kl + (tr.kl - tr.kl_dims.sum(-1))
+        elif free_bits > 0.0 and model.latent:
+            model.refuse("free_bits")
         per_seq = (tr.log_px - kl_weight * kl).sum(1).view(-1, B).mean(0)
         reported = (tr.log_px - tr.kl).sum(1).view(-1, B).mean(0)
     else:
@@ -174,8 +186,8 @@ class SequenceDraws:
         return {"noise": noise, "uniforms": uniforms}
 
 
-@torch.no_grad()
 @provides("log_likelihood")
+@torch.no_grad()
 def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: int = 40,
                    method: str = "is", max_rows: int = 4096, max_bytes: int = 2 ** 30,
                    resample: str = "ess", threshold: float = 0.5, resampler: str = "systematic",
@@ -224,8 +236,8 @@ def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: in
     return torch.logsumexp(lw, dim=0) - math.log(K)
 
 
-@torch.no_grad()
 @provides("latents")
+@torch.no_grad()
 def latents(model, x: Tensor, mask: Tensor | None = None, sample: bool = False) -> dict:
     """Per-step quantities for analysis and anomaly scoring, all batch-first.
 
@@ -237,7 +249,9 @@ def latents(model, x: Tensor, mask: Tensor | None = None, sample: bool = False) 
     of that term;
     ``h`` (B,T,H) the deterministic state after step t (the VRNN's h_t, the SRNN's
     d_{t+1}); ``h_change`` (B,T) ||h after t - h before t||; and for latent models
-    ``posterior_mean``, ``posterior_std``, ``prior_mean``, ``prior_std``, ``z`` (B,T,Z).
+    ``posterior_mean``, ``posterior_std``, ``prior_mean``, ``prior_std``, ``z`` (B,T,Z);
+    for a static latent (DSAE) ``static_mean``, ``static_std``, ``v`` (B,T,V), the same at
+    every real step.
     """
     noise = None
     if model.latent and not sample:
@@ -254,6 +268,9 @@ def latents(model, x: Tensor, mask: Tensor | None = None, sample: bool = False) 
     if tr.z is not None:
         out.update(posterior_mean=tr.mu_q, posterior_std=tr.std_q, prior_mean=tr.mu_p,
                    prior_std=tr.std_p, z=tr.z)
+    if tr.v is not None:  # a static latent (DSAE), repeated at every step
+        per_step = lambda t: t.unsqueeze(1).expand(-1, tr.mask.shape[1], -1) * tr.mask.unsqueeze(-1)  # noqa: E731
+        out.update(static_mean=per_step(tr.mu_v), static_std=per_step(tr.std_v), v=per_step(tr.v))
     return out
 
 

@@ -227,7 +227,7 @@ def match_params(row: Row, dataset: str, x_dim: int, base: dict) -> dict:
     while lo <= hi:  # the count grows with the width: bisect, keep the closest
         mid = (lo + hi) // 2
         cand = dict(fields, **{w: mid for w in WIDTHS})
-        if row.preset.startswith("srnn-"):  # its inference RNN a_t is sized with the MLPs
+        if not row.preset.startswith(("rnn-", "vrnn-")):  # an inference RNN (a_dim): sized with the MLPs
             cand["a_dim"] = mid
         if cand.get("output") == "ar":
             cand["ar_hidden"] = max(mid, 16)

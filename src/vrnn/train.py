@@ -46,7 +46,7 @@ from .data import DATASETS, Normalizer, SequenceSet, load, pad_batch, split
 from .errors import ConfigError, DataError, Interrupted, VRNNError
 from .fast import SCAN_IMPLS, set_scan
 from .inference import BOUNDS, log_likelihood, objective
-from .models import build
+from .models import build, cannot
 from .options import check_instance, option
 from .smc import RESAMPLERS, SCHEDULES
 from .writers import write_text
@@ -697,6 +697,10 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
     except TypeError as exc:
         raise ConfigError(f"bad model option: {exc}") from None
     prepared = prepared.for_model(cfg)
+    for verb, flag, used in (("smc", "--objective fivo", tc.objective == "fivo"), ("tbptt", "--tbptt", tc.tbptt),
+                             ("free_bits", "--free-bits", tc.free_bits > 0)):
+        if used and cannot(cfg, verb):
+            raise ConfigError(f"{flag}: {cannot(cfg, verb)}")
     check_memory(cfg, tc, int(max(prepared.data.lengths)), machine_memory(tc.accelerator))
     check_cluster(tc, say)
     if not cfg.latent and tc.objective != "elbo" and say is not None:

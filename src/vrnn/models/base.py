@@ -27,6 +27,13 @@ A model is an ``nn.Module`` with a ``cfg`` (``VRNNConfig``), an output ``head`` 
     forward pass's state with K*B rows); one step of proposal z_t ~ q with the parts of
     its incremental weight, log p(x_t | .) and log p(z_t | .) - log q(z_t | .).
 
+``cannot(cfg, verb) -> str | None`` (a classmethod)
+    Why the model ``cfg`` describes cannot do ``verb``, or None: "smc" (the particle
+    filter, and FIVO, which trains on it), "tbptt" (``forward`` continuing from a
+    ``state``), "prefix" (generation after a prefix), "online" (generation step by step;
+    a model that generates whole sequences instead has ``generate_sequence(num, steps,
+    mean)``), "free_bits" (a per-dimension KL). The verbs, the estimators and the CLI refuse with that line.
+
 ``SequenceModel`` implements the shared verbs on top: ``elbo``, ``log_likelihood``,
 ``latents``, ``sample``, ``num_parameters``, and checks inputs.
 
@@ -123,6 +130,11 @@ class Trace:
     std_p: Tensor | None = None
     kl_dims: Tensor | None = None  # (B, T, Z) KL per latent dimension
     bound: Tensor | None = None    # (B,) the bound inference.objective trained on, per sequence
+    v: Tensor | None = None        # (B, V) a static latent drawn once per sequence (DSAE), whose
+    mu_v: Tensor | None = None     #   q(v | x) = N(mu_v, std_v) and prior N(0, I) enter the
+    std_v: Tensor | None = None    #   first step: its KL is in kl[:, 0] (not in kl_dims)
+    log_prior: Tensor | None = None  # (B, T) log p(z_t | .) at z, where the prior is not the
+                                     #   diagonal N(mu_p, std_p) (KVAE: a full covariance)
 
 
 def rows_log_prob(head, params: Tensor, x: Tensor) -> Tensor:
@@ -234,6 +246,17 @@ class SequenceModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ----------------------------------------------------------- the protocol
+    @classmethod
+    def cannot(cls, cfg: VRNNConfig, verb: str) -> str | None:
+        """Why a model of ``cfg`` cannot do ``verb`` (see the module docstring), or None."""
+        return None
+
+    def refuse(self, verb: str) -> None:
+        """ConfigError with the reason where this model cannot do ``verb``."""
+        reason = self.cannot(self.cfg, verb)
+        if reason:
+            raise ConfigError(reason)
+
     def initial_state(self, batch: int, device=None, dtype=None) -> State:  # pragma: no cover
         raise NotImplementedError
 

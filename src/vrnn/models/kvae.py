@@ -1,0 +1,299 @@
+"""The KVAE (Fraccaro, Kamronn, Paquet, Winther, "A Disentangled Recognition and Nonlinear
+Dynamics Model for Unsupervised Learning", NeurIPS 2017): per-step codes a_t (``z_dim``)
+of a VAE, whose dynamics are a linear-Gaussian state space over s_t (``state_dim``; the
+paper's z_t) with K transition and emission matrices mixed by weights from an RNN over the
+past codes.
+
+    mixing      alpha_t = softmax(W h_t + b),  h_t = f(h_{t-1}, a_{t-1})  (an LSTM/GRU stack;
+                h_1 has read a_0 = 0)
+                A_t = sum_k alpha_t^k A^(k),  C_t = sum_k alpha_t^k C^(k)
+    dynamics    s_0 ~ N(0, I),  s_t = A_t s_{t-1} + N(0, Q),  a_t = C_t s_t + N(0, R)
+                (Q, R diagonal, each std softplus + floor)
+    emission    x_t ~ p(x_t | a_t)    params = head(phi_dec(a_t))
+    inference   a_t ~ q(a_t | x_t) = N(mu_q, s_q)   [mu_q, s_q] = phi_enc(phi_x(x_t))
+
+Given a_{1:T} the state space is linear-Gaussian, so s is integrated out exactly: the
+Kalman filter gives p(a_t | a_{<t}) = N(C_t m_t, C_t P_t C_t^T + R) (m_t, P_t the
+predicted state), and log p(a) = sum_t log p(a_t | a_{<t}). The bound is
+E_q[sum_t log p(x_t | a_t) - KL(q(a_t | x_t) || p(a_t | a_{<t}))], each KL analytic against
+the full-covariance predictive (the paper's bound with p(s | a) integrated exactly, a
+Rao-Blackwellised version of its sampled smoother term). The Kalman smoother
+(``smooth``) gives p(s_t | a_{1:T}) for analysis.
+
+What is sequential: the Kalman filter (small n x n matrix products per step); q, the
+mixing RNN (one nn.LSTM/nn.GRU call over the drawn codes), the emission and the heads run
+batched over time. The particle filter and FIVO are offered: the joint factors step by
+step (p(a_t | a_{<t}) p(x_t | a_t)), and the proposal q(a_t | x_t) reads no latent; each
+particle carries its Kalman mean and covariance. Generation is online (s_t and a_t drawn
+from the state space, x_t from the head).
+
+The trace: ``z`` is a_t; ``mu_p``, ``std_p`` the predictive's mean and the square roots of
+its diagonal (for display); ``log_prior`` the exact log p(a_t | a_{<t}); ``kl_dims`` None
+(the prior has a full covariance: no per-dimension KL, so no free bits).
+
+State: (h, c, m, P) with h, c (layers, rows, H) the mixing RNN after reading each row's
+last a_t, m (1, rows, n) and P (1, rows, n, n) the filtered state's mean and covariance
+there.
+The Kalman filter runs in float32 or float64 even under autocast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..heads import LOG_2PI, positive_std
+from ..outputs import make_head
+from .base import GaussianFromHidden, SequenceModel, State, Trace, mlp, repeat_rows, rows_log_prob, \
+    standard_log_prob
+from .recurrent import lengths_of, make_rnn, run, step, zero_state
+
+
+def _t(m: Tensor) -> Tensor:
+    return m.transpose(-1, -2)
+
+
+class KVAE(SequenceModel):
+    """KVAE-Gauss (and any other head); ``vrnn.build`` makes one for family "kvae"."""
+
+    family = "kvae"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        n, K, Z = cfg.state_dim, cfg.mixtures, cfg.z_dim
+        self.phi_x = mlp(cfg.x_dim, cfg.phi_x_dim, cfg.phi_x_layers)
+        self.encoder = nn.Sequential(mlp(cfg.phi_x_dim, cfg.enc_dim, cfg.enc_layers),
+                                     GaussianFromHidden(cfg.enc_dim, Z, cfg.std_floor))
+        self.rnn = make_rnn(cfg.cell, Z, cfg.h_dim, cfg.rnn_layers)
+        self.mixing = nn.Linear(cfg.h_dim, K)
+        # A^(k) near the identity (the paper initialises it to I; a little noise tells the K
+        # apart, so that the mixing weights get a gradient from the start)
+        self.A = nn.Parameter(torch.eye(n).repeat(K, 1, 1) + 0.05 * torch.randn(K, n, n))
+        self.C = nn.Parameter(torch.randn(K, Z, n) / math.sqrt(n))
+        self.q_pre = nn.Parameter(torch.full((n,), -1.0))   # std of Q: softplus(-1) ~ 0.31
+        self.r_pre = nn.Parameter(torch.full((Z,), -1.0))
+        self.decoder = mlp(Z, cfg.dec_dim, cfg.dec_layers)
+        self.head = make_head(cfg, cfg.dec_dim)
+
+    # ------------------------------------------------------------ state space
+    def noise_vars(self, dtype) -> tuple[Tensor, Tensor]:
+        """diag(Q) (n,), diag(R) (Z,): variances, each std softplus + floor."""
+        f = self.cfg.std_floor
+        return positive_std(self.q_pre, f).to(dtype) ** 2, positive_std(self.r_pre, f).to(dtype) ** 2
+
+    def matrices(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """A_t (..., n, n), C_t (..., Z, n) from the mixing RNN's output h (..., H)."""
+        alpha = torch.softmax(self.mixing(h), dim=-1)
+        A = torch.einsum("...k,kij->...ij", alpha, self.A.to(alpha.dtype))
+        C = torch.einsum("...k,kij->...ij", alpha, self.C.to(alpha.dtype))
+        return A, C
+
+    @staticmethod
+    def predict(A, C, m, P, Qd, Rd):
+        """Predicted state (m', P') and the code's predictive mean (rows, Z) and covariance."""
+        m = (A @ m.unsqueeze(-1)).squeeze(-1)
+        P = A @ P @ _t(A) + torch.diag_embed(Qd)
+        S = C @ P @ _t(C) + torch.diag_embed(Rd)
+        return m, P, (C @ m.unsqueeze(-1)).squeeze(-1), 0.5 * (S + _t(S))
+
+    @staticmethod
+    def update(C, m, P, mean_a, S_inv, a, Rd):
+        """The filtered state given a_t (Joseph form), from the predicted one and the
+        predictive's inverse covariance."""
+        gain = _t(S_inv @ C @ P)                                      # P C^T S^-1 (rows, n, Z)
+        m = m + (gain @ (a - mean_a).unsqueeze(-1)).squeeze(-1)
+        I_KC = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device) - gain @ C
+        P = I_KC @ P @ _t(I_KC) + gain @ torch.diag_embed(Rd) @ _t(gain)
+        return m, 0.5 * (P + _t(P))
+
+    def _kalman(self, A, C, a, mu_q, std_q, m, P, keep, ancestors):
+        """The sequential part: per step the predictive p(a_t | a_{<t}), its log-density at
+        a_t, KL(q || it), and the filtered state. Returns log p (rows, T), KL (rows, T), the
+        predictive mean and std (rows, T, Z), and the last (m, P)."""
+        Qd, Rd = self.noise_vars(a.dtype)
+        T, Z = a.shape[1], a.shape[2]
+        keeps = [None] * T if keep is None else keep.unbind(1)
+        ancestors = [None] * T if ancestors is None else ancestors
+        logps, kls, means, stds = [], [], [], []
+        # (time indexed by unbind: slicing a tensor that needs grad per step would cost a
+        # full-size gradient buffer per step in backward)
+        A, C, a, mu_q, std_q = (v.unbind(1) for v in (A, C, a, mu_q, std_q))
+        for t in range(T):
+            m_p, P_p, mean_a, S = self.predict(A[t], C[t], m, P, Qd, Rd)
+            L = torch.linalg.cholesky(S)
+            S_inv = torch.cholesky_inverse(L)
+            half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+            de = torch.stack([a[t] - mean_a, mu_q[t] - mean_a], 1)                # (rows, 2, Z)
+            quads = ((de @ S_inv) * de).sum(-1)                                    # d^T S^-1 d, e^T S^-1 e
+            logps.append(-0.5 * quads[:, 0] - half_logdet - 0.5 * Z * LOG_2PI)
+            var_q = std_q[t] ** 2
+            kls.append(0.5 * ((torch.diagonal(S_inv, dim1=-2, dim2=-1) * var_q).sum(-1) + quads[:, 1] - Z
+                              + 2.0 * half_logdet - torch.log(var_q).sum(-1)))
+            means.append(mean_a)
+            stds.append(torch.sqrt(torch.diagonal(S, dim1=-2, dim2=-1)))
+            m_new, P_new = self.update(C[t], m_p, P_p, mean_a, S_inv, a[t], Rd)
+            if keeps[t] is not None:
+                m = torch.where(keeps[t], m_new, m)
+                P = torch.where(keeps[t].unsqueeze(-1), P_new, P)
+            else:
+                m, P = m_new, P_new
+            if ancestors[t] is not None:
+                m, P = m.index_select(0, ancestors[t]), P.index_select(0, ancestors[t])
+        st = lambda v: torch.stack(v, 1)  # noqa: E731
+        return st(logps), st(kls), st(means), st(stds), m, P
+
+    @classmethod
+    def cannot(cls, cfg, verb: str) -> str | None:
+        if verb == "free_bits":
+            return ("the KVAE's prior p(a_t | a_{<t}) has a full covariance: there is no per-dimension "
+                    "KL for free bits to charge")
+        return None
+
+    def initial_state(self, batch: int, device=None, dtype=None) -> State:
+        """h after reading a_0 = 0 from a zero state; s_0 ~ N(0, I)."""
+        p = next(self.parameters())
+        like = torch.zeros((), device=device or p.device, dtype=dtype or p.dtype)
+        _, hc = step(self.rnn, like.new_zeros(batch, self.cfg.z_dim), zero_state(self.rnn, batch, like))
+        n = self.cfg.state_dim
+        return (*hc, like.new_zeros(1, batch, n),
+                torch.eye(n, dtype=like.dtype, device=like.device).repeat(1, batch, 1, 1))
+
+    def _mixing_rnn(self, a: Tensor, lengths, hc, ancestors):
+        """h_t, the top output each step's mixing read (rows, T, H), and the final (h, c):
+        segment by segment between resamplings (a resampled row reads its ancestor's h)."""
+        T = a.shape[1]
+        cuts = [] if ancestors is None else [t for t, anc in enumerate(ancestors) if anc is not None]
+        if not cuts or cuts[-1] != T - 1:
+            cuts.append(T - 1)
+        used, start = [], 0
+        for end in cuts:
+            seg = None if lengths is None else (lengths - start).clamp(0, end + 1 - start)
+            out, new = run(self.rnn, a[:, start:end + 1], seg, hc)
+            used.append(torch.cat([hc[0][-1].unsqueeze(1).to(out.dtype), out[:, :-1]], 1))
+            hc = new
+            if ancestors is not None and ancestors[end] is not None:
+                hc = tuple(s.index_select(1, ancestors[end]) for s in hc)
+            start = end + 1
+        return torch.cat(used, 1), hc
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, state: State | None = None,
+                noise: Tensor | None = None, samples: int = 1, ancestors=None) -> Trace:
+        """One pass over a batch (see models/base.py for the arguments)."""
+        x, mask = self.check_inputs(x, mask)
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        B, T, _ = x.shape
+        R = samples * B
+        if state is None:
+            state = self.initial_state(B, x.device, x.dtype)
+        elif state[0].shape[1] not in (B, R):
+            raise ValueError(f"state has {state[0].shape[1]} rows; expected {B} or samples*B = {R}")
+        if state[0].shape[1] == B:
+            state = tuple(repeat_rows(s, samples, dim=1) for s in state)
+        mu_q, std_q = self.encoder(self.phi_x(x))                    # (B, T, Z): shared
+        lengths = lengths_of(mask)
+        x, mu_q, std_q = (repeat_rows(t, samples) for t in (x, mu_q, std_q))
+        mask = None if mask is None else repeat_rows(mask, samples)
+        lengths = None if lengths is None else repeat_rows(lengths, samples)
+        noise = self.noise_for(noise, R, T, x)
+        self.check_ancestors(ancestors, T)
+        a = mu_q + std_q * noise
+        h_used, hc = self._mixing_rnn(a, lengths, tuple(state[:2]), ancestors)
+        params = self.head(self.decoder(a))
+        keep = None if mask is None else mask.unsqueeze(-1) > 0
+        with torch.autocast(x.device.type, enabled=False):
+            a32, mu_q, std_q = (t.to(x.dtype) for t in (a, mu_q, std_q))
+            A, C = self.matrices(h_used.to(x.dtype))
+            logp, kl, mean_a, std_a, m, P = self._kalman(A, C, a32, mu_q, std_q, state[2][0].to(x.dtype),
+                                                        state[3][0].to(x.dtype), keep, ancestors)
+        params, h_used = params.to(x.dtype), h_used.to(x.dtype)
+        log_px = self.head.log_prob(params, x)
+        msk = torch.ones_like(log_px) if mask is None else mask
+        h_after = torch.cat([h_used[:, 1:], hc[0][-1].unsqueeze(1).to(x.dtype)], 1)
+        return Trace(log_px * msk, kl * msk, params, h_used, h_after, (*hc, m.unsqueeze(0), P.unsqueeze(0)), msk, a32, mu_q, std_q,
+                     mean_a, std_a, None, log_prior=logp * msk)
+
+    @torch.no_grad()
+    def smooth(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The Rauch-Tung-Striebel smoother at the codes' posterior means: E[s_t | a_{1:T}]
+        (B, T, n) and the covariances (B, T, n, n), each row up to its own last real step
+        (zeros past it)."""
+        x, mask = self.check_inputs(x, mask)
+        B, T, _ = x.shape
+        state = self.initial_state(B, x.device, x.dtype)
+        mu_q, _ = self.encoder(self.phi_x(x))
+        h_used, _ = self._mixing_rnn(mu_q, lengths_of(mask), tuple(state[:2]), None)
+        A, C = self.matrices(h_used)
+        Qd, Rd = self.noise_vars(x.dtype)
+        m, P = state[2][0], state[3][0]
+        filt, pred = [], []
+        for t in range(T):
+            m_p, P_p, mean_a, S = self.predict(A[:, t], C[:, t], m, P, Qd, Rd)
+            m, P = self.update(C[:, t], m_p, P_p, mean_a, torch.linalg.inv(S), mu_q[:, t], Rd)
+            filt.append((m, P))
+            pred.append((m_p, P_p))
+        L = torch.full((B,), T, device=x.device, dtype=torch.long) if mask is None else mask.sum(1).long()
+        ms, Ps = [f[0] for f in filt], [f[1] for f in filt]
+        for t in range(T - 2, -1, -1):  # s_t | a_{1:T} from s_{t+1} | a_{1:T}; rows ending at t keep the filter
+            G = _t(torch.linalg.solve(pred[t + 1][1], A[:, t + 1] @ filt[t][1]))   # P_t A^T P_pred^-1
+            m_s = filt[t][0] + (G @ (ms[t + 1] - pred[t + 1][0]).unsqueeze(-1)).squeeze(-1)
+            P_s = filt[t][1] + G @ (Ps[t + 1] - pred[t + 1][1]) @ _t(G)
+            inner = (t + 1 < L).view(-1, 1)
+            ms[t] = torch.where(inner, m_s, filt[t][0])
+            Ps[t] = torch.where(inner.unsqueeze(-1), P_s, filt[t][1])
+        real = (torch.arange(T, device=x.device).unsqueeze(0) < L.unsqueeze(1)).to(x.dtype)
+        return torch.stack(ms, 1) * real.unsqueeze(-1), torch.stack(Ps, 1) * real.view(B, T, 1, 1)
+
+    # -------------------------------------------------------------- generation
+    @torch.inference_mode()
+    def generate_step(self, state: State, mean: bool = False):
+        h, c, m, P = state[0], state[1], state[2][0], state[3][0]
+        A, C = self.matrices(h[-1])
+        Qd, Rd = self.noise_vars(m.dtype)
+        m_p = (A @ m.unsqueeze(-1)).squeeze(-1)
+        P_p = A @ P @ _t(A) + torch.diag_embed(Qd)
+        s = m_p + (torch.linalg.cholesky(0.5 * (P_p + _t(P_p))) @ torch.randn_like(m_p).unsqueeze(-1)).squeeze(-1)
+        a = (C @ s.unsqueeze(-1)).squeeze(-1) + Rd.sqrt() * torch.randn(m.shape[0], self.cfg.z_dim, dtype=m.dtype,
+                                                                          device=m.device)
+        params = self.head(self.decoder(a))
+        x = self.head.point(params) if mean else self.head.sample(params)
+        _, (h, c) = step(self.rnn, a, (h, c))
+        return x, (h, c, s.unsqueeze(0), torch.zeros_like(P).unsqueeze(0))
+
+    # --------------------------------------------------------------------- SMC
+    def smc_features(self, x: Tensor, mask: Tensor | None, state: State | None = None):
+        x, mask = self.check_inputs(x, mask)
+        mu_q, std_q = self.encoder(self.phi_x(x))
+        return {"x": x.unbind(1), "x0": x, "mu_q": mu_q.unbind(1), "std_q": std_q.unbind(1)}
+
+    def smc_initial(self, features, particles: int, state: State | None = None) -> State:
+        """Particles' state: the mixing RNN's (h, c), each (K*B, layers, H), the filtered
+        mean (K*B, n) and covariance (K*B, n, n); from ``state`` (K*B or B rows) when given."""
+        B = features["x0"].shape[0]
+        if state is None:
+            state = self.initial_state(particles * B, features["x0"].device, features["x0"].dtype)
+        elif state[0].shape[1] == B:
+            state = tuple(repeat_rows(s, particles, dim=1) for s in state)
+        return (state[0].transpose(0, 1), state[1].transpose(0, 1), state[2][0], state[3][0])
+
+    def smc_step(self, features, t: int, particles: State, eps_t: Tensor):
+        h, c, m, P = particles
+        k = eps_t.shape[0] // features["x0"].shape[0]
+        mu_q, std_q = (repeat_rows(features[n][t], k) for n in ("mu_q", "std_q"))
+        a = mu_q + std_q * eps_t
+        h, c = h.transpose(0, 1).contiguous(), c.transpose(0, 1).contiguous()
+        A, C = self.matrices(h[-1])
+        Qd, Rd = self.noise_vars(a.dtype)
+        m_p, P_p, mean_a, S = self.predict(A, C, m, P, Qd, Rd)
+        L = torch.linalg.cholesky(S)
+        S_inv = torch.cholesky_inverse(L)
+        d = a - mean_a
+        logp = (-0.5 * ((d.unsqueeze(-2) @ S_inv)[:, 0] * d).sum(-1)
+                - torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1) - 0.5 * a.shape[-1] * LOG_2PI)
+        m, P = self.update(C, m_p, P_p, mean_a, S_inv, a, Rd)
+        params = self.head(self.decoder(a)).to(a.dtype)
+        log_px = rows_log_prob(self.head, params, features["x"][t])
+        _, (h, c) = step(self.rnn, a, (h, c))
+        return log_px, logp - standard_log_prob(eps_t, std_q), (h.transpose(0, 1), c.transpose(0, 1), m, P)

@@ -1,0 +1,114 @@
+"""nn.LSTM / nn.GRU stacks over padded batches, for the models of the family that run their
+recurrences as whole-sequence calls (DKF, STORN, RVAE, DSAE).
+
+A recurrent state is always a pair (h, c), each (layers * directions, rows, width); c is
+zeros and unused for a GRU. Rows whose mask ends early keep their state from their last
+real step; rows with no real step keep the state they started from.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .srnn import _run, reverse_within
+
+__all__ = ["make_rnn", "zero_state", "run", "run_backward", "run_bidirectional", "run_segments",
+           "step", "lengths_of", "reverse_within"]
+
+
+def make_rnn(cell: str, in_dim: int, width: int, layers: int, bidirectional: bool = False) -> nn.Module:
+    rnn = nn.LSTM if cell == "lstm" else nn.GRU
+    return rnn(in_dim, width, layers, batch_first=True, bidirectional=bidirectional)
+
+
+def lengths_of(mask: Tensor | None) -> Tensor | None:
+    return None if mask is None else mask.sum(1).long()
+
+
+def zero_state(rnn: nn.Module, rows: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    d = 2 if rnn.bidirectional else 1
+    z = like.new_zeros(rnn.num_layers * d, rows, rnn.hidden_size)
+    return z, z
+
+
+def _hx(rnn: nn.Module, state):
+    return state if isinstance(rnn, nn.LSTM) else state[0]
+
+
+def _pair(rnn: nn.Module, last, c_old: Tensor) -> tuple[Tensor, Tensor]:
+    return last if isinstance(rnn, nn.LSTM) else (last, c_old)
+
+
+def run(rnn: nn.Module, inp: Tensor, lengths: Tensor | None, state=None):
+    """A forward pass over ``inp`` (rows, T, D) from ``state`` (zeros if None): outputs
+    (rows, T, H) (zeros past each row's end) and the state after each row's last real step."""
+    if state is None:
+        state = zero_state(rnn, inp.shape[0], inp)
+    h0, c0 = (s.contiguous() for s in state)
+    out, last = _run(rnn, inp, lengths, _hx(rnn, (h0, c0)))
+    final = _pair(rnn, last, c0)
+    if lengths is not None:
+        empty = (lengths == 0).view(1, -1, 1)
+        final = tuple(torch.where(empty, s0, s1) for s0, s1 in zip((h0, c0), final))
+    return out, final
+
+
+def run_backward(rnn: nn.Module, inp: Tensor, lengths: Tensor | None) -> Tensor:
+    """A backward pass, from each row's own last real step to its first, from a zero
+    state: out[:, t] has read inp[:, t:L]."""
+    out, _ = _run(rnn, reverse_within(inp, lengths), lengths)
+    return reverse_within(out, lengths)
+
+
+def run_bidirectional(rnn: nn.Module, inp: Tensor, lengths: Tensor | None):
+    """A bidirectional ``rnn`` over each row's real steps: outputs (rows, T, 2H) and the
+    final states of the top layer's two directions, concatenated (rows, 2H)."""
+    out, last = _run(rnn, inp, lengths)
+    h = last[0] if isinstance(rnn, nn.LSTM) else last
+    return out, torch.cat([h[-2], h[-1]], dim=-1)
+
+
+def run_segments(rnn: nn.Module, inp: Tensor, lengths: Tensor | None, state, ancestors):
+    """``run`` with the rows resampled after step t where ``ancestors[t]`` is not None
+    (row r continues from row ancestors[t][r]): one call per segment between resamplings."""
+    if ancestors is None or all(a is None for a in ancestors):
+        return run(rnn, inp, lengths, state)
+    T = inp.shape[1]
+    if state is None:
+        state = zero_state(rnn, inp.shape[0], inp)
+    outs, start = [], 0
+    cuts = [t for t, a in enumerate(ancestors) if a is not None]
+    if cuts[-1] != T - 1:
+        cuts.append(T - 1)
+    for end in cuts:
+        seg_len = None if lengths is None else (lengths - start).clamp(0, end + 1 - start)
+        out, state = run(rnn, inp[:, start:end + 1], seg_len, state)
+        outs.append(out)
+        if ancestors[end] is not None:
+            state = tuple(s.index_select(1, ancestors[end]) for s in state)
+        start = end + 1
+    return torch.cat(outs, 1), state
+
+
+def step(rnn: nn.Module, inp: Tensor, state, keep: Tensor | None = None):
+    """One step of a unidirectional ``rnn`` on ``inp`` (rows, D): (top output (rows, H), new
+    state); rows where ``keep`` (rows, 1) is False keep their state. Layer by layer with
+    ``torch.lstm_cell`` / ``torch.gru_cell`` on the module's own weights (the maths of
+    nn.LSTM, without its per-call overhead: this runs inside the models' time loops)."""
+    lstm = isinstance(rnn, nn.LSTM)
+    hs, cs = [], []
+    for layer in range(rnn.num_layers):
+        w = [getattr(rnn, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if lstm:
+            h, c = torch.lstm_cell(inp, (state[0][layer], state[1][layer]), *w)
+        else:
+            h, c = torch.gru_cell(inp, state[0][layer], *w), state[1][layer]
+        hs.append(h)
+        cs.append(c)
+        inp = h
+    new = (torch.stack(hs), torch.stack(cs))
+    if keep is not None:
+        k = keep.view(1, -1, 1)
+        new = tuple(torch.where(k, n, o) for n, o in zip(new, state))
+    return new[0][-1], new

@@ -1,0 +1,487 @@
+"""The DKF, STORN, RVAE (causal and not), DSAE and KVAE: each time-batched model against its
+step-by-step reference (tests/reference_dvae.py); KL and head terms against
+torch.distributions; masks through every backward and bidirectional RNN; importance
+sampling and (where offered) the particle filter against numerical integration; samples
+against the density; the protocol's SMC steps against the trace; what each model refuses;
+gradients and training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import (Bernoulli, Categorical, Independent, MixtureSameFamily, Normal,
+                                 kl_divergence)
+
+from reference_dvae import generative, reference
+from test_model import adam_improves, toy_waves
+from vrnn import ConfigError, VRNNConfig, build
+from vrnn.inference import log_ratio, objective
+from vrnn.smc import particle_filter
+
+DT = torch.float64
+TIGHT = dict(rtol=1e-9, atol=1e-9)
+PRESETS = ["dkf-gauss", "storn-gauss", "rvae-gauss", "rvae-causal-gauss", "dsae-gauss", "kvae-gauss"]
+SMC = {"dkf-gauss": True, "storn-gauss": True, "rvae-causal-gauss": True, "rvae-gauss": False,
+       "dsae-gauss": False, "kvae-gauss": True}
+
+
+def make_model(preset, seed=0, dtype=DT, **kw):
+    kw.setdefault("x_dim", 3)
+    kw.setdefault("h_dim", 7)
+    kw.setdefault("z_dim", 2)
+    kw.setdefault("a_dim", 5)
+    if preset.startswith("dsae"):
+        kw.setdefault("v_dim", 2)
+    if kw.get("output") in ("gmm", "strokes", "ar"):
+        kw.setdefault("n_components", 3)
+    torch.manual_seed(seed)
+    return build(VRNNConfig.preset(preset, **kw)).to(dtype)
+
+
+def make_x(model, B, T, seed=1, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    if cfg.output == "bernoulli":
+        return torch.bernoulli(torch.full((B, T, cfg.x_dim), 0.4, dtype=dtype), generator=g)
+    x = torch.randn(B, T, cfg.x_dim, dtype=dtype, generator=g)
+    for d in ([0] if cfg.output == "strokes" else list(cfg.binary_dims)):
+        x[..., d] = torch.bernoulli(torch.full((B, T), 0.3, dtype=dtype), generator=g)
+    return x
+
+
+def make_noise(model, R, T, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(R, T, model.cfg.z_dim, dtype=DT, generator=g), torch.randn(R, model.cfg.v_dim, dtype=DT,
+                                                                                 generator=g)
+
+
+def run(model, x, mask=None, noise=None, samples=1, **kw):
+    """model(...) with the DSAE's v noise passed along."""
+    if noise is not None and model.cfg.family == "dsae":
+        kw["static_noise"] = noise[1]
+    return model(x, mask, noise=None if noise is None else noise[0], samples=samples, **kw)
+
+
+def lengths_mask(lengths, T):
+    mask = torch.zeros(len(lengths), T, dtype=DT)
+    for i, L in enumerate(lengths):
+        mask[i, :L] = 1.0
+    return mask
+
+
+CASES = {
+    **{f"{p}-lstm1": (p, {}) for p in PRESETS},
+    **{f"{p}-gru2": (p, dict(cell="gru", rnn_layers=2)) for p in PRESETS},
+    "dkf-st-lr-lstm2": ("dkf-gauss", dict(combiner="st-lr", rnn_layers=2)),
+    "dkf-st-lr-gru1": ("dkf-gauss", dict(combiner="st-lr", cell="gru")),
+    "dkf-gmm": ("dkf-gauss", dict(output="gmm")),
+    "storn-bernoulli": ("storn-gauss", dict(output="bernoulli", x_dim=4)),
+    "rvae-strokes": ("rvae-gauss", dict(output="strokes", n_components=2)),
+    "rvae-causal-ar": ("rvae-causal-gauss", dict(output="ar", n_components=2, binary_dims=(2,), ar_hidden=6)),
+    "dsae-gmm-deep": ("dsae-gauss", dict(output="gmm", enc_layers=2, prior_layers=2, dec_layers=2,
+                                         phi_x_layers=2)),
+    "dsae-lstm2": ("dsae-gauss", dict(rnn_layers=2)),
+    "kvae-bernoulli": ("kvae-gauss", dict(output="bernoulli", x_dim=4, state_dim=3, mixtures=2)),
+}
+
+
+def case_model(case, seed=3, **extra):
+    preset, kw = CASES[case]
+    return make_model(preset, seed=seed, **dict(kw, **extra))
+
+
+# ------------------------------------------------------------ 1. against the reference
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_batched_model_matches_step_by_step_reference(case):
+    model = case_model(case)
+    B, T = 3, 5
+    x, noise = make_x(model, B, T), make_noise(model, B, T)
+    ref = reference(model, x, *noise)
+    tr = run(model, x, noise=noise)
+    for name in ("log_px", "kl", "kl_dims", "z", "mu_q", "std_q", "mu_p", "std_p", "params"):
+        if name in ref:  # (the KVAE has no per-dimension KL)
+            torch.testing.assert_close(getattr(tr, name), ref[name], **TIGHT, msg=name)
+    torch.testing.assert_close((tr.log_px - tr.kl).sum(1), ref["elbo"], **TIGHT)
+    torch.testing.assert_close((tr.log_px + log_ratio(tr)).sum(1), ref["log_w"], **TIGHT)
+    if model.cfg.family == "dsae":
+        for name in ("v", "mu_v", "std_v"):
+            torch.testing.assert_close(getattr(tr, name), ref[name], **TIGHT, msg=name)
+    assert (tr.kl >= 0).all() and (tr.mask == 1).all()
+    # the comparison is not vacuous: other noise, other ELBO
+    other = run(model, x, noise=make_noise(model, B, T, seed=9))
+    assert ((other.log_px - other.kl).sum(1) - ref["elbo"]).abs().min() > 1e-6
+
+
+@pytest.mark.parametrize("case", ["dkf-gmm", "storn-bernoulli", "dsae-gauss-lstm1", "rvae-gauss-lstm1",
+                                  "kvae-bernoulli"])
+def test_kl_and_head_terms_match_torch_distributions(case):
+    model = case_model(case, seed=4)
+    x, noise = make_x(model, 2, 4, seed=5), make_noise(model, 2, 4, seed=6)
+    tr = run(model, x, noise=noise)
+    if tr.kl_dims is None:  # the KVAE: its predictive is a full-covariance Gaussian
+        ref = reference(model, x, *noise)
+        torch.testing.assert_close(tr.kl, ref["kl"], **TIGHT)
+    else:
+        kl = kl_divergence(Normal(tr.mu_q, tr.std_q), Normal(tr.mu_p, tr.std_p))
+        torch.testing.assert_close(tr.kl_dims, kl, **TIGHT)
+    head, out = model.head, model.cfg.output
+    if out == "gauss":
+        mu, std = head.split(tr.params)
+        want = Independent(Normal(mu, std), 1).log_prob(x)
+    elif out == "gmm":
+        log_w, mu, std = head.split(tr.params)
+        want = MixtureSameFamily(Categorical(logits=log_w), Independent(Normal(mu, std), 1)).log_prob(x)
+    else:
+        want = Independent(Bernoulli(logits=tr.params), 1).log_prob(x)
+    torch.testing.assert_close(tr.log_px, want, **TIGHT)
+    if model.cfg.family == "dsae":  # KL(q(v) || N(0, I)) sits in the first step
+        kv = kl_divergence(Normal(tr.mu_v, tr.std_v), Normal(0.0, 1.0)).sum(-1)
+        torch.testing.assert_close(tr.kl[:, 0] - tr.kl_dims[:, 0].sum(-1), kv, **TIGHT)
+
+
+# -------------------------------------------------------------------- 2. masks
+
+MASK_CASES = [f"{p}-lstm1" for p in PRESETS] + [f"{p}-gru2" for p in PRESETS] + ["dkf-st-lr-lstm2",
+                                                                                  "kvae-bernoulli"]
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+def test_padded_batch_gives_each_row_its_own_scores_and_padding_never_matters(case):
+    """Each row of a padded batch scores as if alone (same noise), through every backward
+    and bidirectional RNN; NaN or random padding changes nothing."""
+    model = case_model(case, seed=7)
+    B, T = 3, 6
+    lengths = [6, 2, 4]
+    x, mask = make_x(model, B, T, seed=8), lengths_mask(lengths, T)
+    noise = make_noise(model, B, T, seed=9)
+    tr = run(model, x, mask, noise=noise)
+    for b, L in enumerate(lengths):
+        alone = run(model, x[b:b + 1, :L], noise=(noise[0][b:b + 1, :L], noise[1][b:b + 1]))
+        for name in ("log_px", "kl"):
+            torch.testing.assert_close(getattr(tr, name)[b:b + 1, :L], getattr(alone, name), **TIGHT)
+        assert (tr.log_px[b, L:] == 0).all() and (tr.kl[b, L:] == 0).all()
+        torch.testing.assert_close((tr.log_px[b] + log_ratio(tr)[b]).sum(),
+                                   (alone.log_px + log_ratio(alone)).sum(), **TIGHT)
+        for s, sa in zip(tr.state, alone.state):  # the state after each row's own last step
+            torch.testing.assert_close(s[:, b:b + 1], sa, **TIGHT)
+    for fill in (float("nan"), 1e6):
+        dirty = x.clone()
+        dirty[mask == 0] = fill
+        tr2 = run(model, dirty, mask, noise=noise)
+        torch.testing.assert_close(tr2.log_px, tr.log_px, **TIGHT)
+        torch.testing.assert_close(tr2.kl, tr.kl, **TIGHT)
+
+
+# ------------------------------------------------- 3. IS and SMC vs integration
+
+def _grid(n, width=7.0):
+    """Nodes and log-weights of a trapezoid rule for int N(u; 0, 1) f(u) du."""
+    u = torch.linspace(-width, width, n, dtype=DT)
+    w = torch.full((n,), float(u[1] - u[0]), dtype=DT)
+    w[0] = w[-1] = w[0] / 2
+    return u, w.log() - 0.5 * u ** 2 - 0.5 * math.log(2 * math.pi)
+
+
+@torch.no_grad()
+def exact_log_px(model, x, n):
+    """log p(x) of one sequence x (1, T, 1), z_dim 1 (and v_dim 1), by a tensor-product
+    trapezoid rule over the standard draws that give the latents from their prior
+    (p(z) dz = N(u; 0, 1) du at each step): p(x) = E_u[p(x | z(u))], with
+    p(x | z(u)) from the reference's generative pass."""
+    T = x.shape[1]
+    dims = T + (1 if model.cfg.family == "dsae" else 0)
+    u, lw = _grid(n)
+    nodes = torch.cartesian_prod(*[u] * dims).view(-1, dims)
+    logw = torch.cartesian_prod(*[lw] * dims).view(-1, dims).sum(-1)
+    N = nodes.shape[0]
+    u_z = nodes[:, :T].unsqueeze(-1)
+    u_v = nodes[:, T:] if dims > T else None
+    xs = x.expand(N, -1, -1)
+    params = generative(model, u_z, xs, u_v)
+    log_px = model.head.log_prob(params, xs).sum(1)
+    return float(torch.logsumexp(log_px + logw, 0))
+
+
+def tiny_1d_model(preset, seed=0, **kw):
+    return make_model(preset, seed=seed, x_dim=1, z_dim=1, h_dim=5, a_dim=5, v_dim=1, **kw)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_importance_sampling_and_smc_match_numerical_integration(preset):
+    model = tiny_1d_model(preset, seed=3)
+    if preset.startswith("dsae"):  # at init q(v | x) has std 0.65 while p(v | x) ~ N(0, 1): with
+        with torch.no_grad():      # s_q^2 < s_p^2 / 2 the IS weights would have infinite variance
+            model.static.out.bias[1:] += 1.0
+    x = make_x(model, 1, 2, seed=4)
+    n = 41 if preset.startswith("dsae") else 161
+    truth = exact_log_px(model, x, n)
+    assert abs(exact_log_px(model, x, n - 20) - truth) < 2e-3  # the grid is fine enough
+    torch.manual_seed(5)
+    est = model.log_likelihood(x, num_samples=20000, max_rows=20000)
+    assert abs(float(est) - truth) < 0.05, (float(est), truth)
+    if SMC[preset]:
+        torch.manual_seed(6)
+        smc = model.log_likelihood(x, num_samples=20000, method="smc")
+        assert abs(float(smc) - truth) < 0.05, (float(smc), truth)
+    else:
+        with pytest.raises(ConfigError, match="particle filter"):
+            model.log_likelihood(x, num_samples=10, method="smc")
+    torch.manual_seed(7)
+    with torch.no_grad():
+        assert float(model.elbo(x.expand(2000, -1, -1)).mean()) < truth  # a lower bound
+
+
+@pytest.mark.parametrize("case", ["dkf-gauss-gru2", "storn-gauss-lstm1", "rvae-causal-gauss-gru2",
+                                  "dkf-st-lr-lstm2", "kvae-gauss-gru2"])
+def test_smc_without_resampling_is_importance_sampling_and_steps_sum_to_the_trace(case):
+    """particle_filter(resample="never", noise=eps) is log-mean-exp of the IS weights of
+    model(x, samples=K, noise=eps); smc_step's terms are the trace's, step by step."""
+    model = case_model(case, seed=11)
+    B, T, K = 3, 5, 4
+    x, mask = make_x(model, B, T, seed=22), lengths_mask([5, 2, 4], T)
+    noise = make_noise(model, K * B, T, seed=23)[0]
+    filt = particle_filter(model, x, mask, K, resample="never", noise=noise)
+    tr = model(x, mask, samples=K, noise=noise)
+    lw = (tr.log_px + log_ratio(tr)).sum(1).view(K, B)
+    torch.testing.assert_close(filt.log_z, torch.logsumexp(lw, 0) - math.log(K), rtol=1e-12, atol=1e-12)
+    feats = model.smc_features(x, None)
+    parts = model.smc_initial(feats, K)
+    tr = model(x, samples=K, noise=noise)
+    for t in range(T):
+        lp, lr, parts = model.smc_step(feats, t, parts, noise[:, t])
+        torch.testing.assert_close(lp, tr.log_px[:, t], **TIGHT)
+        torch.testing.assert_close(lr, log_ratio(tr)[:, t], **TIGHT)
+
+
+@pytest.mark.parametrize("case", ["dkf-gauss-lstm1", "storn-gauss-gru2", "rvae-causal-gauss-lstm1",
+                                  "kvae-gauss-lstm1"])
+def test_fivo_recomputes_the_filters_weights_with_resampling(case):
+    """forward(ancestors=...) follows the filter's resampling: the FIVO bound from the
+    trace equals the filter's log Z (resampling at every step)."""
+    from vrnn.smc import log_z_from_weights
+    model = case_model(case, seed=12)
+    B, T, K = 2, 5, 3
+    x, mask = make_x(model, B, T, seed=24), lengths_mask([5, 3], T)
+    filt = particle_filter(model, x, mask, K, resample="always", record_noise=True,
+                           generator=torch.Generator().manual_seed(25))
+    assert filt.resampled.any()
+    tr = model(x, mask, samples=K, noise=filt.noise, ancestors=filt.ancestors)
+    got = log_z_from_weights((tr.log_px + log_ratio(tr)).view(K, B, -1), filt.events)
+    torch.testing.assert_close(got, filt.log_z, rtol=1e-10, atol=1e-10)
+    loss, _ = objective(model, x, mask, bound="fivo", num_samples=K)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# --------------------------------------------------------------- 4. samples vs density
+
+def _bin_masses(model, params, edges):
+    mu, std = model.head.split(params)
+    return Normal(mu, std).cdf(edges)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@torch.no_grad()
+def test_samples_follow_the_density(preset):
+    """model.sample(N, 2) on a 1-D model: the histogram of x_1, and E[x_2], E[x_1 x_2],
+    against numerical integration over the latents' standard draws (and, for STORN, over
+    x_1, which feeds its recurrence), with the reference's generative pass."""
+    model = tiny_1d_model(preset, seed=14)
+    with torch.no_grad():
+        model.head.proj.weight.mul_(3.0)
+    N = 30000
+    torch.manual_seed(15)
+    xs = model.sample(N, 2)
+    assert xs.shape == (N, 2, 1) and torch.isfinite(xs).all()
+    x1, x2 = xs[:, 0, 0], xs[:, 1, 0]
+    dims = 2 + (1 if preset.startswith("dsae") else 0)
+    n = 41 if dims == 3 else 81
+    u, lw = _grid(n)
+    nodes = torch.cartesian_prod(*[u] * dims).view(-1, dims)
+    w = torch.cartesian_prod(*[lw] * dims).view(-1, dims).sum(-1).exp()
+    M = nodes.shape[0]
+    u_z, u_v = nodes[:, :2].unsqueeze(-1), (nodes[:, 2:] if dims == 3 else None)
+    if preset.startswith("storn"):  # x_1 = m_1 + s_1 e, e on its own grid, feeds step 2
+        p1 = generative(model, u_z, torch.zeros(M, 2, 1, dtype=DT), u_v)[:, 0]
+        m1, s1 = model.head.split(p1)
+        e, le = _grid(41)
+        x1g = (m1 + s1 * e.view(1, -1)).reshape(-1, 1)                       # (M * 41, 1)
+        W = (w.view(-1, 1) * le.exp().view(1, -1)).reshape(-1)
+        rows = torch.cat([x1g.unsqueeze(1), torch.zeros_like(x1g).unsqueeze(1)], 1)
+        p2 = generative(model, u_z.repeat_interleave(41, 0), rows, None)[:, 1]
+        m2 = model.head.split(p2)[0][:, 0]
+        want = {"E[x2]": (W * m2).sum(), "E[x1 x2]": (W * x1g[:, 0] * m2).sum()}
+    else:  # x_1 and x_2 are independent given the latents
+        p = generative(model, u_z, torch.zeros(M, 2, 1, dtype=DT), u_v)
+        m = model.head.split(p)[0][..., 0]
+        want = {"E[x2]": (w * m[:, 1]).sum(), "E[x1 x2]": (w * m[:, 0] * m[:, 1]).sum()}
+        p1 = p[:, 0]
+    inner = torch.quantile(x1, torch.linspace(0, 1, 9, dtype=DT)[1:-1])
+    edges = torch.cat([torch.tensor([-1e3], dtype=DT), inner, torch.tensor([1e3], dtype=DT)])
+    cdf = _bin_masses(model, p1, edges.view(1, -1))                           # (M, E)
+    masses = (w.view(-1, 1) * cdf.diff(dim=-1)).sum(0)
+    assert abs(float(masses.sum()) - 1.0) < 1e-3
+    for a, b, mod in zip(edges[:-1], edges[1:], masses):
+        emp = float(((x1 >= a) & (x1 < b)).double().mean())
+        assert abs(emp - float(mod)) < 5 * math.sqrt(emp * (1 - emp) / N) + 1e-3, (float(a), float(b), emp)
+    for key, val in (("E[x2]", x2), ("E[x1 x2]", x1 * x2)):
+        se = float(val.std()) / math.sqrt(N)
+        assert abs(float(val.mean()) - float(want[key])) < 5 * se + 1e-3, (key, float(val.mean()), float(want[key]))
+
+
+# ------------------------------------------------------------ 5. the verbs and refusals
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_generation_prefix_and_refusals(preset):
+    """Online generation continues a prefix from the state a forward pass leaves; models
+    that cannot do a verb refuse it with a ConfigError that says why."""
+    model = make_model(preset, seed=16)
+    x = make_x(model, 2, 4, seed=17)
+    torch.manual_seed(18)
+    free = model.sample(2, 3)
+    assert free.shape == (2, 3, 3) and torch.isfinite(free).all()
+    if model.cannot(model.cfg, "prefix"):
+        with pytest.raises(ConfigError, match="prefix"):
+            model.sample(2, 3, prefix=x)
+        with pytest.raises(ConfigError, match="step by step"):
+            model.generate_step(model.initial_state(2))
+    else:
+        torch.manual_seed(19)
+        a = model.sample(2, 3, prefix=x)
+        torch.manual_seed(19)
+        state = model(x, noise=torch.randn(2, 4, model.cfg.z_dim, dtype=DT)).state \
+            if model.cfg.family != "dsae" else None
+        if state is not None:
+            from vrnn.generate import sample
+            b = sample(model, 2, 3, state=state)
+            torch.testing.assert_close(a, b)
+    if SMC[preset]:
+        assert model.cannot(model.cfg, "smc") is None
+    else:
+        with pytest.raises(ConfigError, match="particle filter"):
+            particle_filter(model, x, None, 4)
+        with pytest.raises(ConfigError, match="FIVO"):
+            objective(model, x, bound="fivo", num_samples=3)
+    if model.cannot(model.cfg, "tbptt"):
+        with pytest.raises(ConfigError, match="tbptt"):
+            model(x, state=model(x).state)
+    else:  # truncated BPTT: the z-chain's (and RNNs') state carries across chunks
+        noise = make_noise(model, 2, 4, seed=20)[0]
+        a = model(x[:, :2], noise=noise[:, :2])
+        b = model(x[:, 2:], state=a.state, noise=noise[:, 2:])
+        assert torch.isfinite(b.log_px).all()
+        if model.cfg.family in ("storn", "kvae"):  # causal in x: chunks equal one pass
+            full = model(x, noise=noise)
+            torch.testing.assert_close(torch.cat([a.log_px, b.log_px], 1), full.log_px, **TIGHT)
+
+
+def test_latents_of_the_dsae_hold_its_static_latent():
+    model = make_model("dsae-gauss", seed=21)
+    x, mask = make_x(model, 2, 5, seed=22), lengths_mask([5, 3], 5)
+    lat = model.latents(x, mask)
+    assert lat["static_mean"].shape == (2, 5, 2)
+    torch.testing.assert_close(lat["v"][:, 0], lat["static_mean"][:, 0])  # sample=False: v's mean
+    assert (lat["v"][1, 3:] == 0).all() and (lat["v"][1, 1] == lat["v"][1, 0]).all()
+    torch.testing.assert_close(lat["plugin_score"].sum(1), model.elbo(x, mask, noise=torch.zeros(2, 5, 2, dtype=DT)))
+
+
+# ----------------------------------------------------------- 6. gradients and training
+
+GRAD_CASES = ["dkf-gauss-gru2", "dkf-st-lr-lstm2", "storn-bernoulli", "rvae-strokes", "rvae-causal-ar",
+              "dsae-gmm-deep", "storn-gauss-lstm1", "rvae-causal-gauss-gru2", "dsae-lstm2", "kvae-gauss-gru2",
+              "kvae-bernoulli"]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradients_reach_every_parameter(case):
+    model = case_model(case, seed=30)
+    x, mask = make_x(model, 4, 5, seed=31), lengths_mask([5, 4, 2, 5], 5)
+    torch.manual_seed(32)
+    loss, _ = objective(model, x, mask, bound="iwae", num_samples=2)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_adam_lowers_the_objective(preset):
+    model = make_model(preset, seed=33, x_dim=2, h_dim=8, z_dim=2, dtype=torch.float32)
+    x, mask = toy_waves(34)
+    tr = adam_improves(model, x, mask, steps=30, seed=35)
+    torch.testing.assert_close(tr.bound, (tr.log_px - tr.kl).sum(1).detach())
+
+
+def test_free_bits_charge_the_static_kl_whole():
+    model = make_model("dsae-gauss", seed=36)
+    x = make_x(model, 2, 4, seed=37)
+    torch.manual_seed(38)
+    plain, tr = objective(model, x)
+    torch.manual_seed(38)
+    fb, _ = objective(model, x, free_bits=50.0)
+    steps = 8
+    # every z-dimension is charged 50 nats per step; v's KL is charged as it is
+    want = -(tr.log_px.sum() - tr.kl.sum() + tr.kl_dims.sum() - 50.0 * tr.kl_dims.numel()) / steps
+    torch.testing.assert_close(fb, want.to(fb.dtype), **TIGHT)
+    assert fb > plain
+
+
+def test_presets_build_the_right_classes():
+    names = {"dkf-gauss": "DKF", "dkf-gmm": "DKF", "storn-gauss": "STORN", "storn-gmm": "STORN",
+             "rvae-gauss": "RVAE", "rvae-causal-gauss": "RVAE", "dsae-gauss": "DSAE", "dsae-gmm": "DSAE",
+             "kvae-gauss": "KVAE"}
+    for preset, cls in names.items():
+        model = build(VRNNConfig.preset(preset, x_dim=2, h_dim=4, z_dim=2))
+        assert type(model).__name__ == cls
+    assert build(VRNNConfig.preset("rvae-causal-gauss", x_dim=2)).cfg.causal
+    with pytest.raises(ConfigError, match="N\\(0, I\\)"):
+        VRNNConfig(x_dim=2, family="storn")
+    with pytest.raises(ConfigError, match="always learned"):
+        VRNNConfig(x_dim=2, family="dkf", prior="standard")
+
+
+@torch.no_grad()
+def test_kvae_smoother_is_the_exact_gaussian_posterior():
+    """smooth(x): E[s_t | a_{1:T}] and Cov against the joint Gaussian of (s_{1:T}, a_{1:T})
+    built explicitly (s_t = A_t s_{t-1} + w_t, s_0 ~ N(0, I)) at the codes' posterior
+    means; a padded row gets its own sequence's smoother."""
+    model = make_model("kvae-gauss", seed=40, state_dim=3, mixtures=2)
+    B, T = 2, 5
+    x, mask = make_x(model, B, T, seed=41), lengths_mask([5, 3], T)
+    ms, Ps = model.smooth(x, mask)
+    for b, L in enumerate([5, 3]):
+        xb = x[b:b + 1, :L]
+        a = model.encoder(model.phi_x(xb))[0][0]                                    # (L, Z)
+        st = model.initial_state(1, dtype=DT)
+        h, _ = model._mixing_rnn(a.unsqueeze(0), None, tuple(st[:2]), None)
+        A, C = (m[0] for m in model.matrices(h))
+        Qd, Rd = model.noise_vars(DT)
+        n = model.cfg.state_dim
+        # s_t = Phi_t xi, xi = (s_0, w_1, .., w_L) ~ N(0, blockdiag(I, Q, .., Q))
+        Phi, rows = torch.zeros(n, n * (L + 1), dtype=DT), []
+        Phi[:, :n] = torch.eye(n, dtype=DT)
+        for t in range(L):
+            Phi = A[t] @ Phi
+            Phi[:, n * (t + 1):n * (t + 2)] += torch.eye(n, dtype=DT)
+            rows.append(Phi.clone())
+        M = torch.cat(rows)                                                          # (L n, (L+1) n)
+        Xi = torch.block_diag(torch.eye(n, dtype=DT), *[torch.diag(Qd)] * L)
+        Cb = torch.block_diag(*[C[t] for t in range(L)])                             # (L Z, L n)
+        Ss = M @ Xi @ M.T
+        Sa = Cb @ Ss @ Cb.T + torch.diag(Rd.repeat(L))
+        gain = Ss @ Cb.T @ torch.linalg.inv(Sa)
+        mean = (gain @ a.reshape(-1)).view(L, n)
+        cov = Ss - gain @ Cb @ Ss
+        torch.testing.assert_close(ms[b, :L], mean, rtol=1e-8, atol=1e-8)
+        for t in range(L):
+            torch.testing.assert_close(Ps[b, t], cov[n * t:n * (t + 1), n * t:n * (t + 1)], rtol=1e-8, atol=1e-8)
+        assert (ms[b, L:] == 0).all()
+
+
+def test_kvae_refuses_free_bits():
+    model = make_model("kvae-gauss", seed=42)
+    with pytest.raises(ConfigError, match="full covariance"):
+        objective(model, make_x(model, 2, 3), free_bits=0.5)
