@@ -313,7 +313,7 @@ def _one_line(capsys, code, *needles):
 def test_commands_from_csv_to_alarms(tmp_path, capsys):
     model = tiny()
     ckpt = save_checkpoint(tmp_path / "m.ckpt", model)
-    normal = series(400, seed=3)
+    normal = series(200, seed=3)
     (tmp_path / "normal.csv").write_text(_csv(normal))
     live = series(60, seed=4)
     live[30:34, 1] += 8.0                                               # a burst on "mem"
@@ -370,3 +370,45 @@ def test_stream_command_follow_and_wrong_width(tmp_path, capsys):
     assert code == 2 and "Traceback" not in cap.err
     assert cap.err.strip().splitlines() == [f"vrnn stream: {f}: line 2: has 2 values, expected 3; stopping"]
     assert [json.loads(ln)["line"] for ln in cap.out.splitlines()] == [1]
+
+
+def test_readme_walkthrough_windows_train_score_threshold_stream(tmp_path, capsys):
+    """From one CSV of normal operation to alarms, with the README's commands (tiny model)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(700)
+    normal = np.c_[np.sin(t / 10), np.cos(t / 7), 0.1 * rng.normal(size=700)] * 3 + 10
+    (tmp_path / "normal.csv").write_text(_csv(normal))
+    assert main(["windows", str(tmp_path / "normal.csv"), "--length", "50", "--holdout", "0.2", "--out",
+                 str(tmp_path / "w"), "--holdout-out", str(tmp_path / "holdout.csv")]) == 0
+    assert len(list((tmp_path / "w").glob("*.npy"))) == 11
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"model": {"h_dim": 8, "z_dim": 2, "phi_x_dim": 8, "phi_z_dim": 8,
+                                         "enc_dim": 8, "prior_dim": 8, "dec_dim": 8}}))
+    assert main(["--threads", "1", "train", "--data", str(tmp_path / "w"), "--model", "vrnn-gauss", "--out",
+                 str(tmp_path / "run"), "--max-epochs", "1", "--batch-size", "4", "--config", str(cfg),
+                 "--no-progress"]) == 0
+    ckpt = str(tmp_path / "run" / "best.ckpt")
+    assert main(["score", ckpt, "--data", str(tmp_path / "holdout.csv"), "--out", str(tmp_path / "h.csv"),
+                 "--particles", "4"]) == 0
+    assert main(["threshold", str(tmp_path / "h.csv"), "--out", str(tmp_path / "th.json"), "--method",
+                 "quantile", "--risk", "0.02"]) == 0
+    capsys.readouterr()
+    live = tmp_path / "live.csv"
+    live.write_text(_csv(normal[:20]).replace("\n10", "\n99", 1))
+    assert main(["stream", ckpt, "--input", str(live), "--threshold", str(tmp_path / "th.json"),
+                 "--output", "json", "--particles", "4"]) == 0
+    recs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert len(recs) == 20 and all("alarm" in r for r in recs) and recs[0]["alarm"]
+
+
+def test_readme_api_example_runs(tmp_path, monkeypatch):
+    from pathlib import Path
+    import re
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Anomaly detection"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md (anomaly detection)", "exec"), scope)
+    assert scope["step"].shares.shape == (4,) and isinstance(scope["alarm"], bool)
+    assert (tmp_path / "scorer.pt").exists() and isinstance(scope["events"], list)

@@ -56,6 +56,8 @@ EXAMPLES = {
   vrnn reproduce --setup paper --accelerator gpu --jobs 1 --out results-paper""",
     "demo": """examples:
   vrnn demo --out runs/demo""",
+    "windows": """examples:
+  vrnn windows normal.csv --length 100 --holdout 0.1 --out windows/ --holdout-out holdout.csv""",
     "score": """examples:
   vrnn score runs/m/best.ckpt --data normal.csv --out normal_scores.csv
   vrnn score runs/m/best.ckpt --data smd.npz --key test --out scores.csv --particles 64""",
@@ -229,8 +231,15 @@ def _parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------- monitoring (vrnn.monitor)
 def _add_monitoring_commands(cmd) -> None:
-    from .monitor import DetectOptions, StreamOptions, ThresholdOptions
+    from .monitor import DetectOptions, StreamOptions, ThresholdOptions, WindowOptions
     from .scoring import ScoreOptions
+    wi = cmd("windows", "cut one long series of normal operation into training windows (.npy) and "
+             "keep its last part apart as normal data for the threshold")
+    wi.add_argument("data", help="rows: .csv (header optional), .jsonl, .npy or .npz")
+    wi.add_argument("--key", help="the array of an .npz file")
+    wi.add_argument("--out", required=True, help="folder of the windows (vrnn train --data OUT)")
+    wi.add_argument("--holdout-out", help="CSV of the held-out last rows")
+    add_arguments(wi, WindowOptions)
     sc = cmd("score", "anomaly scores of every row of a file, causally: -log p(x_t | x_<t) in the "
              "data's units and each dimension's share (CSV)")
     sc.add_argument("checkpoint")
@@ -253,6 +262,14 @@ def _add_monitoring_commands(cmd) -> None:
     de.add_argument("--threshold", required=True, help="a threshold JSON (vrnn threshold)")
     de.add_argument("--out", help="events file, .csv or .json (default: CSV on stdout)")
     add_arguments(de, DetectOptions)
+
+
+def cmd_windows(a) -> int:
+    from .monitor import WindowOptions, write_windows
+    r = write_windows(a.data, a.out, a.holdout_out, WindowOptions(**parsed(WindowOptions, a)), key=a.key)
+    print(f"{r['windows']} windows of {r['length']} steps -> {a.out}"
+          + (f"; {r['holdout_rows']} held-out rows -> {a.holdout_out}" if a.holdout_out else ""), file=sys.stderr)
+    return 0
 
 
 def cmd_score(a) -> int:
@@ -562,7 +579,7 @@ def cmd_reproduce(a) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
             "latents": cmd_latents, "data": cmd_data, "demo": cmd_demo, "reproduce": cmd_reproduce,
-            "score": cmd_score, "stream": cmd_stream, "threshold": cmd_threshold, "detect": cmd_detect}
+            "windows": cmd_windows, "score": cmd_score, "stream": cmd_stream, "threshold": cmd_threshold, "detect": cmd_detect}
 
 
 def main(argv=None) -> int:

@@ -72,6 +72,14 @@ class DetectOptions:
                                 choices=("csv", "json"), flag="--format")
 
 
+@dataclass
+class WindowOptions:
+    length: int = option(100, "steps per training window", min=2, flag="--length")
+    holdout: float = option(0.1, "the last fraction of the rows, kept apart (not cut into windows) "
+                                 "as normal data to fit the threshold on", min=0.0, max=0.9,
+                            flag="--holdout")
+
+
 # ------------------------------------------------------------------ data files
 def read_rows(path, width: int | None = None, key: str | None = None) -> tuple[np.ndarray, list[str]]:
     """(rows (T, D), column names) of a .csv/.jsonl (one row per line), .npy or .npz file."""
@@ -170,6 +178,36 @@ def read_scores(path) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
 
 
 # ------------------------------------------------------------------ commands
+def write_windows(data, out, holdout_out=None, options: WindowOptions | None = None, key: str | None = None) -> dict:
+    """Cut the rows of ``data`` (one long series of normal operation) into .npy windows of
+    ``length`` steps in folder ``out`` (what ``vrnn train --data OUT`` reads; its random
+    split draws the validation windows among them), keeping the last ``holdout`` fraction
+    of the rows apart, written as a CSV to ``holdout_out`` (normal data, never trained on,
+    for ``vrnn score`` + ``vrnn threshold``)."""
+    o = options or WindowOptions()
+    check_instance(o)
+    xs, names = read_rows(data, key=key)
+    cut = len(xs) - int(round(len(xs) * o.holdout))
+    n = cut // o.length
+    if n < 3:
+        raise DataError(f"{data}: {cut} rows before the holdout make {n} window(s) of {o.length}; "
+                        "training needs at least 3 (shorter --length or more rows)")
+    out = Path(out)
+    if out.exists() and any(out.glob("*.npy")):
+        raise ConfigError(f"{out}: already holds .npy files; choose an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        with atomic_write(out / f"window-{i:05d}.npy") as tmp:
+            np.save(tmp, xs[i * o.length:(i + 1) * o.length].astype(np.float32))
+    if holdout_out is not None and cut < len(xs):
+        with atomic_write(holdout_out) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(names)
+            w.writerows([[repr(float(v)) for v in r] for r in xs[cut:]])
+    return {"windows": n, "length": o.length, "holdout_rows": len(xs) - cut, "unused_rows": cut - n * o.length}
+
+
+
 def score_file(ckpt, data, out, options: ScoreOptions | None = None, key: str | None = None):
     """Score every row of ``data`` (a file) causally; write the score CSV ``out``."""
     scorer = load_scorer(ckpt, options)
@@ -309,5 +347,5 @@ def stream(scorer: Scorer, source, sink, options: StreamOptions | None = None, s
     return status
 
 
-__all__ = ["StreamOptions", "ThresholdOptions", "DetectOptions", "read_rows", "load_scorer", "write_scores",
+__all__ = ["WindowOptions", "write_windows", "StreamOptions", "ThresholdOptions", "DetectOptions", "read_rows", "load_scorer", "write_scores",
            "read_scores", "score_file", "fit_threshold", "detect", "write_events", "stream", "ConfigError"]
