@@ -157,6 +157,7 @@ class Scorer:
         same = next(model.parameters()).dtype == dtype  # else a converted copy: the caller's model is untouched
         self.model = (model if same else copy.deepcopy(model).to(dtype=dtype)).eval()
         self.opts, self.dtype = opts, dtype
+        self.device = next(self.model.parameters()).device  # draws stay on the CPU generator
         self.latent = bool(model.latent)
         self.K = opts.particles if self.latent else 1
         self.D = cfg.x_dim
@@ -167,8 +168,8 @@ class Scorer:
             mean, std = np.zeros(self.D), np.ones(self.D)
         if mean.shape != (self.D,):
             raise ConfigError(f"the normaliser has {mean.shape[0]} dimensions, the model {self.D}")
-        self.mean = torch.as_tensor(mean, dtype=dtype)
-        self.std = torch.as_tensor(std, dtype=dtype)
+        self.mean = torch.as_tensor(mean, dtype=dtype, device=self.device)
+        self.std = torch.as_tensor(std, dtype=dtype, device=self.device)
         self.log_s = torch.log(self.std)               # (D,) the Jacobian's per-dimension terms
         self.additive = additive(model.head)
         self.reset()
@@ -178,13 +179,13 @@ class Scorer:
         """Back to the first step: fresh particles, equal weights, the seed's draws."""
         self.t = 0
         self.state = None                              # the model's state, K rows (None: initial)
-        self.W = torch.zeros(self.K, dtype=self.dtype)  # running log-weights since the last resampling
+        self.W = torch.zeros(self.K, dtype=self.dtype, device=self.device)  # running log-weights since the last resampling
         self.generator = torch.Generator().manual_seed(self.opts.seed)
 
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "what": "vrnn scorer state", "t": self.t,
                 "config": self.model.cfg.to_dict(), "options": dict(vars(self.opts)),
-                "W": self.W.clone(), "state": None if self.state is None else [s.clone() for s in self.state],
+                "W": self.W.cpu().clone(), "state": None if self.state is None else [s.cpu().clone() for s in self.state],
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, sd: dict, where: str = "scorer state") -> None:
@@ -199,8 +200,8 @@ class Scorer:
             raise ConfigError(f"{where}: was saved with other scoring options ({', '.join(diff)}); "
                               "pass the same ones")
         self.t = int(sd["t"])
-        self.W = sd["W"].to(self.dtype)
-        self.state = None if sd["state"] is None else tuple(s.to(self.dtype) for s in sd["state"])
+        self.W = sd["W"].to(self.device, self.dtype)
+        self.state = None if sd["state"] is None else tuple(s.to(self.device, self.dtype) for s in sd["state"])
         self.generator.set_state(sd["generator"])
 
     def save(self, path, extra: dict | None = None) -> None:
@@ -224,7 +225,7 @@ class Scorer:
     # --------------------------------------------------------------- a step
     def check_row(self, x_t) -> Tensor:
         """The raw row as a (D,) tensor; ScoreError if its width is wrong or a value is not finite."""
-        x = torch.as_tensor(np.asarray(x_t, dtype=np.float64), dtype=self.dtype).reshape(-1)
+        x = torch.as_tensor(np.asarray(x_t, dtype=np.float64), dtype=self.dtype, device=self.device).reshape(-1)
         if x.shape[0] != self.D:
             raise ScoreError(f"has {x.shape[0]} values, the model expects {self.D}")
         if not bool(torch.isfinite(x).all()):
@@ -242,11 +243,11 @@ class Scorer:
         if self.latent:
             Z = self.model.cfg.z_dim
             eps = noise if noise is not None else torch.randn(self.K, Z, dtype=self.dtype, generator=self.generator)
-            tr = self.model(xn, state=self.state, noise=eps.to(self.dtype).view(self.K, 1, Z))
+            tr = self.model(xn, state=self.state, noise=eps.to(self.device, self.dtype).view(self.K, 1, Z))
             inc_latent = log_ratio(tr)[:, 0]
         else:
             tr = self.model(xn, state=self.state)
-            inc_latent = torch.zeros(1, dtype=self.dtype)
+            inc_latent = torch.zeros(1, dtype=self.dtype, device=self.device)
         log_px_d = log_prob_dims(self.model.head, tr.params[:, 0].to(self.dtype), xn[:, 0])  # (K, D)
         inc = tr.log_px[:, 0] + inc_latent
         W_prev, W = self.W, self.W + inc
@@ -263,14 +264,15 @@ class Scorer:
                 self.opts.resample == "always" or float(ess) < self.opts.ess_threshold * self.K):
             u = uniforms if uniforms is not None else torch.rand(1, self.K, dtype=self.dtype,
                                                                  generator=self.generator)
-            rows = ancestors(W.view(self.K, 1), u.to(self.dtype).view(1, self.K), self.opts.resampler).view(-1)
+            rows = ancestors(W.view(self.K, 1), u.to(self.device, self.dtype).view(1, self.K),
+                             self.opts.resampler).view(-1)
             self.state = tuple(s.index_select(1, rows) for s in tr.state)
             W = torch.zeros_like(W)
             resampled = True
         else:
             self.state = tuple(tr.state)
         self.W = W
-        step = Step(self.t, float(score), shares.numpy().astype(np.float64), float(rest), float(ess), resampled)
+        step = Step(self.t, float(score), shares.cpu().numpy().astype(np.float64), float(rest), float(ess), resampled)
         self.t += 1
         return step
 
