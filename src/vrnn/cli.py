@@ -57,6 +57,21 @@ EXAMPLES = {
   vrnn reproduce --setup paper --accelerator gpu --jobs 1 --out results-paper""",
     "demo": """examples:
   vrnn demo --out runs/demo""",
+    "windows": """examples:
+  vrnn windows normal.csv --length 100 --holdout 0.1 --out windows/ --holdout-out holdout.csv""",
+    "score": """examples:
+  vrnn score runs/m/best.ckpt --data normal.csv --out normal_scores.csv
+  vrnn score runs/m/best.ckpt --data smd.npz --key test --out scores.csv --particles 64""",
+    "stream": """examples:
+  tail -n +1 -f metrics.csv | vrnn stream runs/m/best.ckpt --threshold th.json
+  vrnn stream runs/m/best.ckpt --input metrics.csv --follow --state scorer.pt --output json
+  vrnn stream runs/m/best.ckpt --input rows.jsonl --on-bad-row stop""",
+    "threshold": """examples:
+  vrnn threshold normal_scores.csv --out th.json                  # POT at risk 1e-3
+  vrnn threshold normal_scores.csv --out th.json --method quantile --risk 1e-4""",
+    "detect": """examples:
+  vrnn detect scores.csv --threshold th.json --out events.csv
+  vrnn detect scores.csv --threshold th.json --format json --gap 5""",
 }
 
 SPLITS = ("train", "valid", "test", "all")
@@ -223,7 +238,99 @@ def _parser() -> argparse.ArgumentParser:
 
     m = cmd("demo", "the main job: train a VRNN on LASA handwriting, evaluate, draw samples and curves")
     add_arguments(m, DemoOptions)
+    _add_monitoring_commands(cmd)
     return p
+
+
+# ------------------------------------------------------- monitoring (vrnn.monitor)
+def _add_monitoring_commands(cmd) -> None:
+    from .monitor import DetectOptions, StreamOptions, ThresholdOptions, WindowOptions
+    from .scoring import ScoreOptions
+    wi = cmd("windows", "cut one long series of normal operation into training windows (.npy) and "
+             "keep its last part apart as normal data for the threshold")
+    wi.add_argument("data", help="rows: .csv (header optional), .jsonl, .npy or .npz")
+    wi.add_argument("--key", help="the array of an .npz file")
+    wi.add_argument("--out", required=True, help="folder of the windows (vrnn train --data OUT)")
+    wi.add_argument("--holdout-out", help="CSV of the held-out last rows")
+    add_arguments(wi, WindowOptions)
+    sc = cmd("score", "anomaly scores of every row of a file, causally: -log p(x_t | x_<t) in the "
+             "data's units and each dimension's share (CSV)")
+    sc.add_argument("checkpoint")
+    sc.add_argument("--data", required=True, help="rows: .csv (header optional), .jsonl, .npy or .npz")
+    sc.add_argument("--key", help="the array of an .npz file")
+    sc.add_argument("--out", required=True, help="output score CSV")
+    add_arguments(sc, ScoreOptions)
+    st = cmd("stream", "score rows as they arrive (stdin or a growing file), one flushed output "
+             "line per row; the state can be saved and restored")
+    st.add_argument("checkpoint")
+    st.add_argument("--input", help="a file of rows (default: stdin)")
+    add_arguments(st, StreamOptions)
+    add_arguments(st, ScoreOptions)
+    th = cmd("threshold", "an alarm threshold from scores of normal data (no labels): POT or a quantile")
+    th.add_argument("scores", help="a score CSV (vrnn score) of normal data")
+    th.add_argument("--out", required=True, help="output threshold JSON")
+    add_arguments(th, ThresholdOptions)
+    de = cmd("detect", "alarms (events) from scores and a threshold: start, end, peak, top dimensions")
+    de.add_argument("scores", help="a score CSV (vrnn score)")
+    de.add_argument("--threshold", required=True, help="a threshold JSON (vrnn threshold)")
+    de.add_argument("--out", help="events file, .csv or .json (default: CSV on stdout)")
+    add_arguments(de, DetectOptions)
+
+
+def cmd_windows(a) -> int:
+    from .monitor import WindowOptions, write_windows
+    r = write_windows(a.data, a.out, a.holdout_out, WindowOptions(**parsed(WindowOptions, a)), key=a.key)
+    print(f"{r['windows']} windows of {r['length']} steps -> {a.out}"
+          + (f"; {r['holdout_rows']} held-out rows -> {a.holdout_out}" if a.holdout_out else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_score(a) -> int:
+    from .monitor import score_file
+    from .scoring import ScoreOptions
+    o = ScoreOptions(**parsed(ScoreOptions, a))
+    s = score_file(a.checkpoint, a.data, a.out, o, key=a.key)
+    print(f"scored {len(s.score)} rows -> {a.out} (mean score {s.score.mean():.4g} nats, max "
+          f"{s.score.max():.4g})", file=sys.stderr)
+    return 0
+
+
+def cmd_stream(a) -> int:
+    from .errors import DataError
+    from .monitor import StreamOptions, load_scorer, stream
+    from .scoring import ScoreOptions
+    o = StreamOptions(**parsed(StreamOptions, a))
+    scorer = load_scorer(a.checkpoint, ScoreOptions(**parsed(ScoreOptions, a)))
+    if a.input is None:
+        if o.follow:
+            raise DataError("--follow reads a growing file: give it with --input")
+        return stream(scorer, sys.stdin, sys.stdout, o, "stdin")
+    path = Path(a.input)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return stream(scorer, f, sys.stdout, o, str(path))
+
+
+def cmd_threshold(a) -> int:
+    from .monitor import ThresholdOptions, fit_threshold
+    th = fit_threshold(a.scores, a.out, ThresholdOptions(**parsed(ThresholdOptions, a)))
+    print(f"threshold {th['threshold']:.6g} ({th['method']}, risk {th['risk']:g}) -> {a.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_detect(a) -> int:
+    from .errors import ConfigError
+    from .monitor import DetectOptions, detect, write_events
+    o = DetectOptions(**parsed(DetectOptions, a))
+    fmt = o.format or ("json" if a.out and a.out.endswith(".json") else "csv")
+    if a.out and Path(a.out).suffix not in (".csv", ".json"):
+        raise ConfigError(f"--out {a.out}: give a .csv or .json file")
+    evs = detect(a.scores, a.threshold, o)
+    write_events(evs, a.out, fmt)
+    if a.out:
+        print(f"{len(evs)} event(s) -> {a.out}", file=sys.stderr)
+    return 0
 
 
 def _quiet_lightning() -> None:
@@ -543,7 +650,8 @@ def cmd_reproduce(a) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
-            "latents": cmd_latents, "data": cmd_data, "demo": cmd_demo, "reproduce": cmd_reproduce}
+            "latents": cmd_latents, "data": cmd_data, "demo": cmd_demo, "reproduce": cmd_reproduce,
+            "windows": cmd_windows, "score": cmd_score, "stream": cmd_stream, "threshold": cmd_threshold, "detect": cmd_detect}
 
 
 def main(argv=None) -> int:
