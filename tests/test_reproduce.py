@@ -214,3 +214,17 @@ def test_polyphonic_report_puts_published_figures_beside_ours(tmp_path):
     assert "VRNN-AR ahead in 3 of 3 seeds" in md  # -5.4 against -5.5, -5.6, -5.7
     assert "Not run yet: Nottingham, MuseData, Piano-midi.de." in md
     assert not (out / "table1.md").read_text().count("jsb")  # the benchmark has its own table
+
+
+def test_a_run_on_some_datasets_keeps_every_table_whole(tmp_path):
+    """The tables come from every record: reporting after a run on one dataset (or with
+    --datasets) never drops the other datasets' rows from table1.md."""
+    recs = [fake_record("lasa", row, s, 100.0 + s) for row in ("rnn-gauss", "vrnn-gauss") for s in (0, 1)]
+    recs += [poly_record("rnn-gauss", 0, -8.6)]
+    write_records(tmp_path, [r for r in recs if r["table"] != "polyphonic"])
+    p = tmp_path / "records" / "polyphonic" / "jsb"
+    p.mkdir(parents=True)
+    (p / "rnn-gauss-seed0.json").write_text(json.dumps(recs[-1]))
+    rp.reproduce("cpu", tmp_path, datasets=["jsb"], report_only=True, log=lambda *_: None)
+    assert "lasa (IAM-OnDB)" in (tmp_path / "table1.md").read_text()
+    assert "JSB Chorales" in (tmp_path / "polyphonic.md").read_text()
