@@ -1,0 +1,120 @@
+"""The compiled loops of the fused scans (``csrc/scan.cpp``), built at first use.
+
+``fast.FusedScan`` runs its forward and reverse loops in C++ when this module can provide
+them, and in Python (the same steps, one torch call per op) otherwise. The extension is
+compiled once with ``torch.utils.cpp_extension.load`` (g++ or clang, and ninja) into a
+cache folder outside the package, so a read-only install works:
+``$VRNN_CACHE/extensions/<name>`` if ``VRNN_CACHE`` is set, else
+``~/.cache/vrnn/extensions/<name>``, the name carrying a hash of the source, the torch
+version and the Python version (a change of any of them builds anew).
+
+Where no compiler is found or the build fails, one line says so (a ``RuntimeWarning``,
+once per process) and the Python loops run. ``VRNN_COMPILED=0`` in the environment, or
+``set_enabled(False)``, forces the Python loops (tests run both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["extension", "loaded", "available", "enabled", "set_enabled", "using", "cache_dir", "SOURCE"]
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "scan.cpp"
+_state: dict = {"module": None, "tried": False, "error": None,
+                "enabled": os.environ.get("VRNN_COMPILED", "1").strip().lower() not in ("0", "false", "no", "off")}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("VRNN_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "vrnn"
+    return base / "extensions"
+
+
+def _name() -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{sys.platform}".encode())
+    return f"vrnn_scan_{h.hexdigest()[:12]}"
+
+
+def _ninja_on_path() -> None:
+    """torch's build calls ``ninja`` from PATH; the ``ninja`` wheel (a dependency) puts it
+    in the environment's bin folder, which is not on PATH unless the venv is activated."""
+    if shutil.which("ninja"):
+        return
+    dirs = [str(Path(sys.executable).parent)]
+    with contextlib.suppress(Exception):
+        import ninja  # the PyPI wheel
+        dirs.insert(0, str(ninja.BIN_DIR))
+    for d in dirs:
+        if (Path(d) / "ninja").exists():
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+    name = _name()
+    build = cache_dir() / name
+    build.mkdir(parents=True, exist_ok=True)
+    if not any(build.glob(f"{name}*.so")) and not any(build.glob(f"{name}*.pyd")):
+        print(f"vrnn: compiling the scan's loops (once, into {build}) ...", file=sys.stderr, flush=True)
+    _ninja_on_path()
+    return load(name=name, sources=[str(SOURCE)], build_directory=str(build),
+                extra_cflags=["-O3"], verbose=False)
+
+
+def extension():
+    """The compiled module, or None (disabled, or the build failed: said once)."""
+    if not _state["enabled"]:
+        return None
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            _state["module"] = _build()
+        except Exception as e:  # no compiler, no ninja, a failed build: the Python loops run
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            _state["error"] = first
+            warnings.warn(f"vrnn: the compiled scan is unavailable ({first[:200]}); "
+                          "using the Python loops (same results, slower on small models)",
+                          RuntimeWarning, stacklevel=3)
+    return _state["module"]
+
+
+def available() -> bool:
+    """Whether the compiled loops are built (building them now if not tried yet)."""
+    return extension() is not None
+
+
+def enabled() -> bool:
+    return _state["enabled"]
+
+
+def set_enabled(on: bool) -> bool:
+    """Use the compiled loops where they build (True, the default) or the Python loops
+    (False); returns the previous setting."""
+    prev, _state["enabled"] = _state["enabled"], bool(on)
+    return prev
+
+
+@contextlib.contextmanager
+def using(on: bool):
+    """``with compiled.using(False): ...`` runs the Python loops inside."""
+    prev = set_enabled(on)
+    try:
+        yield
+    finally:
+        set_enabled(prev)
+
+
+def loaded():
+    """The compiled module if it was built in this process (whatever ``enabled`` says now):
+    a backward pass runs the loops its forward ran."""
+    return _state["module"]
