@@ -38,9 +38,30 @@ def cache_dir() -> Path:
     return base / "extensions"
 
 
+# Built for the machine that builds it (vectorised exp/tanh: AVX2/AVX-512 where the CPU has
+# them), with its matmuls as direct calls into the BLAS inside libtorch_cpu (MKL in the
+# x86-64 wheels). Where that fails (no such symbol, or a compiler refusing -march=native),
+# the next set is tried: ATen's mm in place of the direct calls, then portable flags.
+_BASE = ["-O3", "-fno-trapping-math", "-fno-math-errno"]
+FLAGS = (_BASE + ["-march=native", "-DVRNN_BLAS"], _BASE + ["-march=native"], _BASE)
+
+
+def _cpu() -> str:
+    """What the build depends on besides the source: the CPU's features (a cache shared by
+    machines of different CPUs keeps one build per kind)."""
+    import platform
+    flags = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
 def _name() -> str:
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{sys.platform}".encode())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{sys.platform}|{_cpu()}|{FLAGS}".encode())
     return f"vrnn_scan_{h.hexdigest()[:12]}"
 
 
@@ -67,8 +88,15 @@ def _build():
     if not any(build.glob(f"{name}*.so")) and not any(build.glob(f"{name}*.pyd")):
         print(f"vrnn: compiling the scan's loops (once, into {build}) ...", file=sys.stderr, flush=True)
     _ninja_on_path()
-    return load(name=name, sources=[str(SOURCE)], build_directory=str(build),
-                extra_cflags=["-O3"], verbose=False)
+    for i, flags in enumerate(FLAGS):
+        try:
+            mod = load(name=name, sources=[str(SOURCE)], build_directory=str(build),
+                       extra_cflags=flags, verbose=False)
+            _state["flags"] = flags
+            return mod
+        except Exception:
+            if i == len(FLAGS) - 1:
+                raise
 
 
 def extension():

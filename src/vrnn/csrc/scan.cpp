@@ -14,19 +14,114 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 using at::Tensor;
 
 namespace {
 
-template <typename T> inline T sigm(T x) { return T(1) / (T(1) + std::exp(-x)); }
-template <typename T> inline T softplus(T x) { return x > T(20) ? x : std::log1p(std::exp(x)); }
+// exp and tanh: float32 with Cephes' polynomials (expf, tanhf: within 2 ulp of the
+// correctly rounded value), written branch-free so that the compiler vectorises the loops
+// that call them (the C library's expf/tanhf are scalar calls, and they were most of a
+// step's time at small widths); float64 (tests, gradcheck) with the C library's.
+template <typename T> inline T fexp(T x) { return std::exp(x); }
+template <typename T> inline T ftanh(T x) { return std::tanh(x); }
+
+template <> inline float fexp<float>(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  float fx = x * 1.44269504088896341f;
+  fx += std::copysign(0.5f, fx);
+  const int n = static_cast<int>(fx);  // round half away from zero
+  const float nf = static_cast<float>(n);
+  const float r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * (r * r) + r + 1.f;
+  int bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+template <> inline float ftanh<float>(float x) {
+  const float a = std::fabs(x);
+  const float z = x * x;  // |x| < 0.625: an odd polynomial
+  const float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
+                        1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
+  const float big = 1.f - 2.f / (fexp(2.f * a) + 1.f);
+  const float sbig = std::copysign(big, x);
+  const float m = static_cast<float>(a < 0.625f);  // a blend, not a branch: vectorises
+  return m * small + (1.f - m) * sbig;
+}
+
+template <typename T> inline T sigm(T x) { return T(1) / (T(1) + fexp(-x)); }
+template <typename T> inline T softplus(T x) { return x > T(20) ? x : std::log1p(fexp(x)); }
+
+// y = sigmoid(x), y = tanh(x) over n contiguous values (vectorised for float)
+template <typename T> void vsigm(const T* __restrict__ x, T* __restrict__ y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = sigm(x[i]);
+}
+template <typename T> void vtanh(const T* __restrict__ x, T* __restrict__ y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = ftanh(x[i]);
+}
 
 template <typename T> inline T* ptr(const Tensor& t) { return t.data_ptr<T>(); }
 
+#ifdef VRNN_BLAS  // the BLAS that libtorch_cpu carries (MKL on x86-64 wheels); else ATen's mm
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*);
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*);
+}
+inline void blas(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                 const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                 const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void blas(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+                 const double* a, const int* lda, const double* b, const int* ldb, const double* beta,
+                 double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+#endif
+
+// C (rows x n, row stride ldc) = beta * C + A (rows x k, row stride lda) . op(W), where
+// op(W) = W^T for a row-major W of (n x k) (wt: a Linear's weight), W for one of (k x n).
+// One call into BLAS, no tensor made: at the sizes of a step (16 rows), ATen's per-call
+// work (checks, output views, the bias's broadcast copy) costs as much as the arithmetic.
+template <typename T>
+void gemm(int64_t rows, int64_t n, int64_t k, const T* A, int64_t lda, const T* W, bool wt, T beta, T* C,
+          int64_t ldc) {
+  if (rows == 0 || n == 0) return;
+#ifdef VRNN_BLAS
+  // column-major: C^T (n x rows) = op(W)^T (n x k) . A^T (k x rows)
+  const char ta = wt ? 'T' : 'N', tb = 'N';
+  const int m_ = n, n_ = rows, k_ = k, lw = wt ? k : n, la = lda, lc = ldc;
+  const T one = 1;
+  blas(&ta, &tb, &m_, &n_, &k_, &one, W, &lw, A, &la, &beta, C, &lc);
+#else
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  Tensor a = at::from_blob(const_cast<T*>(A), {rows, k}, {lda, 1}, opts);
+  Tensor w = wt ? at::from_blob(const_cast<T*>(W), {n, k}, opts).t() : at::from_blob(const_cast<T*>(W), {k, n}, opts);
+  Tensor c = at::from_blob(C, {rows, n}, {ldc, 1}, opts);
+  if (beta == T(0)) at::mm_out(c, a, w);
+  else c.addmm_(a, w);
+#endif
+}
+
+// C (rows x n, row stride ldc) <- each row the vector b (n), or the rows of B (rows x n)
+template <typename T> void fill_rows(T* C, int64_t ldc, const T* b, int64_t rows, int64_t n, bool per_row) {
+  for (int64_t r = 0; r < rows; ++r) std::copy(b + (per_row ? r * n : 0), b + (per_row ? r * n : 0) + n, C + r * ldc);
+}
+
 // x (rows, n) <- relu(x), in place
-template <typename T> void relu_(T* x, int64_t n) {
+template <typename T> void relu_(T* __restrict__ x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] > T(0) ? x[i] : T(0);
 }
 
@@ -66,16 +161,9 @@ std::vector<Tensor> forward_impl(const Tensor& ax, const Tensor& gx, const Tenso
   Tensor ACT = at::empty({Tn, R, na * H}, opts);
   // scratch
   Tensor EG = at::empty({R, E + G}, opts), O = at::empty({R, 2 * Z}, opts), GI = at::empty({R, G}, opts);
-  Tensor HN = at::empty({R, H}, opts), CN = at::empty({R, H}, opts);
-  // transposed views of the weights, made once
-  Tensor w_catT = W.w_cat.t(), w_gT = W.w_g.t(), w_zT = W.w_z.t();
-  std::vector<Tensor> body_wT, phiz_wT;
-  for (auto& w : W.body_w) body_wT.push_back(w.t());
-  for (auto& w : W.phiz_w) phiz_wT.push_back(w.t());
-  auto HSs = HS.unbind(0), CSs = CS.unbind(0), ZSs = ZS.unbind(0);
-  std::vector<std::vector<Tensor>> Us, Qs;
-  for (auto& u : U) Us.push_back(u.unbind(0));
-  for (auto& q : Q) Qs.push_back(q.unbind(0));
+  Tensor HN = at::empty({R, H}, opts), CN = at::empty({R, H}, opts), PG = at::empty({R, G}, opts);
+  T* hs = ptr<T>(HS);
+  T* cs = ptr<T>(CS);
   const T* axp = ptr<T>(ax);
   const T* gxp = ptr<T>(gx);
   const T* epsp = ptr<T>(eps);
@@ -84,13 +172,15 @@ std::vector<Tensor> forward_impl(const Tensor& ax, const Tensor& gx, const Tenso
   T* eg = ptr<T>(EG);
   T* o = ptr<T>(O);
   T* gi = ptr<T>(GI);
+  T* pg = ptr<T>(PG);
   for (int64_t t = 0; t < Tn; ++t) {
-    const Tensor& h = HSs[t];
-    if (W.b_cat.defined()) at::addmm_out(EG, W.b_cat, h, w_catT);
-    else at::mm_out(EG, h, w_catT);
+    const T* hp = hs + t * R * H;
+    const T* cp = cs + t * R * H;
+    if (W.b_cat.defined()) fill_rows(eg, E + G, ptr<T>(W.b_cat), R, E + G, false);
+    gemm<T>(R, E + G, H, hp, H, ptr<T>(W.w_cat), true, W.b_cat.defined() ? T(1) : T(0), eg, E + G);
     // encoder's first layer: relu(ax_t + e_h)
     {
-      T* u = ptr<T>(Us[0][t]);
+      T* u = ptr<T>(U[0]) + t * R * E;
       const T* a = axp + t * Bs * E;
       for (int64_t r = 0; r < R; ++r) {
         const T* ar = a + (r % Bs) * E;
@@ -101,10 +191,17 @@ std::vector<Tensor> forward_impl(const Tensor& ax, const Tensor& gx, const Tenso
       }
     }
     for (int64_t k = 0; k < nb; ++k) {
-      at::addmm_out(Us[k + 1][t], W.body_b[k], Us[k][t], body_wT[k]);
-      relu_(ptr<T>(Us[k + 1][t]), Us[k + 1][t].numel());
+      const int64_t n = U[k + 1].size(2), m = U[k].size(2);
+      T* out = ptr<T>(U[k + 1]) + t * R * n;
+      fill_rows(out, n, ptr<T>(W.body_b[k]), R, n, false);
+      gemm<T>(R, n, m, ptr<T>(U[k]) + t * R * m, m, ptr<T>(W.body_w[k]), true, T(1), out, n);
+      relu_(out, R * n);
     }
-    at::addmm_out(O, W.b_g, Us[nb][t], w_gT);
+    {
+      const int64_t m = U[nb].size(2);
+      fill_rows(o, 2 * Z, ptr<T>(W.b_g), R, 2 * Z, false);
+      gemm<T>(R, 2 * Z, m, ptr<T>(U[nb]) + t * R * m, m, ptr<T>(W.w_g), true, T(1), o, 2 * Z);
+    }
     {  // mu, std = softplus(pre) + floor, z = mu + std * eps
       T* mu = ptr<T>(MU) + t * R * Z;
       T* pre = ptr<T>(PRE) + t * R * Z;
@@ -122,56 +219,75 @@ std::vector<Tensor> forward_impl(const Tensor& ax, const Tensor& gx, const Tenso
           z[i] = m + s * e[i];
         }
     }
-    const Tensor* q = &ZSs[t];
+    const T* q = ptr<T>(ZS) + t * R * Z;
+    int64_t qn = Z;
     for (int64_t k = 0; k < np; ++k) {
-      at::addmm_out(Qs[k][t], W.phiz_b[k], *q, phiz_wT[k]);
-      relu_(ptr<T>(Qs[k][t]), Qs[k][t].numel());
-      q = &Qs[k][t];
+      const int64_t n = Q[k].size(2);
+      T* out = ptr<T>(Q[k]) + t * R * n;
+      fill_rows(out, n, ptr<T>(W.phiz_b[k]), R, n, false);
+      gemm<T>(R, n, qn, q, qn, ptr<T>(W.phiz_w[k]), true, T(1), out, n);
+      relu_(out, R * n);
+      q = out;
+      qn = n;
     }
-    at::mm_out(GI, *q, w_zT);
-    // the cell
+    gemm<T>(R, G, qn, q, qn, ptr<T>(W.w_z), true, T(0), gi, G);
+    // the cell: pre-activations (R, G) into PG, activations, then the state
     const bool gather = ap && pos[t] >= 0;
-    T* hn = gather ? ptr<T>(HN) : ptr<T>(HSs[t + 1]);
-    T* cn = gather ? ptr<T>(CN) : ptr<T>(CSs[t + 1]);
-    const T* hp = ptr<T>(h);
-    const T* cp = ptr<T>(CSs[t]);
+    T* hn = gather ? ptr<T>(HN) : hs + (t + 1) * R * H;
+    T* cn = gather ? ptr<T>(CN) : cs + (t + 1) * R * H;
     const T* g = gxp + t * Bs * G;
     T* act = ptr<T>(ACT) + t * R * na * H;
     for (int64_t r = 0; r < R; ++r) {
-      const T* gr = g + (r % Bs) * G;
-      const T* gir = gi + r * G;
-      const T* ghr = eg + r * (E + G) + E;
-      T* ar = act + r * na * H;
+      const T* __restrict__ gr = g + (r % Bs) * G;
+      const T* __restrict__ gir = gi + r * G;
+      const T* __restrict__ ghr = eg + r * (E + G) + E;
+      T* __restrict__ p = pg + r * G;
+      T* __restrict__ ar = act + r * na * H;
       const bool kept = !kp || kp[t * R + r] != T(0);
-      for (int64_t j = 0; j < H; ++j) {
-        const int64_t i = r * H + j;
-        T hv, cv;
-        if (lstm) {
-          const T si = sigm((gr[j] + gir[j]) + ghr[j]);
-          const T sf = sigm((gr[H + j] + gir[H + j]) + ghr[H + j]);
-          const T tg = std::tanh((gr[2 * H + j] + gir[2 * H + j]) + ghr[2 * H + j]);
-          const T so = sigm((gr[3 * H + j] + gir[3 * H + j]) + ghr[3 * H + j]);
-          cv = sf * cp[i] + si * tg;
-          const T tc = std::tanh(cv);
-          hv = so * tc;
-          ar[j] = si; ar[H + j] = sf; ar[2 * H + j] = tg; ar[3 * H + j] = so; ar[4 * H + j] = tc;
-        } else {
-          const T rr = sigm((gr[j] + gir[j]) + ghr[j]);
-          const T uu = sigm((gr[H + j] + gir[H + j]) + ghr[H + j]);
-          const T hh = ghr[2 * H + j];
-          const T n = std::tanh((gr[2 * H + j] + gir[2 * H + j]) + rr * hh);
-          hv = (T(1) - uu) * n + uu * hp[i];
-          cv = cp[i];
-          ar[j] = rr; ar[H + j] = uu; ar[2 * H + j] = n; ar[3 * H + j] = hh;
+      const int64_t i0 = r * H;
+      if (lstm) {  // [i, f, g, o] -> acts [si, sf, tg, so, tc]
+        for (int64_t j = 0; j < G; ++j) p[j] = (gr[j] + gir[j]) + ghr[j];
+        vsigm(p, ar, 2 * H);
+        vtanh(p + 2 * H, ar + 2 * H, H);
+        vsigm(p + 3 * H, ar + 3 * H, H);
+        const T* __restrict__ si = ar;
+        const T* __restrict__ sf = ar + H;
+        const T* __restrict__ tg = ar + 2 * H;
+        T* __restrict__ cv = cn + i0;
+        for (int64_t j = 0; j < H; ++j) cv[j] = sf[j] * cp[i0 + j] + si[j] * tg[j];
+        vtanh(cv, ar + 4 * H, H);
+        const T* __restrict__ so = ar + 3 * H;
+        const T* __restrict__ tc = ar + 4 * H;
+        T* __restrict__ hv = hn + i0;
+        for (int64_t j = 0; j < H; ++j) hv[j] = so[j] * tc[j];
+      } else {  // [r, u, n] -> acts [r, u, n, w_hn h + b_hn]
+        for (int64_t j = 0; j < 2 * H; ++j) p[j] = (gr[j] + gir[j]) + ghr[j];
+        vsigm(p, ar, 2 * H);
+        const T* __restrict__ rr = ar;
+        const T* __restrict__ uu = ar + H;
+        T* __restrict__ hh = ar + 3 * H;
+        for (int64_t j = 0; j < H; ++j) {
+          hh[j] = ghr[2 * H + j];
+          p[2 * H + j] = (gr[2 * H + j] + gir[2 * H + j]) + rr[j] * ghr[2 * H + j];
         }
-        hn[i] = kept ? hv : hp[i];
-        cn[i] = kept ? cv : cp[i];
+        vtanh(p + 2 * H, ar + 2 * H, H);
+        const T* __restrict__ n = ar + 2 * H;
+        T* __restrict__ hv = hn + i0;
+        T* __restrict__ cv = cn + i0;
+        for (int64_t j = 0; j < H; ++j) {
+          hv[j] = (T(1) - uu[j]) * n[j] + uu[j] * hp[i0 + j];
+          cv[j] = cp[i0 + j];
+        }
+      }
+      if (!kept) {
+        std::copy(hp + i0, hp + i0 + H, hn + i0);
+        std::copy(cp + i0, cp + i0 + H, cn + i0);
       }
     }
     if (gather) {  // each row continues from its ancestor
       const int64_t* a = ap + pos[t] * R;
-      T* hd = ptr<T>(HSs[t + 1]);
-      T* cd = ptr<T>(CSs[t + 1]);
+      T* hd = hs + (t + 1) * R * H;
+      T* cd = cs + (t + 1) * R * H;
       for (int64_t r = 0; r < R; ++r) {
         std::copy(hn + a[r] * H, hn + (a[r] + 1) * H, hd + r * H);
         std::copy(cn + a[r] * H, cn + (a[r] + 1) * H, cd + r * H);
@@ -209,11 +325,6 @@ std::vector<Tensor> backward_impl(const Tensor& HS, const Tensor& CS, const std:
   for (int64_t k = 0; k < np; ++k) DQ.push_back(at::empty({R, Q[k].size(2)}, opts));
   std::vector<Tensor> DU;
   for (int64_t k = 0; k <= nb; ++k) DU.push_back(at::empty({R, U[k].size(2)}, opts));
-  auto DEGs = DEG.unbind(0), DGIs = DGI.unbind(0), DOs = DO.unbind(0), DZs = DZ.unbind(0);
-  auto gHps = gHp.unbind(0), gZs = gZ.unbind(0), gFzs = gFz.unbind(0);
-  std::vector<std::vector<Tensor>> DAs, DPs;
-  for (auto& d : DA) DAs.push_back(d.unbind(0));
-  for (auto& d : DP) DPs.push_back(d.unbind(0));
   const T* kp = keep.defined() ? ptr<T>(keep) : nullptr;
   const int64_t* ap = anc.defined() ? anc.data_ptr<int64_t>() : nullptr;
   T* dhp = ptr<T>(dh);
@@ -236,86 +347,117 @@ std::vector<Tensor> backward_impl(const Tensor& HS, const Tensor& CS, const std:
     const T* act = ptr<T>(ACT) + t * R * na * H;
     const T* hprev = hsp + t * R * H;
     const T* cprev = csp + t * R * H;
-    T* deg = ptr<T>(DEGs[t]);
+    T* deg = ptr<T>(DEG) + t * R * (E + G);
     const int64_t ld = E + G;
-    T* dgi = lstm ? deg + E : ptr<T>(DGIs[t]);
+    T* dgi = lstm ? deg + E : ptr<T>(DGI) + t * R * G;
     const int64_t ldg = lstm ? ld : G;
-    for (int64_t r = 0; r < R; ++r) {
-      const T k = kp ? kp[t * R + r] : T(1);
-      const T* ar = act + r * na * H;
+    for (int64_t r = 0; r < R; ++r) {  // masks: the state's gradient passes kept rows' steps
+      const T k = kp ? kp[t * R + r] : T(1), nk = T(1) - k;
+      const T* __restrict__ ar = act + r * na * H;
+      T* __restrict__ dhr = dhp + r * H;
+      T* __restrict__ dcr = dcp + r * H;
+      T* __restrict__ dn_ = dhn + r * H;
+      T* __restrict__ chr = ch + r * H;
+      T* __restrict__ d = dgi + r * ldg;
       for (int64_t j = 0; j < H; ++j) {
-        const int64_t i = r * H + j;
-        const T dh_ = kp ? dhp[i] * k : dhp[i];
-        if (kp) ch[i] = dhp[i] * (T(1) - k);
-        dhn[i] = dh_;
-        if (lstm) {
+        dn_[j] = dhr[j] * k;
+        chr[j] = dhr[j] * nk;
+      }
+      if (lstm) {
+        const T* __restrict__ cpr = cprev + r * H;
+        for (int64_t j = 0; j < H; ++j) {
           const T si = ar[j], sf = ar[H + j], tg = ar[2 * H + j], so = ar[3 * H + j], tc = ar[4 * H + j];
-          const T dcn = kp ? dcp[i] * k : dcp[i];
-          const T dct = dcn + (dh_ * so) * (T(1) - tc * tc);
-          T* d = dgi + r * ldg;
+          const T dh_ = dn_[j];
+          const T dct = dcr[j] * k + (dh_ * so) * (T(1) - tc * tc);
           d[j] = (dct * tg) * (si - si * si);
-          d[H + j] = (dct * cprev[i]) * (sf - sf * sf);
+          d[H + j] = (dct * cpr[j]) * (sf - sf * sf);
           d[2 * H + j] = (dct * si) * (T(1) - tg * tg);
           d[3 * H + j] = (dh_ * tc) * (so - so * so);
-          T dcv = dct * sf;
-          if (kp) dcv += dcp[i] * (T(1) - k);
-          dcp[i] = dcv;
-        } else {
+          dcr[j] = dct * sf + dcr[j] * nk;
+        }
+      } else {
+        const T* __restrict__ hpr = hprev + r * H;
+        T* __restrict__ e = deg + r * ld + E;
+        for (int64_t j = 0; j < H; ++j) {
           const T rr = ar[j], u = ar[H + j], n = ar[2 * H + j], hh = ar[3 * H + j];
-          const T dn = dh_ - dh_ * u;
-          const T dnp = dn * (T(1) - n * n);
-          T* d = dgi + r * ldg;
-          T* e = deg + r * ld + E;
+          const T dh_ = dn_[j];
+          const T dnp = (dh_ - dh_ * u) * (T(1) - n * n);
+          const T dr = (dnp * hh) * (rr - rr * rr), du = (dh_ * (hpr[j] - n)) * (u - u * u);
           d[2 * H + j] = dnp;
-          d[j] = (dnp * hh) * (rr - rr * rr);
-          d[H + j] = (dh_ * (hprev[i] - n)) * (u - u * u);
-          e[j] = d[j];
-          e[H + j] = d[H + j];
+          d[j] = dr;
+          d[H + j] = du;
+          e[j] = dr;
+          e[H + j] = du;
           e[2 * H + j] = dnp * rr;
         }
       }
     }
-    // phi_z, then z = mu + std * eps
-    at::addmm_out(np ? DQ[np - 1] : DZs[t], gFzs[t], DGIs[t], W.w_z);
+    // phi_z (np >= 1 layers), then z = mu + std * eps
+    {
+      const int64_t F = Q[np - 1].size(2);
+      T* dq = ptr<T>(DQ[np - 1]);
+      fill_rows(dq, F, ptr<T>(gFz) + t * R * F, R, F, true);
+      gemm<T>(R, F, G, dgi, ldg, ptr<T>(W.w_z), false, T(1), dq, F);
+    }
     for (int64_t k = np - 1; k >= 0; --k) {
-      const Tensor& dp = DPs[k][t];
-      relu_back(ptr<T>(dp), dp.size(1), ptr<T>(DQ[k]), ptr<T>(Q[k]) + t * R * dp.size(1), R, dp.size(1));
-      if (k == 0) at::addmm_out(DZs[t], gZs[t], dp, W.phiz_w[0]);
-      else at::mm_out(DQ[k - 1], dp, W.phiz_w[k]);
+      const int64_t n = Q[k].size(2);
+      T* dp = ptr<T>(DP[k]) + t * R * n;
+      relu_back(dp, n, ptr<T>(DQ[k]), ptr<T>(Q[k]) + t * R * n, R, n);
+      if (k == 0) {
+        T* dz = ptr<T>(DZ) + t * R * Z;
+        fill_rows(dz, Z, ptr<T>(gZ) + t * R * Z, R, Z, true);
+        gemm<T>(R, Z, n, dp, n, ptr<T>(W.phiz_w[0]), false, T(1), dz, Z);
+      } else {
+        const int64_t m = Q[k - 1].size(2);
+        gemm<T>(R, m, n, dp, n, ptr<T>(W.phiz_w[k]), false, T(0), ptr<T>(DQ[k - 1]), m);
+      }
     }
     {
-      const T* dz = ptr<T>(DZs[t]);
+      const T* dz = ptr<T>(DZ) + t * R * Z;
       const T* gmu = ptr<T>(gMu) + t * R * Z;
       const T* gsd = ptr<T>(gStd) + t * R * Z;
       const T* e = ptr<T>(eps) + t * R * Z;
       const T* pre = ptr<T>(PRE) + t * R * Z;
-      T* d = ptr<T>(DOs[t]);
-      for (int64_t r = 0; r < R; ++r)
+      T* d = ptr<T>(DO) + t * R * 2 * Z;
+      for (int64_t r = 0; r < R; ++r) {
+        T* __restrict__ dm = d + r * 2 * Z;
+        T* __restrict__ dp = d + r * 2 * Z + Z;
+        const T* __restrict__ dzr = dz + r * Z;
+        const T* __restrict__ gm = gmu + r * Z;
+        const T* __restrict__ gs = gsd + r * Z;
+        const T* __restrict__ er = e + r * Z;
+        const T* __restrict__ pr = pre + r * Z;
         for (int64_t j = 0; j < Z; ++j) {
-          const int64_t i = r * Z + j;
-          d[r * 2 * Z + j] = dz[i] + gmu[i];
-          d[r * 2 * Z + Z + j] = (gsd[i] + dz[i] * e[i]) * sigm(pre[i]);
+          dm[j] = dzr[j] + gm[j];
+          dp[j] = (gs[j] + dzr[j] * er[j]) * sigm(pr[j]);
         }
+      }
     }
     // encoder, top down to its first layer's pre-activation
-    at::mm_out(DU[nb], DOs[t], W.w_g);
+    gemm<T>(R, U[nb].size(2), 2 * Z, ptr<T>(DO) + t * R * 2 * Z, 2 * Z, ptr<T>(W.w_g), false, T(0),
+            ptr<T>(DU[nb]), U[nb].size(2));
     for (int64_t k = nb - 1; k >= 0; --k) {
-      const Tensor& da = DAs[k + 1][t];
-      const int64_t n = da.size(1);
-      relu_back(ptr<T>(da), n, ptr<T>(DU[k + 1]), ptr<T>(U[k + 1]) + t * R * n, R, n);
-      at::mm_out(DU[k], da, W.body_w[k]);
+      const int64_t n = U[k + 1].size(2), m = U[k].size(2);
+      T* da = ptr<T>(DA[k + 1]) + t * R * n;
+      relu_back(da, n, ptr<T>(DU[k + 1]), ptr<T>(U[k + 1]) + t * R * n, R, n);
+      gemm<T>(R, m, n, da, n, ptr<T>(W.body_w[k]), false, T(0), ptr<T>(DU[k]), m);
     }
     relu_back(deg, ld, ptr<T>(DU[0]), ptr<T>(U[0]) + t * R * E, R, E);
     // back into h_{t-1}: the encoder's first layer and w_h together, plus h_prev's gradient
-    at::addmm_out(dh, gHps[t], DEGs[t], W.w_cat);
+    fill_rows(dhp, H, ptr<T>(gHp) + t * R * H, R, H, true);
+    gemm<T>(R, H, E + G, deg, ld, ptr<T>(W.w_cat), false, T(1), dhp, H);
     if (!lstm || kp) {
       const T* ar0 = ptr<T>(ACT) + t * R * na * H;
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = 0; j < H; ++j) {
-          const int64_t i = r * H + j;
-          if (!lstm) dhp[i] += dhn[i] * ar0[r * na * H + H + j];  // the u * h_{t-1} path
-          if (kp) dhp[i] += ch[i];
-        }
+      for (int64_t r = 0; r < R; ++r) {
+        T* __restrict__ dhr = dhp + r * H;
+        const T* __restrict__ u = ar0 + r * na * H + H;
+        const T* __restrict__ dn_ = dhn + r * H;
+        const T* __restrict__ chr = ch + r * H;
+        if (!lstm)
+          for (int64_t j = 0; j < H; ++j) dhr[j] += dn_[j] * u[j];  // the u * h_{t-1} path
+        if (kp)
+          for (int64_t j = 0; j < H; ++j) dhr[j] += chr[j];
+      }
     }
   }
   std::vector<Tensor> out{DEG, DGI, DO, DZ, dh, dc};
@@ -328,10 +470,15 @@ Weights weights(Tensor w_cat, c10::optional<Tensor> b_cat, std::vector<Tensor> b
                 std::vector<Tensor> body_b, Tensor w_g, Tensor b_g, std::vector<Tensor> phiz_w,
                 std::vector<Tensor> phiz_b, Tensor w_z) {
   Weights W;
-  W.w_cat = w_cat;
-  if (b_cat) W.b_cat = *b_cat;
-  W.body_w = body_w; W.body_b = body_b; W.phiz_w = phiz_w; W.phiz_b = phiz_b;
-  W.w_g = w_g; W.b_g = b_g; W.w_z = w_z;
+  auto c = [](std::vector<Tensor> ts) {
+    for (auto& t : ts) t = t.contiguous();
+    return ts;
+  };
+  W.w_cat = w_cat.contiguous();
+  if (b_cat) W.b_cat = b_cat->contiguous();
+  W.body_w = c(body_w); W.body_b = c(body_b); W.phiz_w = c(phiz_w); W.phiz_b = c(phiz_b);
+  W.w_g = w_g.contiguous(); W.w_z = w_z.contiguous();
+  if (b_g.defined()) W.b_g = b_g.contiguous();
   return W;
 }
 
