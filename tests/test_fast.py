@@ -318,7 +318,7 @@ def make_srnn(seed=0, **kw):
                                 dict(posterior="filtering", cell="gru", enc_layers=2, prior_layers=2)],
                          ids=["resq", "no-resq", "deep", "filtering-gru"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_srnn_fused_chain_equals_autograd(kw, masked):
+def test_srnn_fused_chain_equals_autograd(kw, masked, loops):
     """Values and every gradient (parameters, x) of the SRNN with its fused z-chain equal
     the autograd loop's, with k=2 samples per sequence and resampling gathers."""
     from vrnn.fast_srnn import supports as chain_supports
@@ -336,8 +336,10 @@ def test_srnn_fused_chain_equals_autograd(kw, masked):
         assert chain_supports(model)
         x = x0.clone().requires_grad_()
         tr = model(x, mask, samples=K, noise=noise, ancestors=anc)
-        fused_ran = "ZChainBackward" in type(tr.z.grad_fn).__name__ or any(
-            "ZChainBackward" in type(n[0]).__name__ for n in tr.z.grad_fn.next_functions if n[0] is not None)
+        nodes = [tr.z.grad_fn] + [n[0] for n in tr.z.grad_fn.next_functions if n[0] is not None]
+        chain_nodes = [n for n in nodes if "ZChainBackward" in type(n).__name__]
+        fused_ran = bool(chain_nodes)
+        assert all(bool(n.compiled) == (loops == "compiled") for n in chain_nodes)
         w = torch.randn(tr.log_px.shape, generator=torch.Generator().manual_seed(4), dtype=torch.double)
         loss = (w * (tr.log_px - tr.kl)).sum() + tr.state[2].sum()
         loss.backward()
@@ -351,7 +353,7 @@ def test_srnn_fused_chain_equals_autograd(kw, masked):
     torch.testing.assert_close(res["fused"][3], res["autograd"][3], rtol=1e-9, atol=1e-11)
 
 
-def test_srnn_fused_chain_gradcheck():
+def test_srnn_fused_chain_gradcheck(loops):
     from vrnn.fast_srnn import ZChain, chain_args
     model = make_srnn(seed=1, enc_layers=2, prior_layers=2)
     meta, params = chain_args(model)
@@ -367,6 +369,8 @@ def test_srnn_fused_chain_gradcheck():
 
     def f(pd, qa, eps, z0, *ps):
         return ZChain.apply(meta + (torch.double,), pd, qa, eps, keep, anc, z0, *ps)
+
+    assert ran_compiled(f(pd, qa, eps, z0, *params)[0]) == (loops == "compiled")
 
     assert torch.autograd.gradcheck(f, (pd, qa, eps, z0, *params), eps=1e-6, atol=1e-6)
 

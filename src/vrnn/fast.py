@@ -168,7 +168,7 @@ class FusedScan(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, meta, ax, gx, eps, keep, anc, h0, c0, *params):
-        ext = _compiled_for(meta, h0)
+        ext = _compiled_for(meta[4], h0)
         ctx.compiled = ext is not None
         if ext is not None:
             return _forward_compiled(ext, ctx, meta, ax, gx, eps, keep, anc, h0, c0, params)
@@ -390,12 +390,12 @@ def _input_grads(ctx, DEG, DGI, DA, DO, DZ, DP, dh, dc, hpT, U, Q, zT, fzT, std_
 
 
 # ------------------------------------------------------------ the compiled loops (csrc/scan.cpp)
-def _compiled_for(meta, h0):
+def _compiled_for(cd, state):
     """The compiled extension where it applies to this call, else None: CPU, float32 or
     float64, no mixed precision. Under autocast (bf16/fp16) the Python loops run: their
     matmuls take the autocast dtype while the cell's arithmetic stays in float32, a split
     the compiled loops do not make (they run one dtype throughout)."""
-    if meta[4] != h0.dtype or h0.dtype not in (torch.float32, torch.float64) or h0.device.type != "cpu":
+    if cd != state.dtype or state.dtype not in (torch.float32, torch.float64) or state.device.type != "cpu":
         return None
     from . import compiled
     return compiled.extension()

@@ -525,9 +525,184 @@ std::vector<Tensor> scan_backward(Tensor HS, Tensor CS, std::vector<Tensor> U, s
   return out;
 }
 
+// ------------------------------------------------------------------ the SRNN's z-chain
+// fast_srnn.py's ZChain: per step u = relu(pq_t + W_z z_{t-1}) through the block-diagonal
+// body, o = [mu_p, dmu, pre_p, pre_q] = W_out u + b_out, [std_p, std_q] = softplus + floor,
+// z_t = mu_q + std_q * eps_t (mu_q = mu_p + dmu with the residual posterior), carried where
+// keep, gathered by the ancestors. pq (T, Bs, W) is shared by the k samples of a sequence.
+template <typename T>
+std::vector<Tensor> chain_forward_impl(const Tensor& pq, const Tensor& eps, const Tensor& keep, const Tensor& anc,
+                                       const std::vector<int64_t>& pos, const Tensor& z0, const Tensor& w_z,
+                                       const std::vector<Tensor>& body_w, const std::vector<Tensor>& body_b,
+                                       const Tensor& w_out, const Tensor& b_out, bool residual, double floor_) {
+  const int64_t Tn = eps.size(0), R = eps.size(1), Z = eps.size(2), Bs = pq.size(1), Wd = pq.size(2);
+  const int64_t nb = body_w.size();
+  const T floor = static_cast<T>(floor_);
+  auto opts = eps.options();
+  Tensor ZIN = at::empty({Tn, R, Z}, opts), O = at::empty({Tn, R, 4 * Z}, opts), S = at::empty({Tn, R, 2 * Z}, opts);
+  Tensor ZT = at::empty({Tn, R, Z}, opts), MUQ = at::empty({Tn, R, Z}, opts);
+  std::vector<Tensor> U;
+  for (int64_t k = 0; k <= nb; ++k) U.push_back(at::empty({Tn, R, Wd}, opts));
+  Tensor ZC = z0.clone(), ZN = at::empty({R, Z}, opts);
+  T* zc = ptr<T>(ZC);
+  T* zn = ptr<T>(ZN);
+  const T* kp = keep.defined() ? ptr<T>(keep) : nullptr;
+  const int64_t* ap = anc.defined() ? anc.data_ptr<int64_t>() : nullptr;
+  for (int64_t t = 0; t < Tn; ++t) {
+    T* zin = ptr<T>(ZIN) + t * R * Z;
+    std::copy(zc, zc + R * Z, zin);
+    T* u = ptr<T>(U[0]) + t * R * Wd;
+    fill_rows(u, Wd, ptr<T>(pq) + t * Bs * Wd, std::min(R, Bs), Wd, true);
+    for (int64_t r = Bs; r < R; ++r) std::copy(u + (r % Bs) * Wd, u + (r % Bs + 1) * Wd, u + r * Wd);
+    gemm<T>(R, Wd, Z, zin, Z, ptr<T>(w_z), true, T(1), u, Wd);
+    relu_(u, R * Wd);
+    for (int64_t k = 0; k < nb; ++k) {
+      T* v = ptr<T>(U[k + 1]) + t * R * Wd;
+      fill_rows(v, Wd, ptr<T>(body_b[k]), R, Wd, false);
+      gemm<T>(R, Wd, Wd, ptr<T>(U[k]) + t * R * Wd, Wd, ptr<T>(body_w[k]), true, T(1), v, Wd);
+      relu_(v, R * Wd);
+    }
+    T* o = ptr<T>(O) + t * R * 4 * Z;
+    fill_rows(o, 4 * Z, ptr<T>(b_out), R, 4 * Z, false);
+    gemm<T>(R, 4 * Z, Wd, ptr<T>(U[nb]) + t * R * Wd, Wd, ptr<T>(w_out), true, T(1), o, 4 * Z);
+    T* sd = ptr<T>(S) + t * R * 2 * Z;
+    T* zt = ptr<T>(ZT) + t * R * Z;
+    T* mq = ptr<T>(MUQ) + t * R * Z;
+    const T* e = ptr<T>(eps) + t * R * Z;
+    for (int64_t r = 0; r < R; ++r) {
+      const T* __restrict__ orow = o + r * 4 * Z;
+      T* __restrict__ srow = sd + r * 2 * Z;
+      for (int64_t j = 0; j < 2 * Z; ++j) srow[j] = softplus(orow[2 * Z + j]) + floor;
+      const bool kept = !kp || kp[t * R + r] != T(0);
+      for (int64_t j = 0; j < Z; ++j) {
+        const int64_t i = r * Z + j;
+        const T m = residual ? orow[j] + orow[Z + j] : orow[Z + j];
+        mq[i] = m;
+        zt[i] = m + srow[Z + j] * e[i];
+        zn[i] = kept ? zt[i] : zc[i];
+      }
+    }
+    if (ap && pos[t] >= 0) {
+      const int64_t* a = ap + pos[t] * R;
+      for (int64_t r = 0; r < R; ++r) std::copy(zn + a[r] * Z, zn + (a[r] + 1) * Z, zc + r * Z);
+    } else {
+      std::copy(zn, zn + R * Z, zc);
+    }
+  }
+  std::vector<Tensor> out{ZIN, O, S, ZT, MUQ, ZC};
+  out.insert(out.end(), U.begin(), U.end());
+  return out;
+}
+
+template <typename T>
+std::vector<Tensor> chain_backward_impl(const Tensor& ZIN, const std::vector<Tensor>& U, const Tensor& O,
+                                        const Tensor& eps, const Tensor& keep, const Tensor& anc,
+                                        const std::vector<int64_t>& pos, const Tensor& gZ, const Tensor& gMuQ,
+                                        const Tensor& gStdQ, const Tensor& gMuP, const Tensor& gStdP,
+                                        const Tensor& gzf, const Tensor& w_z, const std::vector<Tensor>& body_w,
+                                        const Tensor& w_out, bool residual) {
+  const int64_t Tn = eps.size(0), R = eps.size(1), Z = eps.size(2), Wd = U[0].size(2);
+  const int64_t nb = body_w.size();
+  auto opts = eps.options();
+  std::vector<Tensor> DA;
+  for (int64_t k = 0; k <= nb; ++k) DA.push_back(at::empty({Tn, R, Wd}, opts));
+  Tensor DO = at::empty({Tn, R, 4 * Z}, opts), DZ = at::empty({Tn, R, Z}, opts);
+  Tensor dz = gzf.clone(), TMP = at::empty({R, Z}, opts), DU = at::empty({R, Wd}, opts), CARRY = at::empty({R, Z}, opts);
+  T* dzp = ptr<T>(dz);
+  T* tmp = ptr<T>(TMP);
+  T* du = ptr<T>(DU);
+  T* carry = ptr<T>(CARRY);
+  const T* kp = keep.defined() ? ptr<T>(keep) : nullptr;
+  const int64_t* ap = anc.defined() ? anc.data_ptr<int64_t>() : nullptr;
+  for (int64_t t = Tn - 1; t >= 0; --t) {
+    if (ap && pos[t] >= 0) {  // the carried z was gathered after step t: scatter back
+      const int64_t* a = ap + pos[t] * R;
+      std::fill(tmp, tmp + R * Z, T(0));
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < Z; ++j) tmp[a[r] * Z + j] += dzp[r * Z + j];
+      std::copy(tmp, tmp + R * Z, dzp);
+    }
+    T* dzt = ptr<T>(DZ) + t * R * Z;
+    T* d = ptr<T>(DO) + t * R * 4 * Z;
+    const T* o = ptr<T>(O) + t * R * 4 * Z;
+    const int64_t s = t * R * Z;
+    const T *gz = ptr<T>(gZ) + s, *gmq = ptr<T>(gMuQ) + s, *gsq = ptr<T>(gStdQ) + s, *gmp = ptr<T>(gMuP) + s,
+            *gsp = ptr<T>(gStdP) + s, *e = ptr<T>(eps) + s;
+    for (int64_t r = 0; r < R; ++r) {
+      const T k = kp ? kp[t * R + r] : T(1), nk = T(1) - k;
+      T* __restrict__ dr = d + r * 4 * Z;
+      const T* __restrict__ orow = o + r * 4 * Z;
+      for (int64_t j = 0; j < Z; ++j) {
+        const int64_t i = r * Z + j;
+        const T dzi = dzp[i] * k + gz[i];
+        carry[i] = dzp[i] * nk;
+        dzt[i] = dzi;
+        const T dmq = dzi + gmq[i];
+        dr[j] = residual ? gmp[i] + dmq : gmp[i];
+        dr[Z + j] = dmq;
+        dr[2 * Z + j] = gsp[i] * sigm(orow[2 * Z + j]);
+        dr[3 * Z + j] = (gsq[i] + dzi * e[i]) * sigm(orow[3 * Z + j]);
+      }
+    }
+    gemm<T>(R, Wd, 4 * Z, d, 4 * Z, ptr<T>(w_out), false, T(0), du, Wd);
+    for (int64_t k = nb - 1; k >= 0; --k) {
+      T* da = ptr<T>(DA[k + 1]) + t * R * Wd;
+      relu_back(da, Wd, du, ptr<T>(U[k + 1]) + t * R * Wd, R, Wd);
+      gemm<T>(R, Wd, Wd, da, Wd, ptr<T>(body_w[k]), false, T(0), du, Wd);
+    }
+    T* da0 = ptr<T>(DA[0]) + t * R * Wd;
+    relu_back(da0, Wd, du, ptr<T>(U[0]) + t * R * Wd, R, Wd);
+    std::copy(carry, carry + R * Z, dzp);  // dz = da0 . W_z + carry
+    gemm<T>(R, Z, Wd, da0, Wd, ptr<T>(w_z), false, T(1), dzp, Z);
+  }
+  std::vector<Tensor> out{DO, DZ, dz};
+  out.insert(out.end(), DA.begin(), DA.end());
+  return out;
+}
+
+std::vector<Tensor> cont(std::vector<Tensor> ts) {
+  for (auto& t : ts) t = t.contiguous();
+  return ts;
+}
+
+std::vector<Tensor> chain_forward(Tensor pq, Tensor eps, c10::optional<Tensor> keep, c10::optional<Tensor> anc,
+                                  std::vector<int64_t> pos, Tensor z0, Tensor w_z, std::vector<Tensor> body_w,
+                                  std::vector<Tensor> body_b, Tensor w_out, Tensor b_out, bool residual,
+                                  double floor_) {
+  Tensor k = keep ? *keep : Tensor(), a = anc ? *anc : Tensor();
+  for (auto* t : {&pq, &eps, &k, &a, &z0}) check(*t, eps, "vrnn chain input");
+  TORCH_CHECK(int64_t(pos.size()) == eps.size(0), "vrnn chain: one ancestor position per step expected");
+  TORCH_CHECK(eps.size(1) % pq.size(1) == 0, "vrnn chain: rows must be a multiple of the sequences");
+  at::NoGradGuard ng;
+  std::vector<Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "vrnn_chain_forward", [&] {
+    out = chain_forward_impl<scalar_t>(pq, eps, k, a, pos, z0, w_z.contiguous(), cont(body_w), cont(body_b),
+                                       w_out.contiguous(), b_out.contiguous(), residual, floor_);
+  });
+  return out;
+}
+
+std::vector<Tensor> chain_backward(Tensor ZIN, std::vector<Tensor> U, Tensor O, Tensor eps,
+                                   c10::optional<Tensor> keep, c10::optional<Tensor> anc, std::vector<int64_t> pos,
+                                   Tensor gZ, Tensor gMuQ, Tensor gStdQ, Tensor gMuP, Tensor gStdP, Tensor gzf,
+                                   Tensor w_z, std::vector<Tensor> body_w, Tensor w_out, bool residual) {
+  Tensor k = keep ? *keep : Tensor(), a = anc ? *anc : Tensor();
+  for (auto* t : {&ZIN, &O, &eps, &k, &a, &gZ, &gMuQ, &gStdQ, &gMuP, &gStdP, &gzf})
+    check(*t, eps, "vrnn chain backward input");
+  at::NoGradGuard ng;
+  std::vector<Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "vrnn_chain_backward", [&] {
+    out = chain_backward_impl<scalar_t>(ZIN, cont(U), O, eps, k, a, pos, gZ, gMuQ, gStdQ, gMuP, gStdP, gzf,
+                                        w_z.contiguous(), cont(body_w), w_out.contiguous(), residual);
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_forward", &scan_forward, "the VRNN scan's forward loop");
   m.def("scan_backward", &scan_backward, "the VRNN scan's reverse loop");
+  m.def("chain_forward", &chain_forward, "the SRNN z-chain's forward loop");
+  m.def("chain_backward", &chain_backward, "the SRNN z-chain's reverse loop");
 }
