@@ -59,8 +59,46 @@ template <> inline float ftanh<float>(float x) {
   return m * small + (1.f - m) * sbig;
 }
 
+// log for x > 0 (normal), Cephes' logf polynomial (within 2 ulp), branch-free
+inline float flog(float x) {
+  int bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  int e = ((bits >> 23) & 0xff) - 126;
+  bits = (bits & 0x807fffff) | 0x3f000000;  // the mantissa, in [0.5, 1)
+  float m;
+  std::memcpy(&m, &bits, sizeof m);
+  const int lo = m < 0.707106781186547524f;
+  e -= lo;
+  m = m + m * static_cast<float>(lo) - 1.f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  const float fe = static_cast<float>(e);
+  y = y * m * z + fe * -2.12194440e-4f - 0.5f * z;
+  return (m + y) + fe * 0.693359375f;
+}
+
 template <typename T> inline T sigm(T x) { return T(1) / (T(1) + fexp(-x)); }
-template <typename T> inline T softplus(T x) { return x > T(20) ? x : std::log1p(fexp(x)); }
+// softplus(x) = log1p(exp(x)) (x below ATen's threshold 20, else x)
+template <typename T> inline T softplus(T x) { return x > T(20) ? x : std::log1p(std::exp(x)); }
+template <> inline float softplus<float>(float x) {
+  // max(x, 0) + log1p(exp(-|x|)), with log1p(y) = log(u) * y / (u - 1), u = 1 + y (exact
+  // to rounding for small y too; y in (0, 1], so u - 1 > 0 unless y underflows in u)
+  const float y = fexp(-std::fabs(x));
+  const float u = 1.f + y;
+  const float d = u - 1.f;
+  const float small = static_cast<float>(d == 0.f);
+  const float l1p = small * y + (1.f - small) * (flog(u) * (y / (d + small)));
+  const float pos = x > 0.f ? x : 0.f;
+  return x > 20.f ? x : pos + l1p;
+}
 
 // y = sigmoid(x), y = tanh(x) over n contiguous values (vectorised for float)
 template <typename T> void vsigm(const T* __restrict__ x, T* __restrict__ y, int64_t n) {
@@ -208,16 +246,22 @@ std::vector<Tensor> forward_impl(const Tensor& ax, const Tensor& gx, const Tenso
       T* sd = ptr<T>(STD) + t * R * Z;
       T* z = ptr<T>(ZS) + t * R * Z;
       const T* e = epsp + t * R * Z;
-      for (int64_t r = 0; r < R; ++r)
+      for (int64_t r = 0; r < R; ++r) {
+        const T* __restrict__ om = o + r * 2 * Z;
+        const T* __restrict__ op = o + r * 2 * Z + Z;
+        const T* __restrict__ er = e + r * Z;
+        T* __restrict__ mr = mu + r * Z;
+        T* __restrict__ pr = pre + r * Z;
+        T* __restrict__ sr = sd + r * Z;
+        T* __restrict__ zr = z + r * Z;
         for (int64_t j = 0; j < Z; ++j) {
-          const T m = o[r * 2 * Z + j], p = o[r * 2 * Z + Z + j];
-          const T s = softplus(p) + floor;
-          const int64_t i = r * Z + j;
-          mu[i] = m;
-          pre[i] = p;
-          sd[i] = s;
-          z[i] = m + s * e[i];
+          const T s = softplus(op[j]) + floor;
+          mr[j] = om[j];
+          pr[j] = op[j];
+          sr[j] = s;
+          zr[j] = om[j] + s * er[j];
         }
+      }
     }
     const T* q = ptr<T>(ZS) + t * R * Z;
     int64_t qn = Z;
@@ -573,14 +617,16 @@ std::vector<Tensor> chain_forward_impl(const Tensor& pq, const Tensor& eps, cons
       const T* __restrict__ orow = o + r * 4 * Z;
       T* __restrict__ srow = sd + r * 2 * Z;
       for (int64_t j = 0; j < 2 * Z; ++j) srow[j] = softplus(orow[2 * Z + j]) + floor;
+      const T* __restrict__ er = e + r * Z;
+      T* __restrict__ mr = mq + r * Z;
+      T* __restrict__ zr = zt + r * Z;
+      if (residual)
+        for (int64_t j = 0; j < Z; ++j) mr[j] = orow[j] + orow[Z + j];
+      else
+        for (int64_t j = 0; j < Z; ++j) mr[j] = orow[Z + j];
+      for (int64_t j = 0; j < Z; ++j) zr[j] = mr[j] + srow[Z + j] * er[j];
       const bool kept = !kp || kp[t * R + r] != T(0);
-      for (int64_t j = 0; j < Z; ++j) {
-        const int64_t i = r * Z + j;
-        const T m = residual ? orow[j] + orow[Z + j] : orow[Z + j];
-        mq[i] = m;
-        zt[i] = m + srow[Z + j] * e[i];
-        zn[i] = kept ? zt[i] : zc[i];
-      }
+      std::copy(kept ? zr : zc + r * Z, (kept ? zr : zc + r * Z) + Z, zn + r * Z);
     }
     if (ap && pos[t] >= 0) {
       const int64_t* a = ap + pos[t] * R;
@@ -632,18 +678,22 @@ std::vector<Tensor> chain_backward_impl(const Tensor& ZIN, const std::vector<Ten
       const T k = kp ? kp[t * R + r] : T(1), nk = T(1) - k;
       T* __restrict__ dr = d + r * 4 * Z;
       const T* __restrict__ orow = o + r * 4 * Z;
+      const int64_t i0 = r * Z;
+      const T* __restrict__ dzr = dzp + i0;
+      T* __restrict__ cr = carry + i0;
+      T* __restrict__ dtr = dzt + i0;
       for (int64_t j = 0; j < Z; ++j) {
-        const int64_t i = r * Z + j;
-        const T dzi = dzp[i] * k + gz[i];
-        carry[i] = dzp[i] * nk;
-        dzt[i] = dzi;
-        const T dmq = dzi + gmq[i];
-        dr[j] = residual ? gmp[i] + dmq : gmp[i];
+        const T dzi = dzr[j] * k + gz[i0 + j];
+        cr[j] = dzr[j] * nk;
+        dtr[j] = dzi;
+        const T dmq = dzi + gmq[i0 + j];
+        dr[j] = residual ? gmp[i0 + j] + dmq : gmp[i0 + j];
         dr[Z + j] = dmq;
-        dr[2 * Z + j] = gsp[i] * sigm(orow[2 * Z + j]);
-        dr[3 * Z + j] = (gsq[i] + dzi * e[i]) * sigm(orow[3 * Z + j]);
+        dr[2 * Z + j] = gsp[i0 + j] * sigm(orow[2 * Z + j]);
+        dr[3 * Z + j] = (gsq[i0 + j] + dzi * e[i0 + j]) * sigm(orow[3 * Z + j]);
       }
     }
+
     gemm<T>(R, Wd, 4 * Z, d, 4 * Z, ptr<T>(w_out), false, T(0), du, Wd);
     for (int64_t k = nb - 1; k >= 0; --k) {
       T* da = ptr<T>(DA[k + 1]) + t * R * Wd;
