@@ -477,3 +477,12 @@ def test_build_cache_outside_the_package(monkeypatch, tmp_path):
     monkeypatch.delenv("VRNN_CACHE")
     assert compiled.cache_dir() == compiled.Path.home() / ".cache" / "vrnn" / "extensions"
     assert compiled._name().startswith("vrnn_scan_")
+
+
+def test_no_compiler_says_so_in_one_line(monkeypatch):
+    monkeypatch.setattr(compiled, "_state", dict(compiled._state, module=None, tried=False, error=None,
+                                                 enabled=True))
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler \(no-such-compiler-here\) on PATH"):
+        assert compiled.extension() is None
+    assert compiled.extension() is None  # said once: a second call is silent (no warning)

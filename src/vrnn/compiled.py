@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import sys
@@ -73,30 +74,40 @@ def _ninja_on_path() -> None:
     dirs = [str(Path(sys.executable).parent)]
     with contextlib.suppress(Exception):
         import ninja  # the PyPI wheel
-        dirs.insert(0, str(ninja.BIN_DIR))
+        if ninja.BIN_DIR:
+            dirs.insert(0, str(ninja.BIN_DIR))
     for d in dirs:
-        if (Path(d) / "ninja").exists():
+        if (Path(d) / "ninja").is_file():
             os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
             return
 
 
 def _build():
     from torch.utils.cpp_extension import load
+    cxx = os.environ.get("CXX", "c++")  # what torch's build calls
+    if not shutil.which(cxx):
+        raise RuntimeError(f"no C++ compiler ({cxx}) on PATH")
     name = _name()
     build = cache_dir() / name
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob(f"{name}*.so")) and not any(build.glob(f"{name}*.pyd")):
         print(f"vrnn: compiling the scan's loops (once, into {build}) ...", file=sys.stderr, flush=True)
     _ninja_on_path()
-    for i, flags in enumerate(FLAGS):
-        try:
-            mod = load(name=name, sources=[str(SOURCE)], build_directory=str(build),
-                       extra_cflags=flags, verbose=False)
-            _state["flags"] = flags
-            return mod
-        except Exception:
-            if i == len(FLAGS) - 1:
-                raise
+    log = logging.getLogger("torch.utils.cpp_extension")  # its warnings: ours says one line
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        for i, flags in enumerate(FLAGS):
+            try:
+                mod = load(name=name, sources=[str(SOURCE)], build_directory=str(build),
+                           extra_cflags=flags, verbose=False)
+                _state["flags"] = flags
+                return mod
+            except Exception:
+                if i == len(FLAGS) - 1:
+                    raise
+    finally:
+        log.setLevel(level)
 
 
 def extension():
