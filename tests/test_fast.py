@@ -485,4 +485,7 @@ def test_no_compiler_says_so_in_one_line(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler \(no-such-compiler-here\) on PATH"):
         assert compiled.extension() is None
-    assert compiled.extension() is None  # said once: a second call is silent (no warning)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: a second call is silent
+        assert compiled.extension() is None
