@@ -489,3 +489,15 @@ def test_no_compiler_says_so_in_one_line(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once: a second call is silent
         assert compiled.extension() is None
+
+
+def test_compiled_loops_refuse_bad_ancestors():
+    """An out-of-range ancestor row is refused with an error, never read out of bounds."""
+    if not compiled.available():
+        pytest.skip(f"the compiled loops did not build here: {compiled._state['error']}")
+    model = make()
+    ax, gx, eps, keep, (h0, c0) = scan_inputs(model, 2, 3, False)
+    meta, params = scan_args(model)
+    anc = (None, torch.tensor([0, 2]), None)  # row 2 of 2
+    with pytest.raises(RuntimeError, match="ancestor index out of range"):
+        FusedScan.apply(meta + (torch.double,), ax, gx, eps, keep, anc, h0, c0, *params)

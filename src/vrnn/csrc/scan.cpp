@@ -526,6 +526,18 @@ Weights weights(Tensor w_cat, c10::optional<Tensor> b_cat, std::vector<Tensor> b
   return W;
 }
 
+// every ancestor row in [0, rows) (the loops index with them unchecked)
+void check_ancestors(const Tensor& anc, const std::vector<int64_t>& pos, int64_t R) {
+  if (!anc.defined()) return;
+  TORCH_CHECK(anc.dim() == 2 && anc.size(1) == R && anc.scalar_type() == at::kLong,
+              "vrnn scan: ancestors must be int64 (steps, rows)");
+  for (int64_t p : pos) TORCH_CHECK(p < anc.size(0), "vrnn scan: ancestor position out of range");
+  if (anc.numel()) {
+    TORCH_CHECK(anc.min().item<int64_t>() >= 0 && anc.max().item<int64_t>() < R,
+                "vrnn scan: ancestor index out of range [0, ", R, ")");
+  }
+}
+
 void check(const Tensor& t, const Tensor& like, const char* name) {
   TORCH_CHECK(!t.defined() || (t.is_contiguous() && t.device().is_cpu()), name, ": contiguous CPU tensor expected");
   TORCH_CHECK(!t.defined() || t.scalar_type() == like.scalar_type() || t.scalar_type() == at::kLong,
@@ -541,6 +553,16 @@ std::vector<Tensor> scan_forward(Tensor ax, Tensor gx, Tensor eps, c10::optional
   Tensor k = keep ? *keep : Tensor(), a = anc ? *anc : Tensor();
   for (auto* t : {&ax, &gx, &eps, &k, &a, &h0, &c0}) check(*t, ax, "vrnn scan input");
   TORCH_CHECK(int64_t(pos.size()) == ax.size(0), "vrnn scan: one ancestor position per step expected");
+  const int64_t T = ax.size(0), Bs = ax.size(1), E = ax.size(2), R = h0.size(0), H = h0.size(1);
+  const int64_t G = gx.size(2), Z = eps.size(2);
+  TORCH_CHECK(ax.dim() == 3 && gx.dim() == 3 && eps.dim() == 3 && h0.dim() == 2, "vrnn scan: ranks");
+  TORCH_CHECK(gx.size(0) == T && gx.size(1) == Bs && eps.size(0) == T && eps.size(1) == R && Bs > 0 &&
+              R % Bs == 0 && c0.sizes() == h0.sizes(), "vrnn scan: inconsistent shapes");
+  TORCH_CHECK(!k.defined() || (k.size(0) == T && k.size(1) == R), "vrnn scan: keep must be (T, rows)");
+  TORCH_CHECK(w_cat.size(0) == E + G && w_cat.size(1) == H && w_z.size(0) == G && w_g.size(0) == 2 * Z &&
+              !phiz_w.empty() && phiz_w[0].size(1) == Z && body_w.size() == body_b.size() &&
+              phiz_w.size() == phiz_b.size(), "vrnn scan: weight shapes");
+  check_ancestors(a, pos, R);
   auto W = weights(w_cat, b_cat, body_w, body_b, w_g, b_g, phiz_w, phiz_b, w_z);
   at::NoGradGuard ng;
   std::vector<Tensor> out;
@@ -722,7 +744,14 @@ std::vector<Tensor> chain_forward(Tensor pq, Tensor eps, c10::optional<Tensor> k
   Tensor k = keep ? *keep : Tensor(), a = anc ? *anc : Tensor();
   for (auto* t : {&pq, &eps, &k, &a, &z0}) check(*t, eps, "vrnn chain input");
   TORCH_CHECK(int64_t(pos.size()) == eps.size(0), "vrnn chain: one ancestor position per step expected");
-  TORCH_CHECK(eps.size(1) % pq.size(1) == 0, "vrnn chain: rows must be a multiple of the sequences");
+  TORCH_CHECK(pq.dim() == 3 && eps.dim() == 3 && pq.size(1) > 0 && eps.size(1) % pq.size(1) == 0 &&
+              pq.size(0) == eps.size(0), "vrnn chain: rows must be a multiple of the sequences");
+  TORCH_CHECK(z0.dim() == 2 && z0.size(0) == eps.size(1) && z0.size(1) == eps.size(2) &&
+              w_z.size(0) == pq.size(2) && w_z.size(1) == eps.size(2) && w_out.size(0) == 4 * eps.size(2) &&
+              w_out.size(1) == pq.size(2) && body_w.size() == body_b.size(), "vrnn chain: inconsistent shapes");
+  TORCH_CHECK(!k.defined() || (k.size(0) == eps.size(0) && k.size(1) == eps.size(1)),
+              "vrnn chain: keep must be (T, rows)");
+  check_ancestors(a, pos, eps.size(1));
   at::NoGradGuard ng;
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "vrnn_chain_forward", [&] {
