@@ -17,7 +17,7 @@ def loops(request):
     on = request.param == "compiled"
     if on and not compiled.available():
         pytest.skip(f"the compiled loops did not build here: {compiled._state['error']}")
-    with compiled.using(on):
+    with compiled.using(on, float64=on):  # the float64 checks run the compiled loops too
         yield request.param
 
 
@@ -453,7 +453,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
     """No compiler (or a failed build): one RuntimeWarning, once; training runs the Python
     loops with the same results."""
     monkeypatch.setattr(compiled, "_state", dict(compiled._state, module=None, tried=False, error=None,
-                                                 enabled=True))
+                                                 enabled=True, float64=True))
 
     def no_compiler():
         raise RuntimeError("Ninja is required to load C++ extensions\nmore lines")
@@ -499,5 +499,20 @@ def test_compiled_loops_refuse_bad_ancestors():
     ax, gx, eps, keep, (h0, c0) = scan_inputs(model, 2, 3, False)
     meta, params = scan_args(model)
     anc = (None, torch.tensor([0, 2]), None)  # row 2 of 2
-    with pytest.raises(RuntimeError, match="ancestor index out of range"):
+    with compiled.using(True, float64=True), pytest.raises(RuntimeError, match="ancestor index out of range"):
         FusedScan.apply(meta + (torch.double,), ax, gx, eps, keep, anc, h0, c0, *params)
+
+
+def test_float64_keeps_the_bit_identical_python_loops_by_default():
+    """By default float64 runs the Python loops (bit for bit the no-grad path's values) and
+    float32 the compiled ones where they build."""
+    x = torch.randn(2, 5, 4, dtype=torch.double)
+    noise = torch.randn(2, 5, 3, dtype=torch.double)
+    with compiled.using(True, float64=False):
+        model = set_scan(make(), "fused")
+        tr = model(x, noise=noise)
+        assert not ran_compiled(tr.z)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, noise=noise).h, tr.h, rtol=0, atol=0)
+        tr32 = model.float()(x.float(), noise=noise.float())
+        assert ran_compiled(tr32.z) == compiled.available()

@@ -11,6 +11,14 @@ version and the Python version (a change of any of them builds anew).
 Where no compiler is found or the build fails, one line says so (a ``RuntimeWarning``,
 once per process) and the Python loops run. ``VRNN_COMPILED=0`` in the environment, or
 ``set_enabled(False)``, forces the Python loops (tests run both).
+
+The compiled loops run float32 by default; float64 keeps the Python loops, whose values
+are bit for bit those of the plain autograd loop and of the no-grad path (the compiled
+loops' exp/tanh/log1p are the C library's, not ATen's vectorised ones, so they agree to
+rounding only), a property the library's float64 checks rely on (a filtered prefix equals
+the training trace's state, FIVO's gradient pass repeats its gradient-free pass).
+``VRNN_COMPILED=all`` or ``set_enabled(True, float64=True)`` runs float64 compiled too
+(the tests do, for gradcheck and the comparisons with autograd).
 """
 
 from __future__ import annotations
@@ -29,8 +37,9 @@ import torch
 __all__ = ["extension", "loaded", "available", "enabled", "set_enabled", "using", "cache_dir", "SOURCE"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "scan.cpp"
+_ENV = os.environ.get("VRNN_COMPILED", "1").strip().lower()
 _state: dict = {"module": None, "tried": False, "error": None,
-                "enabled": os.environ.get("VRNN_COMPILED", "1").strip().lower() not in ("0", "false", "no", "off")}
+                "enabled": _ENV not in ("0", "false", "no", "off"), "float64": _ENV == "all"}
 
 
 def cache_dir() -> Path:
@@ -136,21 +145,30 @@ def enabled() -> bool:
     return _state["enabled"]
 
 
-def set_enabled(on: bool) -> bool:
+def float64() -> bool:
+    """Whether float64 runs the compiled loops too (off by default: see the module docstring)."""
+    return _state["float64"]
+
+
+def set_enabled(on: bool, float64: bool | None = None) -> tuple:
     """Use the compiled loops where they build (True, the default) or the Python loops
-    (False); returns the previous setting."""
-    prev, _state["enabled"] = _state["enabled"], bool(on)
+    (False); ``float64=True`` extends them to float64 (tests, gradcheck). Returns the
+    previous setting, for ``set_enabled(*prev)``."""
+    prev = (_state["enabled"], _state["float64"])
+    _state["enabled"] = bool(on)
+    if float64 is not None:
+        _state["float64"] = bool(float64)
     return prev
 
 
 @contextlib.contextmanager
-def using(on: bool):
+def using(on: bool, float64: bool | None = None):
     """``with compiled.using(False): ...`` runs the Python loops inside."""
-    prev = set_enabled(on)
+    prev = set_enabled(on, float64)
     try:
         yield
     finally:
-        set_enabled(prev)
+        set_enabled(*prev)
 
 
 def loaded():

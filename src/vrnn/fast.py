@@ -391,13 +391,15 @@ def _input_grads(ctx, DEG, DGI, DA, DO, DZ, DP, dh, dc, hpT, U, Q, zT, fzT, std_
 
 # ------------------------------------------------------------ the compiled loops (csrc/scan.cpp)
 def _compiled_for(cd, state):
-    """The compiled extension where it applies to this call, else None: CPU, float32 or
-    float64, no mixed precision. Under autocast (bf16/fp16) the Python loops run: their
+    """The compiled extension where it applies to this call, else None: CPU, float32 (and
+    float64 where ``vrnn.compiled.float64()``), no mixed precision. Under autocast (bf16/fp16) the Python loops run: their
     matmuls take the autocast dtype while the cell's arithmetic stays in float32, a split
     the compiled loops do not make (they run one dtype throughout)."""
     if cd != state.dtype or state.dtype not in (torch.float32, torch.float64) or state.device.type != "cpu":
         return None
     from . import compiled
+    if state.dtype == torch.float64 and not compiled.float64():
+        return None  # bit-identical Python loops (see vrnn.compiled)
     return compiled.extension()
 
 
