@@ -26,6 +26,12 @@ any call without grad (evaluation, sampling: the plain loop is fastest there), f
 to the autograd loop. It is ``VRNN``'s default (``VRNN.scan_impl = "fused"``); choose per
 model with ``set_scan(model, "autograd" | "fused")``.
 
+The two loops (forward, reverse) run compiled (``csrc/scan.cpp`` through
+``vrnn.compiled``: the same steps without a Python call per op) on the CPU in float32
+where the extension builds; in Python otherwise (float64 by default, mixed precision,
+CUDA, or ``VRNN_COMPILED=0``). The Python loops below are the reference they are tested
+against; everything around the loops (weight gradients, inputs' gradients) is shared.
+
 The outputs are those of ``VRNN._scan``: (h_prev, mu_q, std_q, z, fz, (h_final, c_final)),
 with the same masking semantics (rows whose ``keep`` is False keep their state). With k
 samples (or particles) per sequence the state has k*B rows and ``ax``/``gx`` B rows,

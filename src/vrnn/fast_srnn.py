@@ -19,7 +19,8 @@ runs the reverse loop for the per-step gradients only, then every weight gradien
 matmul over T*R rows (of which the diagonal blocks are the weights' gradients), and the
 gradients of pd and qa (summed over the samples of a sequence), of eps and of z_0.
 
-As in fast.py: k samples per sequence share pd/qa (R = k*B rows); under autocast the
+As in fast.py, the two loops run compiled (``csrc/scan.cpp``) on the CPU in float32 where
+the extension builds, the Python loops below otherwise. k samples per sequence share pd/qa (R = k*B rows); under autocast the
 matmuls run in the autocast dtype while the chain's state z and its gradient stay in the
 weights' precision; outputs mu/std in the compute dtype, z in the weights' dtype. Any call
 without grad, and any architecture it does not cover (prior and posterior bodies of
