@@ -6,6 +6,8 @@
     python benchmarks/speed.py --workloads handwriting --impl reference,fused --repeats 5
     python benchmarks/speed.py --family --smc --heads  # SRNN, IWAE/FIVO and SMC, the ar head
                                                         # (benchmarks/successors.py), only those
+    python benchmarks/speed.py --compiled               # small models: compiled vs Python loops
+                                                        # vs nn.LSTM (benchmarks/compiled_scan.py)
 
 Implementations (``--impl``):
   reference  benchmarks/reference.py: every network and loss term inside the time loop
@@ -13,7 +15,10 @@ Implementations (``--impl``):
   autograd   vrnn.VRNN, time-batched everything except the sequential chain, whose loop
              runs under plain autograd (VRNN.scan_impl = "autograd").
   fused      vrnn.VRNN with the fused scan of vrnn.fast (hand-written backward through
-             time, weight gradients as one matmul over T*B rows).
+             time, weight gradients as one matmul over T*B rows), its loops compiled
+             (vrnn/csrc/scan.cpp) where they build.
+  fused-python
+             the same with the loops in Python (vrnn.compiled.using(False)).
   bf16       fused under bf16 autocast: every matmul in bf16, the state (h, c), KL and
              log-probabilities in float32 (CPUs with AVX512-BF16/AMX run bf16 matmuls
              about twice as fast as float32).
@@ -59,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import ReferenceVRNN  # noqa: E402
 
 import vrnn  # noqa: E402
-from vrnn import VRNNConfig  # noqa: E402
+from vrnn import VRNNConfig, compiled  # noqa: E402
 from vrnn.fast import set_scan  # noqa: E402
 from vrnn.inference import log_likelihood, log_weights  # noqa: E402
 
@@ -68,11 +73,12 @@ WORKLOADS = {
     "handwriting": dict(x_dim=3, T=300, B=32, h=256, z=32, gpu_only=False),
     "paper": dict(x_dim=200, T=40, B=128, h=2000, z=200, gpu_only=True),
 }
-IMPLS = ("reference", "autograd", "fused", "bf16", "reference-bf16")
+IMPLS = ("reference", "autograd", "fused", "fused-python", "bf16", "reference-bf16")
 GPU_IMPLS = ("graphed", "bf16-graphed")  # CUDA only
 
 
 CLIP = 10.0
+DEFAULT_WORKLOADS = "speech,handwriting,paper"
 
 
 def is_bf16(impl: str) -> bool:
@@ -114,9 +120,10 @@ def make_step(model: nn.Module, loss_fn, impl: str = "fused"):
 
     def step(x):
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=is_bf16(impl)):
-            loss = loss_fn(x)
-        loss.backward()
+        with compiled.using(compiled.enabled() and impl != "fused-python"):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=is_bf16(impl)):
+                loss = loss_fn(x)
+            loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # before the step (emited #3)
         opt.step()
         return loss
@@ -333,6 +340,23 @@ def verify(device: str) -> list[str]:
     return lines
 
 
+def small(args, dev: str, results: dict) -> None:
+    """The --compiled section (benchmarks/compiled_scan.py)."""
+    import compiled_scan as cs
+    wls = [w for w in args.workloads.split(",") if w] if args.workloads != DEFAULT_WORKLOADS else None
+    print(f"compiled loops: {'built' if compiled.available() else 'NOT available: ' + str(compiled._state['error'])}"
+          f" (flags {compiled._state.get('flags')})")
+    rows = cs.bench_small(interleaved, dev, args.warmup, args.repeats, wls)
+    print(f"\nTraining step (forward, ELBO, backward, clip, Adam), interleaved, median of {args.repeats}")
+    print(f"{'workload':<46} {'model':<42} {'params':>9} {'step ms':>8} {'/ RNN matched':>13} "
+          f"{'/ VRNN compiled':>15}")
+    for r in rows:
+        print(f"{r['workload']:<46} {r['model']:<42} {r['params']:>9,} {r['ms']:>8.1f} "
+              f"{r['vs_rnn_matched']:>12.2f}x {r['vs_vrnn_compiled']:>14.2f}x")
+    results["compiled"] = rows
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
 def successors(args, dev: str, results: dict) -> None:
     """The --family / --smc / --heads sections (benchmarks/successors.py)."""
     import successors as su
@@ -385,7 +409,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--is-repeats", type=int, default=2, help="repeats of the IS comparison")
-    ap.add_argument("--workloads", default="speech,handwriting,paper")
+    ap.add_argument("--workloads", default=DEFAULT_WORKLOADS,
+                    help="comma-separated; with --compiled: prefixes of its workloads (music, spectrogram, JSB)")
     ap.add_argument("--impl", default="reference,autograd,fused,bf16")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     ap.add_argument("--no-extras", action="store_true", help="skip IS evaluation and sampling")
@@ -399,6 +424,9 @@ def main(argv=None) -> int:
                     help="SMC evaluation vs K single passes; IWAE and FIVO steps vs an ELBO step")
     ap.add_argument("--heads", action="store_true",
                     help="the autoregressive head vs the Gaussian and GMM heads; sampling 2 s of speech")
+    ap.add_argument("--compiled", action="store_true",
+                    help="only: small models, VRNN with compiled vs Python loops vs nn.LSTM RNN "
+                         "(benchmarks/compiled_scan.py)")
     ap.add_argument("--json", default=None, help="write all results to this file")
     ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -426,7 +454,9 @@ def main(argv=None) -> int:
     if args.verify:
         for line in verify(dev):
             print(line)
-    if args.family or args.smc or args.heads:
+    if args.compiled:
+        small(args, dev, results)
+    elif args.family or args.smc or args.heads:
         successors(args, dev, results)
     elif args.threads_study:
         cpu_wls = [w for w in wls if not WORKLOADS[w]["gpu_only"]]

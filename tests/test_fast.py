@@ -5,10 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vrnn import VRNN, VRNNConfig
+from vrnn import VRNN, VRNNConfig, compiled
 from vrnn.fast import FusedScan, scan, scan_args, set_scan, supports
 
 CASES = [(cell, enc, masked) for cell in ("lstm", "gru") for enc in (1, 2) for masked in (False, True)]
+
+
+@pytest.fixture(params=["compiled", "python"])
+def loops(request):
+    """Runs a test with the compiled loops (csrc/scan.cpp) and with the Python ones."""
+    on = request.param == "compiled"
+    if on and not compiled.available():
+        pytest.skip(f"the compiled loops did not build here: {compiled._state['error']}")
+    with compiled.using(on, float64=on):  # the float64 checks run the compiled loops too
+        yield request.param
+
+
+def ran_compiled(t) -> bool:
+    return bool(getattr(t.grad_fn, "compiled", False))
 
 
 def make(cell="lstm", enc_layers=1, phi_z_layers=1, rnn_layers=1, x_dim=4, h=8, z=3, seed=0):
@@ -39,11 +53,13 @@ def scan_inputs(model, B, T, masked, seed=1):
 
 
 @pytest.mark.parametrize("cell,enc_layers,masked", CASES)
-def test_gradcheck_float64(cell, enc_layers, masked):
+def test_gradcheck_float64(cell, enc_layers, masked, loops):
     model = make(cell, enc_layers, phi_z_layers=2 if enc_layers == 2 else 1, h=4, z=2, x_dim=2)
     ax, gx, eps, keep, (h0, c0) = scan_inputs(model, 3, 4, masked)
     meta, params = scan_args(model)
     params = [p.detach().clone().requires_grad_() for p in params]
+    out = FusedScan.apply(meta + (torch.double,), ax, gx, eps, keep, None, h0, c0, *params)
+    assert ran_compiled(out[0]) == (loops == "compiled")
 
     def f(ax, gx, eps, h0, c0, *ps):
         return FusedScan.apply(meta + (torch.double,), ax, gx, eps, keep, None, h0, c0, *ps)
@@ -59,7 +75,10 @@ def _scan_outputs_equal(a, b):
 
 
 @pytest.mark.parametrize("cell,enc_layers,masked", CASES)
-def test_same_outputs_and_parameter_grads(cell, enc_layers, masked):
+def test_same_outputs_and_parameter_grads(cell, enc_layers, masked, loops):
+    """The Python loops repeat the autograd loop's arithmetic op for op (bitwise equal
+    values); the compiled loops compute the same expressions with the C library's exp,
+    tanh and log1p in place of ATen's vectorised ones (equal to the last bits)."""
     B, T = 3, 6
     grads, traces = {}, {}
     for impl in ("autograd", "fused"):
@@ -72,6 +91,7 @@ def test_same_outputs_and_parameter_grads(cell, enc_layers, masked):
         c0 = (0.3 * torch.randn(1, B, model.cfg.h_dim, generator=g, dtype=torch.double)).requires_grad_()
         tr = model(x, mask, state=(h0, c0), noise=noise)
         assert (type(tr.z.grad_fn).__name__ == "FusedScanBackward") == (impl == "fused")
+        assert ran_compiled(tr.z) == (impl == "fused" and loops == "compiled")
         loss = (tr.log_px - tr.kl).sum() + tr.state[0].pow(2).sum() + tr.state[1].sum()
         loss.backward()
         grads[impl] = {n: p.grad for n, p in model.named_parameters()}
@@ -82,10 +102,11 @@ def test_same_outputs_and_parameter_grads(cell, enc_layers, masked):
         model.elbo(x, mask, noise=noise).sum().backward()
         grads[impl + "_elbo"] = {n: p.grad.clone() for n, p in model.named_parameters()}
     a, f = traces["autograd"], traces["fused"]
+    tol = dict(rtol=0, atol=0) if loops == "python" else dict(rtol=1e-13, atol=1e-14)
     for name in ("log_px", "kl", "params", "h_prev", "h", "z", "mu_q", "std_q", "mu_p", "std_p"):
-        torch.testing.assert_close(getattr(f, name), getattr(a, name), rtol=0, atol=0)  # bitwise
+        torch.testing.assert_close(getattr(f, name), getattr(a, name), **tol)
     for i in range(2):
-        torch.testing.assert_close(f.state[i], a.state[i], rtol=0, atol=0)
+        torch.testing.assert_close(f.state[i], a.state[i], **tol)
     for key in ("", "_elbo"):
         ga, gf = grads["autograd" + key], grads["fused" + key]
         assert ga.keys() == gf.keys()
@@ -94,7 +115,7 @@ def test_same_outputs_and_parameter_grads(cell, enc_layers, masked):
             torch.testing.assert_close(gf[n], ga[n], rtol=1e-9, atol=1e-11, msg=n)
 
 
-def test_float32_close():
+def test_float32_close(loops):
     torch.manual_seed(0)
     outs = {}
     for impl in ("autograd", "fused"):
@@ -105,9 +126,10 @@ def test_float32_close():
         elbo = model.elbo(x, noise=noise)
         elbo.sum().backward()
         outs[impl] = [elbo.detach()] + [p.grad for p in model.parameters()]
-        with torch.no_grad():  # the plain loop: the same values, bit for bit
-            torch.testing.assert_close(model.elbo(x, noise=noise), elbo.detach(), rtol=0, atol=0)
-    torch.testing.assert_close(outs["fused"][0], outs["autograd"][0], rtol=0, atol=0)
+        tol = dict(rtol=0, atol=0) if loops == "python" or impl == "autograd" else dict(rtol=1e-6, atol=1e-5)
+        with torch.no_grad():  # the plain loop: the same values (the Python loops: bit for bit)
+            torch.testing.assert_close(model.elbo(x, noise=noise), elbo.detach(), **tol)
+    torch.testing.assert_close(outs["fused"][0], outs["autograd"][0], **tol)
     for a, b in zip(outs["autograd"][1:], outs["fused"][1:]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
@@ -170,7 +192,7 @@ def test_bf16_autocast_runs_fused(cell):
     assert err[("fused", True)] < 3 * err[("autograd", True)], err
 
 
-def test_falls_back():
+def test_falls_back(loops):
     model = set_scan(make(rnn_layers=2), "fused")
     assert not supports(model)
     ax, gx, eps, keep, state = scan_inputs(model, 2, 3, False)
@@ -189,10 +211,12 @@ def test_falls_back():
         set_scan(model1, "compiled")
 
 
-def test_backward_twice_with_retain_graph():
+def test_backward_twice_with_retain_graph(loops):
     model = set_scan(make(), "fused")
     x = torch.randn(2, 5, 4, dtype=torch.double)
-    loss = model.elbo(x).sum()
+    tr = model(x)
+    assert ran_compiled(tr.z) == (loops == "compiled")
+    loss = (tr.log_px - tr.kl).sum()
     loss.backward(retain_graph=True)
     first = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -202,7 +226,7 @@ def test_backward_twice_with_retain_graph():
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_graph_and_activations_freed_after_a_step(bf16):
+def test_graph_and_activations_freed_after_a_step(bf16, loops):
     """Nothing keeps a step's graph alive once the caller drops it: outputs kept on the
     autograd context as attributes form a cycle the garbage collector cannot see, and every
     training step would leak its activations (this happened)."""
@@ -218,7 +242,7 @@ def test_graph_and_activations_freed_after_a_step(bf16):
     assert all(r() is None for r in refs)  # freed by reference counting, no gc needed
 
 
-def test_float64_model_under_autocast_stays_float64():
+def test_float64_model_under_autocast_stays_float64(loops):
     """Autocast leaves float64 alone; so does the fused scan (it must not drop to bf16)."""
     grads = {}
     for impl in ("autograd", "fused"):
@@ -228,6 +252,7 @@ def test_float64_model_under_autocast_stays_float64():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             tr = model(x, noise=noise)
         assert (type(tr.h_prev.grad_fn).__name__ == "FusedScanBackward") == (impl == "fused")
+        assert ran_compiled(tr.h_prev) == (impl == "fused" and loops == "compiled")  # float64: not bf16
         (tr.log_px - tr.kl).sum().backward()
         grads[impl] = [p.grad for p in model.parameters()]
     for a, b in zip(grads["autograd"], grads["fused"]):
@@ -293,7 +318,7 @@ def make_srnn(seed=0, **kw):
                                 dict(posterior="filtering", cell="gru", enc_layers=2, prior_layers=2)],
                          ids=["resq", "no-resq", "deep", "filtering-gru"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_srnn_fused_chain_equals_autograd(kw, masked):
+def test_srnn_fused_chain_equals_autograd(kw, masked, loops):
     """Values and every gradient (parameters, x) of the SRNN with its fused z-chain equal
     the autograd loop's, with k=2 samples per sequence and resampling gathers."""
     from vrnn.fast_srnn import supports as chain_supports
@@ -311,8 +336,10 @@ def test_srnn_fused_chain_equals_autograd(kw, masked):
         assert chain_supports(model)
         x = x0.clone().requires_grad_()
         tr = model(x, mask, samples=K, noise=noise, ancestors=anc)
-        fused_ran = "ZChainBackward" in type(tr.z.grad_fn).__name__ or any(
-            "ZChainBackward" in type(n[0]).__name__ for n in tr.z.grad_fn.next_functions if n[0] is not None)
+        nodes = [tr.z.grad_fn] + [n[0] for n in tr.z.grad_fn.next_functions if n[0] is not None]
+        chain_nodes = [n for n in nodes if "ZChainBackward" in type(n).__name__]
+        fused_ran = bool(chain_nodes)
+        assert all(bool(n.compiled) == (loops == "compiled") for n in chain_nodes)
         w = torch.randn(tr.log_px.shape, generator=torch.Generator().manual_seed(4), dtype=torch.double)
         loss = (w * (tr.log_px - tr.kl)).sum() + tr.state[2].sum()
         loss.backward()
@@ -326,7 +353,7 @@ def test_srnn_fused_chain_equals_autograd(kw, masked):
     torch.testing.assert_close(res["fused"][3], res["autograd"][3], rtol=1e-9, atol=1e-11)
 
 
-def test_srnn_fused_chain_gradcheck():
+def test_srnn_fused_chain_gradcheck(loops):
     from vrnn.fast_srnn import ZChain, chain_args
     model = make_srnn(seed=1, enc_layers=2, prior_layers=2)
     meta, params = chain_args(model)
@@ -342,6 +369,8 @@ def test_srnn_fused_chain_gradcheck():
 
     def f(pd, qa, eps, z0, *ps):
         return ZChain.apply(meta + (torch.double,), pd, qa, eps, keep, anc, z0, *ps)
+
+    assert ran_compiled(f(pd, qa, eps, z0, *params)[0]) == (loops == "compiled")
 
     assert torch.autograd.gradcheck(f, (pd, qa, eps, z0, *params), eps=1e-6, atol=1e-6)
 
@@ -364,3 +393,126 @@ def test_srnn_fused_chain_under_bf16_autocast():
     assert tr.kl.dtype == tr.log_px.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ------------------------------------------------- K samples, resampling, the compiled build
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_samples_and_ancestors_equal_autograd(cell, loops):
+    """K = 2 samples per sequence as 2*B rows, a mask, and resampling gathers after two
+    steps: values and every gradient (parameters, x, the initial state) of the fused scan
+    equal the autograd loop's."""
+    B, T, K = 3, 6, 2
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(B, T, 4, generator=g, dtype=torch.double)
+    noise = torch.randn(K * B, T, 3, generator=g, dtype=torch.double)
+    mask = prefix_mask([T, 4, 2], T)
+    anc = [None] * T
+    anc[1] = torch.tensor([3, 1, 2, 0, 4, 5])
+    anc[3] = torch.tensor([0, 4, 2, 3, 4, 5])
+    res = {}
+    for impl in ("autograd", "fused"):
+        model = set_scan(make(cell, enc_layers=2, phi_z_layers=2), impl)
+        x = x0.clone().requires_grad_()
+        h0 = (0.3 * torch.randn(1, B, 8, generator=torch.Generator().manual_seed(7), dtype=torch.double))
+        h0.requires_grad_()
+        tr = model(x, mask, state=(h0, torch.zeros_like(h0)), samples=K, noise=noise, ancestors=anc)
+        assert ran_compiled(tr.z) == (impl == "fused" and loops == "compiled")
+        w = torch.randn(tr.log_px.shape, generator=torch.Generator().manual_seed(4), dtype=torch.double)
+        ((w * (tr.log_px - tr.kl)).sum() + tr.state[0].sum() + tr.state[1].pow(2).sum()).backward()
+        res[impl] = ([tr.log_px.detach(), tr.kl.detach(), tr.z.detach(), tr.state[0].detach()],
+                     {n: p.grad for n, p in model.named_parameters()}, x.grad, h0.grad)
+    for a, b in zip(res["autograd"][0], res["fused"][0]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
+    for n, ga in res["autograd"][1].items():
+        torch.testing.assert_close(res["fused"][1][n], ga, rtol=1e-9, atol=1e-11, msg=n)
+    for i in (2, 3):
+        torch.testing.assert_close(res["fused"][i], res["autograd"][i], rtol=1e-9, atol=1e-11)
+
+
+def test_gradcheck_samples_ancestors_float64(loops):
+    model = make("gru", 2, phi_z_layers=2, h=4, z=2, x_dim=2)
+    B, K, T = 2, 2, 4
+    ax, gx, _, _, _ = scan_inputs(model, B, T, False)
+    g = torch.Generator().manual_seed(9)
+    eps = torch.randn(K * B, T, 2, generator=g, dtype=torch.double, requires_grad=True)
+    h0 = (0.5 * torch.randn(1, K * B, 4, generator=g, dtype=torch.double)).requires_grad_()
+    c0 = torch.zeros_like(h0)
+    keep = prefix_mask([T, 2, T, 3], T).unsqueeze(-1) > 0
+    anc = (None, torch.tensor([2, 1, 0, 3]), None, torch.tensor([1, 1, 3, 3]))
+    meta, params = scan_args(model)
+    params = [p.detach().clone().requires_grad_() for p in params]
+
+    def f(ax, gx, eps, h0, *ps):
+        return FusedScan.apply(meta + (torch.double,), ax, gx, eps, keep, anc, h0, c0, *ps)
+
+    assert ran_compiled(f(ax, gx, eps, h0, *params)[0]) == (loops == "compiled")
+    assert torch.autograd.gradcheck(f, (ax, gx, eps, h0, *params), eps=1e-6, atol=1e-6)
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch):
+    """No compiler (or a failed build): one RuntimeWarning, once; training runs the Python
+    loops with the same results."""
+    monkeypatch.setattr(compiled, "_state", dict(compiled._state, module=None, tried=False, error=None,
+                                                 enabled=True, float64=True))
+
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions\nmore lines")
+    monkeypatch.setattr(compiled, "_build", no_compiler)
+    model = set_scan(make(), "fused")
+    x = torch.randn(2, 5, 4, dtype=torch.double)
+    with pytest.warns(RuntimeWarning, match="compiled scan is unavailable .Ninja is required"):
+        tr = model(x)
+    assert type(tr.z.grad_fn).__name__ == "FusedScanBackward" and not ran_compiled(tr.z)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once only
+        tr = model(x)
+    (tr.log_px - tr.kl).sum().backward()
+    assert not compiled.available()
+
+
+def test_build_cache_outside_the_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("VRNN_CACHE", str(tmp_path))
+    assert compiled.cache_dir() == tmp_path / "extensions"
+    monkeypatch.delenv("VRNN_CACHE")
+    assert compiled.cache_dir() == compiled.Path.home() / ".cache" / "vrnn" / "extensions"
+    assert compiled._name().startswith("vrnn_scan_")
+
+
+def test_no_compiler_says_so_in_one_line(monkeypatch):
+    monkeypatch.setattr(compiled, "_state", dict(compiled._state, module=None, tried=False, error=None,
+                                                 enabled=True))
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler \(no-such-compiler-here\) on PATH"):
+        assert compiled.extension() is None
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: a second call is silent
+        assert compiled.extension() is None
+
+
+def test_compiled_loops_refuse_bad_ancestors():
+    """An out-of-range ancestor row is refused with an error, never read out of bounds."""
+    if not compiled.available():
+        pytest.skip(f"the compiled loops did not build here: {compiled._state['error']}")
+    model = make()
+    ax, gx, eps, keep, (h0, c0) = scan_inputs(model, 2, 3, False)
+    meta, params = scan_args(model)
+    anc = (None, torch.tensor([0, 2]), None)  # row 2 of 2
+    with compiled.using(True, float64=True), pytest.raises(RuntimeError, match="ancestor index out of range"):
+        FusedScan.apply(meta + (torch.double,), ax, gx, eps, keep, anc, h0, c0, *params)
+
+
+def test_float64_keeps_the_bit_identical_python_loops_by_default():
+    """By default float64 runs the Python loops (bit for bit the no-grad path's values) and
+    float32 the compiled ones where they build."""
+    x = torch.randn(2, 5, 4, dtype=torch.double)
+    noise = torch.randn(2, 5, 3, dtype=torch.double)
+    with compiled.using(True, float64=False):
+        model = set_scan(make(), "fused")
+        tr = model(x, noise=noise)
+        assert not ran_compiled(tr.z)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, noise=noise).h, tr.h, rtol=0, atol=0)
+        tr32 = model.float()(x.float(), noise=noise.float())
+        assert ran_compiled(tr32.z) == compiled.available()

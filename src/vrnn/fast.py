@@ -26,6 +26,12 @@ any call without grad (evaluation, sampling: the plain loop is fastest there), f
 to the autograd loop. It is ``VRNN``'s default (``VRNN.scan_impl = "fused"``); choose per
 model with ``set_scan(model, "autograd" | "fused")``.
 
+The two loops (forward, reverse) run compiled (``csrc/scan.cpp`` through
+``vrnn.compiled``: the same steps without a Python call per op) on the CPU in float32
+where the extension builds; in Python otherwise (float64 by default, mixed precision,
+CUDA, or ``VRNN_COMPILED=0``). The Python loops below are the reference they are tested
+against; everything around the loops (weight gradients, inputs' gradients) is shared.
+
 The outputs are those of ``VRNN._scan``: (h_prev, mu_q, std_q, z, fz, (h_final, c_final)),
 with the same masking semantics (rows whose ``keep`` is False keep their state). With k
 samples (or particles) per sequence the state has k*B rows and ``ax``/``gx`` B rows,
@@ -168,6 +174,10 @@ class FusedScan(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, meta, ax, gx, eps, keep, anc, h0, c0, *params):
+        ext = _compiled_for(meta[4], h0)
+        ctx.compiled = ext is not None
+        if ext is not None:
+            return _forward_compiled(ext, ctx, meta, ax, gx, eps, keep, anc, h0, c0, params)
         # In full precision the forward repeats VRNN._scan's arithmetic op for op (same
         # calls, same order, fresh outputs), so that its values are bit-identical to the
         # autograd loop's and to the no-grad path's; only what backward needs is kept.
@@ -260,6 +270,8 @@ class FusedScan(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, gHp, gMu, gStd, gZ, gFz, gh_fin, gc_fin):
+        if ctx.compiled:
+            return _backward_compiled(ctx, gHp, gMu, gStd, gZ, gFz, gh_fin, gc_fin)
         meta, params = ctx.meta, ctx.params
         kind, n_body, n_phiz, _, cd = meta
         w_eh, w_hh, b_hh, body, w_g, b_g, phiz, w_z = _unpack(meta, params)
@@ -343,30 +355,113 @@ class FusedScan(torch.autograd.Function):
                 dh.addcmul_(dhn, u)  # the u * h_{t-1} path
             if keep is not None:
                 dh.add_(ch)
-        # every weight gradient: one matmul over the T*B rows
-        TB = T * B
-        rows = lambda x: x.reshape(TB, x.shape[-1])  # noqa: E731
-        need = ctx.needs_input_grad
-        bsum = lambda x: rows(x).sum(0, dtype=sd)  # noqa: E731  (bias gradients)
-        d_wcat = rows(DEG).t() @ rows(hpT.to(cd))
-        grads = [d_wcat[:E], d_wcat[E:]]
-        if not lstm:
-            grads.append(bsum(DEG[:, :, E:]))
-        Us = [rows(u) for u in U]
-        for k in range(n_body):
-            grads += [rows(DA[k + 1]).t() @ Us[k], bsum(DA[k + 1])]
-        grads += [rows(DO).t() @ Us[-1], bsum(DO)]
-        for k in range(n_phiz):
-            inp = rows(z_s.transpose(0, 1)) if k == 0 else rows(Q[k - 1])
-            grads += [rows(DP[k]).t() @ inp, bsum(DP[k])]
-        grads.append(rows(DGI).t() @ rows(fz_s.transpose(0, 1)))
-        dt_ax, dt_gx, dt_eps = ctx.dtypes
-        n = B // ctx.seqs  # samples per sequence: their gradients of ax, gx add up
-        per_seq = lambda x: x if n == 1 else x.reshape(T, n, ctx.seqs, x.shape[-1]).sum(1)  # noqa: E731
-        dax = per_seq(DA[0]).transpose(0, 1).to(dt_ax) if need[1] else None
-        dgx = per_seq(DGI).transpose(0, 1).to(dt_gx) if need[2] else None
-        deps = (DZ.transpose(0, 1) * std_s).to(dt_eps) if need[3] else None
-        dh0 = dh.unsqueeze(0) if need[6] else None
-        dc0 = dc.unsqueeze(0) if need[7] else None  # (a GRU's c: gc_fin through the gathers)
-        grads = [gr.to(sd) if need[8 + i] else None for i, gr in enumerate(grads)]
-        return (None, dax, dgx, deps, None, None, dh0, dc0, *grads)
+        return _input_grads(ctx, DEG, DGI, DA, DO, DZ, DP, dh, dc, hpT, U, Q[:-1], z_s.transpose(0, 1),
+                            fz_s.transpose(0, 1), std_s)
+
+
+def _input_grads(ctx, DEG, DGI, DA, DO, DZ, DP, dh, dc, hpT, U, Q, zT, fzT, std_s):
+    """After the reverse loop: every weight gradient as one matmul over the T*B rows, and
+    the gradients of ax, gx (summed over the samples of a sequence), eps and the initial
+    state. All (T, B, .) stacks, time-major; U and Q the layers' inputs (activations)."""
+    kind, n_body, n_phiz, _, cd = ctx.meta
+    B, T, E, H, Z = ctx.shape
+    lstm = kind == "lstm"
+    sd = hpT.dtype
+    TB = T * B
+    rows = lambda x: x.reshape(TB, x.shape[-1])  # noqa: E731
+    need = ctx.needs_input_grad
+    bsum = lambda x: rows(x).sum(0, dtype=sd)  # noqa: E731  (bias gradients)
+    d_wcat = rows(DEG).t() @ rows(hpT.to(cd))
+    grads = [d_wcat[:E], d_wcat[E:]]
+    if not lstm:
+        grads.append(bsum(DEG[:, :, E:]))
+    Us = [rows(u) for u in U]
+    for k in range(n_body):
+        grads += [rows(DA[k + 1]).t() @ Us[k], bsum(DA[k + 1])]
+    grads += [rows(DO).t() @ Us[-1], bsum(DO)]
+    for k in range(n_phiz):
+        inp = rows(zT) if k == 0 else rows(Q[k - 1])
+        grads += [rows(DP[k]).t() @ inp, bsum(DP[k])]
+    grads.append(rows(DGI).t() @ rows(fzT))
+    dt_ax, dt_gx, dt_eps = ctx.dtypes
+    n = B // ctx.seqs  # samples per sequence: their gradients of ax, gx add up
+    per_seq = lambda x: x if n == 1 else x.reshape(T, n, ctx.seqs, x.shape[-1]).sum(1)  # noqa: E731
+    dax = per_seq(DA[0]).transpose(0, 1).to(dt_ax) if need[1] else None
+    dgx = per_seq(DGI).transpose(0, 1).to(dt_gx) if need[2] else None
+    deps = (DZ.transpose(0, 1) * std_s).to(dt_eps) if need[3] else None
+    dh0 = dh.unsqueeze(0) if need[6] else None
+    dc0 = dc.unsqueeze(0) if need[7] else None  # (a GRU's c: gc_fin through the gathers)
+    grads = [gr.to(sd) if need[8 + i] else None for i, gr in enumerate(grads)]
+    return (None, dax, dgx, deps, None, None, dh0, dc0, *grads)
+
+
+# ------------------------------------------------------------ the compiled loops (csrc/scan.cpp)
+def _compiled_for(cd, state):
+    """The compiled extension where it applies to this call, else None: CPU, float32 (and
+    float64 where ``vrnn.compiled.float64()``), no mixed precision. Under autocast (bf16/fp16) the Python loops run: their
+    matmuls take the autocast dtype while the cell's arithmetic stays in float32, a split
+    the compiled loops do not make (they run one dtype throughout)."""
+    if cd != state.dtype or state.dtype not in (torch.float32, torch.float64) or state.device.type != "cpu":
+        return None
+    from . import compiled
+    if state.dtype == torch.float64 and not compiled.float64():
+        return None  # bit-identical Python loops (see vrnn.compiled)
+    return compiled.extension()
+
+
+def _ancestor_rows(anc, T):
+    """(stacked ancestor rows or None, per step its row in the stack or -1)."""
+    if anc is None:
+        return None, [-1] * T
+    pos, rows = [], []
+    for a in anc:
+        pos.append(len(rows) if a is not None else -1)
+        if a is not None:
+            rows.append(a)
+    return torch.stack(rows).long().contiguous(), pos
+
+
+def _forward_compiled(ext, ctx, meta, ax, gx, eps, keep, anc, h0, c0, params):
+    kind, n_body, n_phiz, floor, cd = meta
+    sd = h0.dtype
+    ctx.dtypes = (ax.dtype, gx.dtype, eps.dtype)
+    w_eh, w_hh, b_hh, body, w_g, b_g, phiz, w_z = _unpack(meta, params)
+    _, T, E = ax.shape
+    R, H, Z = h0.shape[1], h0.shape[-1], eps.shape[-1]
+    lstm = kind == "lstm"
+    w_cat = torch.cat([w_eh, w_hh], dim=0)
+    b_cat = None if lstm else torch.cat([b_hh.new_zeros(E), b_hh])
+    tm = lambda x: x.to(sd).transpose(0, 1).contiguous()  # noqa: E731  (time-major)
+    epsT = tm(eps)
+    keepT = None if keep is None else keep.reshape(R, T).t().to(sd).contiguous()
+    anc_rows, pos = _ancestor_rows(anc, T)
+    out = ext.scan_forward(tm(ax), tm(gx), epsT, keepT, anc_rows, pos, h0[0].contiguous(),
+                           c0[0].contiguous(), w_cat, b_cat, [w for w, _ in body], [b for _, b in body],
+                           w_g, b_g, [w for w, _ in phiz], [b for _, b in phiz], w_z, lstm, floor)
+    HS, CS, MU, PRE, STD, ZS, ACT = out[:7]
+    U, Q = out[7:8 + n_body], out[8 + n_body:]
+    bt = lambda x: x.transpose(0, 1).contiguous()  # noqa: E731  (batch-major outputs)
+    h_prev, std_s, z_s, fz_s = bt(HS[:-1]), bt(STD), bt(ZS), bt(Q[-1])
+    ctx.meta, ctx.shape, ctx.seqs = meta, (R, T, E, H, Z), ax.shape[0]
+    ctx.save_for_backward(std_s)  # an output: through save_for_backward (no reference cycle)
+    ctx.saved = (HS, CS, U, Q, PRE, ACT, ZS, epsT, keepT, anc_rows, pos)
+    ctx.weights = (w_cat, [w for w, _ in body], w_g, [w for w, _ in phiz], w_z)
+    return (h_prev, bt(MU), std_s, z_s, fz_s, HS[-1].unsqueeze(0).clone(), CS[-1].unsqueeze(0).clone())
+
+
+def _backward_compiled(ctx, gHp, gMu, gStd, gZ, gFz, gh_fin, gc_fin):
+    from . import compiled
+    ext = compiled.loaded()
+    (std_s,) = ctx.saved_tensors
+    HS, CS, U, Q, PRE, ACT, ZS, epsT, keepT, anc_rows, pos = ctx.saved
+    w_cat, body_w, w_g, phiz_w, w_z = ctx.weights
+    sd = HS.dtype
+    tm = lambda x: x.to(sd).transpose(0, 1).contiguous()  # noqa: E731
+    out = ext.scan_backward(HS, CS, U, Q, PRE, ACT, epsT, keepT, anc_rows, pos, tm(gHp), tm(gMu),
+                            tm(gStd), tm(gZ), tm(gFz), gh_fin[0].to(sd).contiguous(),
+                            gc_fin[0].to(sd).contiguous(), w_cat, body_w, w_g, phiz_w, w_z,
+                            ctx.meta[0] == "lstm")
+    DEG, DGI, DO, DZ, dh, dc = out[:6]
+    n_body = ctx.meta[1]
+    DA, DP = out[6:7 + n_body], out[7 + n_body:]
+    return _input_grads(ctx, DEG, DGI, DA, DO, DZ, DP, dh, dc, HS[:-1], U, Q[:-1], ZS, Q[-1], std_s)

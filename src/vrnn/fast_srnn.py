@@ -19,7 +19,8 @@ runs the reverse loop for the per-step gradients only, then every weight gradien
 matmul over T*R rows (of which the diagonal blocks are the weights' gradients), and the
 gradients of pd and qa (summed over the samples of a sequence), of eps and of z_0.
 
-As in fast.py: k samples per sequence share pd/qa (R = k*B rows); under autocast the
+As in fast.py, the two loops run compiled (``csrc/scan.cpp``) on the CPU in float32 where
+the extension builds, the Python loops below otherwise. k samples per sequence share pd/qa (R = k*B rows); under autocast the
 matmuls run in the autocast dtype while the chain's state z and its gradient stay in the
 weights' precision; outputs mu/std in the compute dtype, z in the weights' dtype. Any call
 without grad, and any architecture it does not cover (prior and posterior bodies of
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fast import _linears, _tb, compute_dtype
+from .fast import _ancestor_rows, _compiled_for, _linears, _tb, compute_dtype
 from .rows import add_shared
 
 __all__ = ["chain", "supports", "ZChain"]
@@ -111,6 +112,10 @@ class ZChain(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, meta, pd, qa, eps, keep, anc, z0, *params):
+        ext = _compiled_for(meta[3], z0)
+        ctx.compiled = ext is not None
+        if ext is not None:
+            return _forward_compiled(ext, ctx, meta, pd, qa, eps, keep, anc, z0, params)
         n_body, floor, residual, cd = meta
         sd = z0.dtype
         ctx.dtypes = (pd.dtype, qa.dtype, eps.dtype)
@@ -158,6 +163,8 @@ class ZChain(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, gZ, gMuQ, gStdQ, gMuP, gStdP, gzf):
+        if ctx.compiled:
+            return _backward_compiled(ctx, gZ, gMuQ, gStdQ, gMuP, gStdP, gzf)
         n_body, _, residual, cd = ctx.meta
         w_z, body, w_out, _, (Z, Wp, Wq) = _blocks(ctx.meta, ctx.params)
         (std_q,) = ctx.saved_tensors
@@ -198,25 +205,72 @@ class ZChain(torch.autograd.Function):
             dz = (DA[0][t] @ w_z).to(sd)
             if carry is not None:
                 dz = dz + carry
-        # every weight gradient: one matmul over the T*R rows; the weights are its blocks
-        rows = lambda x: x.reshape(T * R, x.shape[-1])  # noqa: E731
-        bsum = lambda x: rows(x).sum(0, dtype=sd)  # noqa: E731
-        d_wz = rows(DA[0]).t() @ rows(Zin.to(cd))
-        grads = [d_wz[:Wp], d_wz[Wp:]]
-        for k in range(n_body):
-            g, b = rows(DA[k + 1]).t() @ rows(U[k]), bsum(DA[k + 1])
-            grads += [g[:Wp, :Wp], b[:Wp], g[Wp:, Wp:], b[Wp:]]
-        g, b = rows(DO).t() @ rows(U[-1]), bsum(DO)
-        grads += [torch.cat([g[:Z, :Wp], g[2 * Z:3 * Z, :Wp]]), torch.cat([b[:Z], b[2 * Z:3 * Z]]),
-                  torch.cat([g[Z:2 * Z, Wp:], g[3 * Z:, Wp:]]), torch.cat([b[Z:2 * Z], b[3 * Z:]])]
-        need = ctx.needs_input_grad
-        B = ctx.seqs
-        k = R // B
-        per_seq = lambda x: x if k == 1 else x.reshape(T, k, B, x.shape[-1]).sum(1)  # noqa: E731
-        dt_pd, dt_qa, dt_eps = ctx.dtypes
-        dpd = per_seq(DA[0][:, :, :Wp]).transpose(0, 1).to(dt_pd) if need[1] else None
-        dqa = per_seq(DA[0][:, :, Wp:]).transpose(0, 1).to(dt_qa) if need[2] else None
-        deps = (DZ * sqT.to(sd)).transpose(0, 1).to(dt_eps) if need[3] else None
-        dz0 = dz if need[6] else None
-        grads = [g.to(sd) if need[7 + i] else None for i, g in enumerate(grads)]
-        return (None, dpd, dqa, deps, None, None, dz0, *grads)
+        return _input_grads(ctx, DA, DO, DZ, dz, Zin, U, sqT)
+
+
+def _input_grads(ctx, DA, DO, DZ, dz, Zin, U, sqT):
+    """After the reverse loop: every weight gradient as one matmul over the T*R rows (the
+    weights are its blocks), the gradients of pd and qa (summed over the samples of a
+    sequence), eps and z_0. Stacks time-major (T, R, .)."""
+    n_body, _, residual, cd = ctx.meta
+    Z, Wp, Wq = ctx.sizes
+    T, R = DZ.shape[:2]
+    sd = Zin.dtype
+    rows = lambda x: x.reshape(T * R, x.shape[-1])  # noqa: E731
+    bsum = lambda x: rows(x).sum(0, dtype=sd)  # noqa: E731
+    d_wz = rows(DA[0]).t() @ rows(Zin.to(cd))
+    grads = [d_wz[:Wp], d_wz[Wp:]]
+    for k in range(n_body):
+        g, b = rows(DA[k + 1]).t() @ rows(U[k]), bsum(DA[k + 1])
+        grads += [g[:Wp, :Wp], b[:Wp], g[Wp:, Wp:], b[Wp:]]
+    g, b = rows(DO).t() @ rows(U[-1]), bsum(DO)
+    grads += [torch.cat([g[:Z, :Wp], g[2 * Z:3 * Z, :Wp]]), torch.cat([b[:Z], b[2 * Z:3 * Z]]),
+              torch.cat([g[Z:2 * Z, Wp:], g[3 * Z:, Wp:]]), torch.cat([b[Z:2 * Z], b[3 * Z:]])]
+    need = ctx.needs_input_grad
+    B = ctx.seqs
+    k = R // B
+    per_seq = lambda x: x if k == 1 else x.reshape(T, k, B, x.shape[-1]).sum(1)  # noqa: E731
+    dt_pd, dt_qa, dt_eps = ctx.dtypes
+    dpd = per_seq(DA[0][:, :, :Wp]).transpose(0, 1).to(dt_pd) if need[1] else None
+    dqa = per_seq(DA[0][:, :, Wp:]).transpose(0, 1).to(dt_qa) if need[2] else None
+    deps = (DZ * sqT.to(sd)).transpose(0, 1).to(dt_eps) if need[3] else None
+    dz0 = dz if need[6] else None
+    grads = [g.to(sd) if need[7 + i] else None for i, g in enumerate(grads)]
+    return (None, dpd, dqa, deps, None, None, dz0, *grads)
+
+
+# ------------------------------------------------------------ the compiled loops (csrc/scan.cpp)
+def _forward_compiled(ext, ctx, meta, pd, qa, eps, keep, anc, z0, params):
+    n_body, floor, residual, cd = meta
+    sd = z0.dtype
+    ctx.dtypes = (pd.dtype, qa.dtype, eps.dtype)
+    w_z, body, w_out, b_out, (Z, Wp, Wq) = _blocks(meta, params)
+    R, T, _ = eps.shape
+    tm = lambda x: x.to(sd).transpose(0, 1).contiguous()  # noqa: E731  (time-major)
+    pq = torch.cat([pd.to(sd), qa.to(sd)], -1).transpose(0, 1).contiguous()
+    epsT = tm(eps)
+    keepT = None if keep is None else keep.reshape(R, T).t().to(sd).contiguous()
+    anc_rows, pos = _ancestor_rows(anc, T)
+    Zin, O, S, ZT, MUQ, z_fin, *U = ext.chain_forward(
+        pq, epsT, keepT, anc_rows, pos, z0.contiguous(), w_z, [w for w, _ in body], [b for _, b in body],
+        w_out, b_out, bool(residual), floor)
+    bt = lambda x: x.transpose(0, 1).contiguous()  # noqa: E731  (batch-major outputs)
+    std_q = bt(S[..., Z:])
+    ctx.meta, ctx.seqs, ctx.sizes = meta, pd.shape[0], (Z, Wp, Wq)
+    ctx.save_for_backward(std_q)
+    ctx.saved = (Zin, U, O, epsT, keepT, anc_rows, pos)
+    ctx.weights = (w_z, [w for w, _ in body], w_out)
+    return bt(ZT), bt(MUQ), std_q, bt(O[..., :Z]), bt(S[..., :Z]), z_fin
+
+
+def _backward_compiled(ctx, gZ, gMuQ, gStdQ, gMuP, gStdP, gzf):
+    from . import compiled
+    (std_q,) = ctx.saved_tensors
+    Zin, U, O, epsT, keepT, anc_rows, pos = ctx.saved
+    w_z, body_w, w_out = ctx.weights
+    sd = Zin.dtype
+    tm = lambda x: x.to(sd).transpose(0, 1).contiguous()  # noqa: E731
+    DO, DZ, dz, *DA = compiled.loaded().chain_backward(
+        Zin, U, O, epsT, keepT, anc_rows, pos, tm(gZ), tm(gMuQ), tm(gStdQ), tm(gMuP), tm(gStdP),
+        gzf.to(sd).contiguous(), w_z, body_w, w_out, bool(ctx.meta[2]))
+    return _input_grads(ctx, DA, DO, DZ, dz, Zin, U, std_q.transpose(0, 1))
