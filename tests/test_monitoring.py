@@ -373,7 +373,7 @@ def test_stream_command_follow_and_wrong_width(tmp_path, capsys):
 
 
 def test_readme_walkthrough_windows_train_score_threshold_stream(tmp_path, capsys):
-    """From one CSV of normal operation to alarms, with the README's commands (tiny model)."""
+    """From one CSV of normal operation to alarms, with the guide's commands (tiny model)."""
     rng = np.random.default_rng(0)
     t = np.arange(700)
     normal = np.c_[np.sin(t / 10), np.cos(t / 7), 0.1 * rng.normal(size=700)] * 3 + 10
@@ -401,14 +401,13 @@ def test_readme_walkthrough_windows_train_score_threshold_stream(tmp_path, capsy
     assert len(recs) == 20 and all("alarm" in r for r in recs) and recs[0]["alarm"]
 
 
-def test_readme_api_example_runs(tmp_path, monkeypatch):
+def test_the_guides_api_example_runs(tmp_path, monkeypatch):
     from pathlib import Path
     import re
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Anomaly detection"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "scoring.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(code, "README.md (anomaly detection)", "exec"), scope)
+    exec(compile(code, "docs/guide/scoring.md (the Python API)", "exec"), scope)
     assert scope["step"].shares.shape == (4,) and isinstance(scope["alarm"], bool)
     assert (tmp_path / "scorer.pt").exists() and isinstance(scope["events"], list)
