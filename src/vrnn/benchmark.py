@@ -17,7 +17,8 @@ from .stats import fmt, mean_se, paired
 TITLES = {"jsb": "JSB Chorales", "nottingham": "Nottingham", "musedata": "MuseData", "pianomidi": "Piano-midi.de"}
 LABELS = {"rnn-gauss": "RNN (LSTM, Bernoulli)", "rnn-ar": "RNN, MADE output (RNN-NADE-like)",
           "vrnn-gauss": "VRNN, ELBO", "vrnn-gauss-iwae": "VRNN, IWAE (K=4)", "vrnn-gauss-fivo": "VRNN, FIVO (K=4)",
-          "vrnn-ar": "VRNN, MADE output", "srnn-gauss-warmup": "SRNN (smoothing, Resq), KL warm-up"}
+          "vrnn-ar": "VRNN, MADE output", "srnn-gauss-warmup": "SRNN (smoothing, Resq), KL warm-up",
+          "storn-gauss": "STORN", "dkf-gauss": "DKF (DMM), ST-R"}
 ORDER = list(LABELS)
 DIGITS = 3
 

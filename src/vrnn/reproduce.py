@@ -90,6 +90,8 @@ ROWS = {
                              label="VRNN-GMM, every network in the loop (public style)"),
     "srnn-gauss-warmup": Row("srnn-gauss", train={"kl_warmup_steps": 1000},
                              label="SRNN (smoothing, Resq), KL warm-up over 1,000 steps"),
+    "storn-gauss": Row("storn-gauss", label="STORN"),
+    "dkf-gauss": Row("dkf-gauss", label="DKF (DMM), ST-R combiner"),
 }
 PAPER_ROWS = ["rnn-gauss", "rnn-gmm", "vrnn-i-gauss", "vrnn-gauss", "vrnn-gmm"]
 BEYOND_ROWS = ["srnn-gauss", "srnn-gmm", "vrnn-gauss-iwae", "vrnn-gauss-fivo", "rnn-ar", "vrnn-ar"]
@@ -97,7 +99,7 @@ WALLCLOCK_ROWS = ["vrnn-gmm", "vrnn-gmm-stepwise"]
 # the four piano-roll benchmark sets: the rows the literature reports there (on binary data
 # the *-gauss presets take the Bernoulli head)
 POLYPHONIC_ROWS = ["rnn-gauss", "rnn-ar", "vrnn-gauss", "vrnn-gauss-iwae", "vrnn-gauss-fivo", "vrnn-ar",
-                   "srnn-gauss-warmup"]
+                   "srnn-gauss-warmup", "storn-gauss", "dkf-gauss"]
 TABLES = ("paper", "beyond", "wallclock", "polyphonic")
 GMM_ROWS = {"rnn-gmm", "vrnn-gmm", "srnn-gmm", "vrnn-gmm-stepwise"}
 AR_ROWS = {"rnn-ar", "vrnn-ar"}
