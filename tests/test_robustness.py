@@ -268,4 +268,11 @@ def test_demo_runs_twice_in_a_row(tmp_path, capsys):
         for name in ("samples.png", "test_data.png", "training_curve.png", "evaluation.json"):
             assert (out / name).stat().st_size > 0, name
     printed = capsys.readouterr().out
-    assert "(resuming)" in printed and json.loads((out / "evaluation.json").read_text())["elbo"] is not None
+    assert "scoring it again" in printed and json.loads((out / "evaluation.json").read_text())["elbo"] is not None
+    first, second = [ln for ln in printed.splitlines() if ln.startswith("[demo] test split")]
+    assert first == second  # a finished run is scored again, not trained further: the same scores
+    # a run stopped before its cap (here: by an interrupted first attempt) is resumed
+    summary = out / "train" / "summary.json"
+    summary.write_text(json.dumps(dict(json.loads(summary.read_text()), stopped="interrupted")))
+    assert run("demo", "--out", out, "--max-epochs", 2) == 0
+    assert "(resuming)" in capsys.readouterr().out

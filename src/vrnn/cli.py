@@ -585,12 +585,27 @@ def cmd_data(a) -> int:
     return 0
 
 
+def _finished(run: Path, max_epochs: int) -> dict | None:
+    """The summary of a training run in ``run`` that ended on its own (stopped early, or at
+    its epoch or step cap within ``max_epochs``), else None (no run, or one to resume)."""
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or not (run / "last.ckpt").exists():
+        return None
+    if summary.get("stopped") == "early" or (summary.get("stopped") in ("epochs", "steps")
+                                             and int(summary.get("epochs", 0)) >= max_epochs):
+        return summary
+    return None
+
+
 def cmd_demo(a) -> int:
     """Train on LASA, evaluate on the test split, write samples and a training-curve plot."""
     import torch
     from . import checkpoint
     from .evaluate import evaluate
-    from .train import TrainConfig, best_checkpoint, fit
+    from .train import TrainConfig, best_checkpoint, fit, prepare
     from .writers import plot_curves, plot_handwriting
     o = DemoOptions(**parsed(DemoOptions, a))
     out = Path(o.out)
@@ -598,10 +613,17 @@ def cmd_demo(a) -> int:
     run = out / "train"
     tc = TrainConfig(max_epochs=o.max_epochs or 120, batch_size=16, lr=1e-3, patience=30, seed=0)
     resume = (run / "last.ckpt").exists()
-    print(f"[demo] training {o.model} on LASA handwriting into {run}" + (" (resuming)" if resume else ""))
-    trainer, module, prepared = fit("lasa", o.model, run, tc, data_opts={"subsample": 8}, resume=resume,
-                                    progress=sys.stderr.isatty(), say=_err)
+    finished = _finished(run, tc.max_epochs)
+    if finished is not None:  # a finished run is scored again, not trained further
+        print(f"[demo] {run} already holds a finished run ({finished['stopped']}); scoring it again")
+        prepared, epochs = prepare("lasa", tc.seed, tc.fractions, subsample=8), finished["epochs"]
+    else:
+        print(f"[demo] training {o.model} on LASA handwriting into {run}" + (" (resuming)" if resume else ""))
+        trainer, module, prepared = fit("lasa", o.model, run, tc, data_opts={"subsample": 8}, resume=resume,
+                                        progress=sys.stderr.isatty(), say=_err)
+        epochs = trainer.current_epoch
     model, normalizer, desc = checkpoint.load(best_checkpoint(run))
+    prepared = prepared.for_model(model.cfg)
     torch.manual_seed(0)
     res = evaluate(model, prepared.sequences("test"), 40, progress=False, normalizer=normalizer)
     res.update(split="test", model=model.cfg.name, data="lasa", unit="nats per sequence")
@@ -617,7 +639,7 @@ def cmd_demo(a) -> int:
     plot_curves(out / "training_curve.png", run / "logs" / "csv" / "metrics.csv",
                 title=f"{o.model} on LASA")
     print(f"[demo] {model.cfg.name}, {model.num_parameters():,} parameters, "
-          f"{_count(trainer.current_epoch, 'epoch')}, {time.time() - t0:.0f} s")
+          f"{_count(epochs, 'epoch')}, {time.time() - t0:.0f} s")
     fmt = _number
     scores = (f"log-likelihood = {fmt(res['log_likelihood'])} nats per trajectory (exact)" if res["exact"] else
               f"ELBO >= {fmt(res['elbo'])}, log-likelihood ~= {fmt(res['log_likelihood'])} nats per "
