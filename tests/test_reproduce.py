@@ -209,7 +209,8 @@ def test_polyphonic_report_puts_published_figures_beside_ours(tmp_path):
     # the targets, decided from the records: -8.5 < -8.45; FIVO bound -7.0 >= -7.51; RNN-NADE -5.19
     assert "- RNN at or above TCN's LSTM (first frame left out): missed (-8.500 against -8.45)" in md
     assert "published N=5 FIVO: met (-7.000 against -7.51)" in md
-    assert "ordering FIVO >= IWAE >= ELBO: by each row's own bound met (-7.000 / -7.100 / -7.300)" in md
+    assert ("ordering FIVO >= IWAE >= ELBO, paired per seed: by each row's own bound met (FIVO - IWAE "
+            "0.100 ± 0.000, 3 of 3 seeds; IWAE - ELBO 0.200 ± 0.000, 3 of 3)") in md
     assert "our best row at or above RNN-NADE: missed (-5.400 against -5.19; VRNN, MADE output)" in md
     assert "VRNN-AR ahead in 3 of 3 seeds" in md  # -5.4 against -5.5, -5.6, -5.7
     assert "Not run yet: Nottingham, MuseData, Piano-midi.de." in md
