@@ -202,6 +202,20 @@ class SequenceModel(nn.Module):
         x = x.masked_fill(mask.unsqueeze(-1) == 0, 0.0)  # padded values never reach a network
         return x, mask
 
+    def check_pass(self, x: Tensor, mask: Tensor | None, samples: int = 1,
+                   state_rows: int | None = None) -> tuple[Tensor, Tensor | None, int, int, int]:
+        """What every ``forward`` checks first: ``check_inputs``, ``samples`` >= 1 and, for a
+        carried state with ``state_rows`` rows, B or samples*B of them. Returns (x, mask, B,
+        T, R = samples*B)."""
+        x, mask = self.check_inputs(x, mask)
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        B, T, _ = x.shape
+        R = samples * B
+        if state_rows is not None and state_rows not in (B, R):
+            raise ValueError(f"state has {state_rows} rows; expected {B} or samples*B = {R}")
+        return x, mask, B, T, R
+
     def noise_for(self, noise: Tensor | None, rows: int, T: int, like: Tensor) -> Tensor:
         """The reparameterisation noise (rows, T, z_dim): standard normal draws, or the
         given ``noise`` checked for its shape."""

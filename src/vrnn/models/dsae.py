@@ -81,15 +81,11 @@ class DSAE(SequenceModel):
                 noise: Tensor | None = None, samples: int = 1, ancestors=None,
                 static_noise: Tensor | None = None) -> Trace:
         """One pass over a batch (see models/base.py and the module docstring)."""
-        x, mask = self.check_inputs(x, mask)
-        if samples < 1:
-            raise ValueError(f"samples must be >= 1, got {samples}")
+        x, mask, B, T, R = self.check_pass(x, mask, samples)
         if state is not None:
             self.refuse("tbptt")
         if ancestors is not None:
             self.refuse("smc")
-        B, T, _ = x.shape
-        R = samples * B
         lengths = lengths_of(mask)
         g, g_last = run_bidirectional(self.inference_rnn, self.phi_x(x), lengths)
         mu_v, std_v = self.static(g_last)                                       # (B, V)

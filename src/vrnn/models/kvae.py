@@ -181,15 +181,9 @@ class KVAE(SequenceModel):
     def forward(self, x: Tensor, mask: Tensor | None = None, state: State | None = None,
                 noise: Tensor | None = None, samples: int = 1, ancestors=None) -> Trace:
         """One pass over a batch (see models/base.py for the arguments)."""
-        x, mask = self.check_inputs(x, mask)
-        if samples < 1:
-            raise ValueError(f"samples must be >= 1, got {samples}")
-        B, T, _ = x.shape
-        R = samples * B
+        x, mask, B, T, R = self.check_pass(x, mask, samples, None if state is None else state[0].shape[1])
         if state is None:
             state = self.initial_state(B, x.device, x.dtype)
-        elif state[0].shape[1] not in (B, R):
-            raise ValueError(f"state has {state[0].shape[1]} rows; expected {B} or samples*B = {R}")
         if state[0].shape[1] == B:
             state = tuple(repeat_rows(s, samples, dim=1) for s in state)
         mu_q, std_q = self.encoder(self.phi_x(x))                    # (B, T, Z): shared

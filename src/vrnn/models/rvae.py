@@ -103,15 +103,11 @@ class RVAE(SequenceModel):
     def forward(self, x: Tensor, mask: Tensor | None = None, state: State | None = None,
                 noise: Tensor | None = None, samples: int = 1, ancestors=None) -> Trace:
         """One pass over a batch (see models/base.py for the arguments)."""
-        x, mask = self.check_inputs(x, mask)
-        if samples < 1:
-            raise ValueError(f"samples must be >= 1, got {samples}")
+        x, mask, B, T, R = self.check_pass(x, mask, samples)
         if state is not None:
             self.refuse("tbptt")
         if ancestors is not None:
             self.refuse("smc")
-        B, T, _ = x.shape
-        R = samples * B
         if state is None:
             state = self.initial_state(R, x.device, x.dtype)
         elif state[0].shape[1] == B:

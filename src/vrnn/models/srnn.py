@@ -176,13 +176,7 @@ class SRNN(SequenceModel):
     def forward(self, x: Tensor, mask: Tensor | None = None, state: State | None = None,
                 noise: Tensor | None = None, samples: int = 1, ancestors=None) -> Trace:
         """One pass over a batch (see models/base.py for the arguments)."""
-        x, mask = self.check_inputs(x, mask)
-        if samples < 1:
-            raise ValueError(f"samples must be >= 1, got {samples}")
-        B, T, _ = x.shape
-        R = samples * B
-        if state is not None and state[2].shape[1] not in (B, R):
-            raise ValueError(f"state has {state[2].shape[1]} rows; expected {B} or samples*B = {R}")
+        x, mask, B, T, R = self.check_pass(x, mask, samples, None if state is None else state[2].shape[1])
         d, d_after, d_final, a, a_final = self._deterministic(x, mask, state)
         pd, qa, ed = self.prior.in_b(d), self.encoder.in_b(a), self.decoder.in_d(d)  # shared
         x, mask = repeat_rows(x, samples), None if mask is None else repeat_rows(mask, samples)

@@ -76,15 +76,9 @@ class STORN(SequenceModel):
     def forward(self, x: Tensor, mask: Tensor | None = None, state: State | None = None,
                 noise: Tensor | None = None, samples: int = 1, ancestors=None) -> Trace:
         """One pass over a batch (see models/base.py for the arguments)."""
-        x, mask = self.check_inputs(x, mask)
-        if samples < 1:
-            raise ValueError(f"samples must be >= 1, got {samples}")
-        B, T, _ = x.shape
-        R = samples * B
+        x, mask, B, T, R = self.check_pass(x, mask, samples, None if state is None else state[0].shape[1])
         if state is None:
             state = self.initial_state(B, x.device, x.dtype)
-        elif state[0].shape[1] not in (B, R):
-            raise ValueError(f"state has {state[0].shape[1]} rows; expected {B} or samples*B = {R}")
         f_prev, mu_q, std_q, a_final, f_last = self._x_parts(x, mask, state)
         lengths = lengths_of(mask)
         x, mu_q, std_q, f_prev = (repeat_rows(t, samples) for t in (x, mu_q, std_q, f_prev))

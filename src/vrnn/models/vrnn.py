@@ -155,13 +155,9 @@ class VRNN(SequenceModel):
         What does not depend on z (phi_x and the x-parts of the encoder's and the cell's
         first layers) is computed once per sequence and shared by its ``samples``.
         """
-        x, mask = self.check_inputs(x, mask)
-        if samples < 1:
-            raise ValueError(f"samples must be >= 1, got {samples}")
+        x, mask, B, T, R = self.check_pass(x, mask, samples)
         if self.scan_impl == "stepwise" and samples == 1 and ancestors is None:
             return self._forward_stepwise(x, mask, state, noise)
-        B, T, _ = x.shape
-        R = samples * B
         fx = self.phi_x(x)
         ax, gx = self.encoder.in_x(fx), self.cell.w_x(fx)  # (B, T, .): shared by the samples
         x, mask = repeat_rows(x, samples), None if mask is None else repeat_rows(mask, samples)
