@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .options import add_arguments, option, parsed
-from .smc import RESAMPLERS, SCHEDULES
+from .smc import FilterOptions
 
 ESTIMATORS = ("is", "smc", "all")
 
@@ -89,18 +89,12 @@ class GlobalOptions:
 
 
 @dataclass
-class EvaluateOptions:
+class EvaluateOptions(FilterOptions):
     split: str = option("test", "which split to score", choices=SPLITS, flag="--split")
     estimator: str = option("is", "the log-likelihood estimate: is (importance sampling), smc "
                                   "(particle filter) or all (ELBO, IS and SMC side by side)",
                             choices=ESTIMATORS, flag="--estimator")
     samples: int = option(40, "importance samples or particles K", min=1, flag="--samples")
-    resample: str = option("ess", "smc: resample when the ESS is low (ess), always, or never",
-                           choices=SCHEDULES, flag="--resample")
-    ess_threshold: float = option(0.5, "smc: resample when the ESS falls to this fraction of K or below",
-                                  above=0.0, max=1.0, flag="--ess-threshold")
-    resampler: str = option("systematic", "smc: how ancestors are drawn", choices=RESAMPLERS,
-                            flag="--resampler")
     batch_size: int = option(32, "sequences per scoring pass at most", min=1, flag="--batch-size")
     max_rows: int = option(4096, "memory cap: sequences x samples in one pass", min=1, flag="--max-rows")
     max_memory: float = option(1024.0, "memory cap of one scoring pass in MiB", above=0.0,
@@ -123,18 +117,12 @@ class SampleOptions:
 
 
 @dataclass
-class LatentsOptions:
+class LatentsOptions(FilterOptions):
     split: str = option("all", "which split to export", choices=SPLITS, flag="--split")
     sample: bool = option(False, "use a posterior draw, not the posterior mean", flag="--sample")
     smc: int | None = option(None, "also run a particle filter with this many particles and "
                                    "export its per-step ESS, where it resampled, and log Z",
                              min=1, flag="--smc", metavar="K")
-    resample: str = option("ess", "smc: resample when the ESS is low (ess), always, or never",
-                           choices=SCHEDULES, flag="--resample")
-    ess_threshold: float = option(0.5, "smc: resample when the ESS falls to this fraction of K or below",
-                                  above=0.0, max=1.0, flag="--ess-threshold")
-    resampler: str = option("systematic", "smc: how ancestors are drawn", choices=RESAMPLERS,
-                            flag="--resampler")
     batch_size: int = option(32, "sequences per pass at most", min=1, flag="--batch-size")
     max_memory: float = option(1024.0, "memory cap of one pass in MiB: long sequences go in "
                                        "smaller batches", above=0.0, flag="--max-memory", metavar="MIB")

@@ -53,23 +53,17 @@ from .errors import ConfigError
 from .heads import LOG_2PI, BernoulliHead, GaussianHead, GMMHead, StrokesHead
 from .inference import log_ratio
 from .options import option
-from .smc import RESAMPLERS, SCHEDULES, ancestors, effective_sample_size, resampling_rule
+from .smc import FilterOptions, ancestors, effective_sample_size, resampling_rule
 
 STATE_FORMAT = 1
 
 
 @dataclass
-class ScoreOptions:
+class ScoreOptions(FilterOptions):
     """How a scorer runs (declared once: CLI flags, checks)."""
 
     particles: int = option(16, "particles K of the filter (latent rows; an RNN row is exact and "
                                 "uses none)", min=1, flag="--particles")
-    resample: str = option("ess", "resample when the ESS is low (ess), always, or never",
-                           choices=SCHEDULES, flag="--resample")
-    ess_threshold: float = option(0.5, "resample when the ESS falls below this fraction of K",
-                                  above=0.0, max=1.0, flag="--ess-threshold")
-    resampler: str = option("systematic", "how ancestors are drawn", choices=RESAMPLERS,
-                            flag="--resampler")
     seed: int = option(0, "seed of the proposal and resampling draws", min=0, flag="--seed")
     float32: bool = option(False, "score in float32 (faster; the default float64 does not "
                                   "overflow on data far outside the training range)", flag="--float32")

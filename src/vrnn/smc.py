@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .options import option
+
 RESAMPLERS = ("systematic", "multinomial")
 SCHEDULES = ("ess", "always", "never")
 
@@ -77,6 +79,19 @@ def ancestors(log_w: Tensor, uniforms: Tensor, method: str = "systematic") -> Te
     v = torch.minimum(v * total, total).contiguous()
     idx = torch.searchsorted(cdf, v, right=False)
     return idx.clamp_(max=K - 1).transpose(0, 1)
+
+
+@dataclass
+class FilterOptions:
+    """The particle filter's resampling options, declared once for every command that runs
+    the filter (evaluate, latents, score, stream); the rule is ESS <= threshold * K."""
+
+    resample: str = option("ess", "particle filter: resample when the ESS is low (ess), always, or never",
+                           choices=SCHEDULES, flag="--resample")
+    ess_threshold: float = option(0.5, "particle filter: resample when the ESS falls to this fraction "
+                                       "of K or below", above=0.0, max=1.0, flag="--ess-threshold")
+    resampler: str = option("systematic", "particle filter: how ancestors are drawn", choices=RESAMPLERS,
+                            flag="--resampler")
 
 
 def resampling_rule(resample: str, threshold: float) -> None:
