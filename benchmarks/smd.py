@@ -9,15 +9,18 @@ Per machine, the field's protocol with thresholds chosen WITHOUT test labels:
 - reported: unadjusted precision/recall/F1 at the POT threshold, AUC-PR, point-adjusted F1
   at the POT threshold, the best F1 over thresholds (an ORACLE: it reads the test labels),
   root-cause HitRate@100% / @150% against the operators' interpretation labels.
-Rows: VRNN-Gauss (particle filter, K particles), RNN-Gauss (exact predictive NLL), a
-per-dimension z-score of x_t (sum of z_d^2 / 2 over the fit part's mean/std; shares
-z_d^2 / 2), an isolation forest (scikit-learn, fitted on the fit part), and random scores
-(uniform: they show how high point-adjusted F1 goes by chance).
+Rows: VRNN-Gauss, SRNN-Gauss with its filtering posterior, STORN-Gauss and KVAE-Gauss
+(particle filter, K particles), RNN-Gauss (exact predictive NLL), a per-dimension z-score
+of x_t (sum of z_d^2 / 2 over the fit part's mean/std; shares z_d^2 / 2), an isolation
+forest (scikit-learn, fitted on the fit part), and random scores (uniform: they show how
+high point-adjusted F1 goes by chance). The family's models whose posterior reads steps
+after t (DKF, RVAE, DSAE, the smoothing SRNN) cannot score online: the table says why.
 
 Known flaw of the data: every column was min-max scaled over train AND test together, so
 test statistics leak into the scaling; a deployed detector could only scale with train.
 
-Resumable: a machine whose record exists in --records is skipped. Run ONE process:
+Resumable: a (machine, row) already in --records is skipped; rows run one after the other,
+all machines of a row first. Run ONE process:
 
     PYTHONPATH=src python benchmarks/smd.py --data ../shared/data/smd \\
         --records results/smd/records --work /tmp/smd-runs --threads 1
@@ -38,7 +41,15 @@ import numpy as np
 
 MACHINES = ("machine-1-6", "machine-1-7", "machine-2-1", "machine-2-2", "machine-2-7", "machine-2-8",
             "machine-3-3", "machine-3-4")
-ROWS = ("vrnn-gauss", "rnn-gauss", "zscore", "iforest", "random")
+# model rows: name -> (preset, overrides). Rows of the family that cannot score online
+# (vrnn.models.cannot(cfg, "filter"): DKF, RVAE, DSAE and the smoothing SRNN, whose q(z_t | .)
+# reads steps after t) have no row; REFUSED says why, from the models themselves.
+MODELS = {"vrnn-gauss": ("vrnn-gauss", {}), "rnn-gauss": ("rnn-gauss", {}),
+          "srnn-filtering-gauss": ("srnn-gauss", {"posterior": "filtering"}),
+          "storn-gauss": ("storn-gauss", {}), "kvae-gauss": ("kvae-gauss", {})}
+REFUSED = ("dkf-gauss", "rvae-causal-gauss", "rvae-gauss", "dsae-gauss", "srnn-gauss")
+ROWS = ("vrnn-gauss", "rnn-gauss", "zscore", "iforest", "random", "srnn-filtering-gauss", "storn-gauss",
+        "kvae-gauss")
 SIZE = dict(h_dim=64, z_dim=8, phi_x_dim=32, phi_z_dim=32, enc_dim=32, prior_dim=32, dec_dim=32)
 
 
@@ -47,7 +58,7 @@ def windows(x: np.ndarray, length: int) -> list[np.ndarray]:
 
 
 def train_model(name: str, fit_part, tail, out: Path, args):
-    """Train preset ``name`` on windows of the fit part, early-stopped on the tail's windows."""
+    """Train row ``name`` (MODELS) on windows of the fit part, early-stopped on the tail's windows."""
     from vrnn import checkpoint
     from vrnn.data import Normalizer
     from vrnn.data.registry import SequenceSet
@@ -59,7 +70,9 @@ def train_model(name: str, fit_part, tail, out: Path, args):
     tc = TrainConfig(batch_size=32, max_epochs=1000, max_steps=args.steps, patience=args.patience,
                      seed=0, lr=args.lr)
     t0 = time.time()
-    fit(f"smd:{out.parent.name}", name, out, tc, model_overrides=dict(SIZE), prepared=prepared, progress=False)
+    preset, extra = MODELS[name]
+    fit(f"smd:{out.parent.name}", preset, out, tc, model_overrides={**SIZE, **extra}, prepared=prepared,
+        progress=False)
     summary = json.loads((out / "summary.json").read_text())
     model, normalizer, _ = checkpoint.load(best_checkpoint(out))
     return model, normalizer, {**summary, "train_seconds": round(time.time() - t0, 1),
@@ -90,7 +103,8 @@ def evaluate_row(scores, shares, val_scores, label, causes, args) -> dict:
     return rec
 
 
-def run_machine(m: str, args) -> dict:
+def run_machine(m: str, rows, args, rec: dict | None = None) -> dict:
+    """Run ``rows`` on machine ``m``, adding them to ``rec`` (its record so far, if any)."""
     import torch
     from vrnn import detection
     from vrnn.scoring import Scorer
@@ -100,13 +114,13 @@ def run_machine(m: str, args) -> dict:
     causes = detection.read_interpretation(Path(args.data) / f"{m}.interpretation.txt")
     cut = int(len(train) * 0.9)
     fit_part, tail = train[:cut], train[cut:]
-    rec = {"machine": m, "train_steps": len(train), "fit_steps": cut, "tail_steps": len(tail),
-           "test_steps": len(test), "anomalous_fraction": float(label.mean()), "rows": {}}
+    rec = rec or {"machine": m, "train_steps": len(train), "fit_steps": cut, "tail_steps": len(tail),
+                  "test_steps": len(test), "anomalous_fraction": float(label.mean()), "rows": {}}
     warm = args.warmup
-    for name in ROWS:
+    for name in rows:
         t0 = time.time()
         info: dict = {}
-        if name in ("vrnn-gauss", "rnn-gauss"):
+        if name in MODELS:
             out = Path(args.work) / m / name
             if out.exists():
                 import shutil
@@ -210,14 +224,50 @@ def table(records_dir: Path) -> str:
             c = cells(r)
             means.setdefault(name, []).append(c)
             lines.append(f"| {rec['machine']} | {name} | " + " | ".join(fmt(v) for v in c) + " |")
-    lines.append(f"| **mean of {len(recs)}** | | " + " | ".join("" for _ in cols) + " |")
+    lines.append("| **mean over machines** | | " + " | ".join("" for _ in cols) + " |")
     for name, rows in means.items():
         avg = []
         for j in range(len(cols)):
             vals = [r[j] for r in rows if r[j] is not None]
             avg.append(sum(vals) / len(vals) if vals else None)
-        lines.append(f"| mean | **{name}** | " + " | ".join(fmt(v) for v in avg) + " |")
+        lines.append(f"| mean of {len(rows)} | **{name}** | " + " | ".join(fmt(v) for v in avg) + " |")
+    lines += ["", paired(recs), "", refused()]
     return "\n".join(lines) + "\n"
+
+
+def paired(recs) -> str:
+    """Each model row against the VRNN on the machines both ran: mean paired difference of
+    unadjusted F1 at the POT threshold and of AUC-PR, with its standard error."""
+    out = ["Paired against vrnn-gauss on the machines both ran (mean difference ± standard error; "
+           "positive: the row detects better):", "",
+           "| row | machines | F1 - VRNN's | AUC-PR - VRNN's | machines where F1 is higher |",
+           "| --- | --- | --- | --- | --- |"]
+    for name in [r for r in ROWS if r != "vrnn-gauss"]:
+        pairs = [(rec["rows"][name], rec["rows"]["vrnn-gauss"]) for rec in recs
+                 if name in rec["rows"] and "vrnn-gauss" in rec["rows"]]
+        if not pairs:
+            continue
+        f1 = [(a.get("unadjusted") or {}).get("f1", 0.0) - (b.get("unadjusted") or {}).get("f1", 0.0)
+              for a, b in pairs]
+        ap = [a["auc_pr"] - b["auc_pr"] for a, b in pairs]
+
+        def ms(v):
+            m = float(np.mean(v))
+            se = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+            return f"{m:+.3f} ± {se:.3f}"
+        out.append(f"| {name} | {len(pairs)} | {ms(f1)} | {ms(ap)} | {sum(d > 0 for d in f1)} of {len(f1)} |")
+    return "\n".join(out)
+
+
+def refused() -> str:
+    """The family's rows that cannot score online, each with the model's own reason."""
+    from vrnn import VRNNConfig
+    from vrnn.models import cannot
+    lines = ["Rows of the family with no online score (the model's own reason, "
+             "`vrnn.models.cannot(cfg, \"filter\")`):", ""]
+    for preset in REFUSED:
+        lines.append(f"- `{preset}`: {cannot(VRNNConfig.preset(preset, x_dim=1), 'filter')}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -226,9 +276,11 @@ def main(argv=None) -> int:
     ap.add_argument("--records", default="results/smd/records")
     ap.add_argument("--work", default="/tmp/smd-runs", help="training runs (checkpoints) go here")
     ap.add_argument("--machines", nargs="*", default=list(MACHINES))
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), help="rows to run (a row already in a "
+                    "machine's record is skipped)")
     ap.add_argument("--window", type=int, default=100)
     ap.add_argument("--steps", type=int, default=600, help="optimiser steps per model")
-    ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--particles", type=int, default=16)
     ap.add_argument("--risk", type=float, default=1e-3)
@@ -238,7 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-commit", action="store_true")
     ap.add_argument("--table", help="only write the table of the records in this folder")
     ap.add_argument("--out", default="results/smd.md")
-    ap.add_argument("--estimate", type=float, default=4.0, help="minutes per machine, for the plan")
+    ap.add_argument("--estimate", type=float, default=3.5, help="minutes per model row and machine, for the plan")
     args = ap.parse_args(argv)
     if args.table:
         Path(args.out).write_text(table(Path(args.table)))
@@ -249,26 +301,40 @@ def main(argv=None) -> int:
     _quiet_lightning()
     records = Path(args.records)
     records.mkdir(parents=True, exist_ok=True)
-    todo = [m for m in args.machines if not (records / f"{m}.json").exists()]
-    print(f"plan: {len(todo)} of {len(args.machines)} machines to run ({', '.join(todo) or 'none'}); rows "
-          f"{', '.join(ROWS)}; models {SIZE}, windows of {args.window}, at most {args.steps} optimiser "
-          f"steps each (batch 32, early stop patience {args.patience}), K = {args.particles}; "
-          f"estimate ~{args.estimate:.1f} min per machine, ~{args.estimate * len(todo):.0f} min in all "
-          f"on {args.threads} thread(s)", flush=True)
-    for m in todo:
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        ap.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    settings = {k: getattr(args, k) for k in ("window", "steps", "patience", "lr", "particles", "risk",
+                                              "level", "warmup", "threads")}
+
+    def read(m):
+        path = records / f"{m}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+    # row by row (all machines of a row before the next row), so that a stopped run leaves
+    # whole rows; a (machine, row) already in its record is skipped
+    todo = [(name, m) for name in args.rows for m in args.machines if name not in ((read(m) or {}).get("rows") or {})]
+    print(f"plan: {len(todo)} (row, machine) runs to do of {len(args.rows) * len(args.machines)}: "
+          f"{', '.join(sorted({n for n, _ in todo})) or 'none'}; models {SIZE}, windows of {args.window}, "
+          f"at most {args.steps} optimiser steps each (batch 32, early stop patience {args.patience}), "
+          f"K = {args.particles}; estimate ~{args.estimate:.1f} min per model row and machine, "
+          f"~{args.estimate * sum(n in MODELS for n, _ in todo):.0f} min in all on {args.threads} thread(s)",
+          flush=True)
+    for name, m in todo:
+        rec = read(m)
+        if rec is not None and rec.get("settings") != settings:
+            sys.exit(f"{records / (m + '.json')}: was run with other settings ({rec.get('settings')}); "
+                     "rows of one record must share them")
         t0 = time.time()
-        rec = strict(run_machine(m, args))
-        rec["seconds"] = round(time.time() - t0, 1)
-        rec["settings"] = {k: getattr(args, k) for k in ("window", "steps", "patience", "lr", "particles",
-                                                         "risk", "level", "warmup", "threads")}
-        rec["model_size"] = SIZE
+        rec = strict(run_machine(m, [name], args, rec))
+        rec["seconds"] = round(rec.get("seconds", 0.0) + time.time() - t0, 1)
+        rec["settings"], rec["model_size"] = settings, SIZE
         path = records / f"{m}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, indent=1, allow_nan=False) + "\n")
         tmp.replace(path)
-        print(f"{m}: done in {rec['seconds']} s -> {path}", flush=True)
+        print(f"{m} {name}: done in {time.time() - t0:.1f} s -> {path}", flush=True)
         if not args.no_commit:
-            commit(path, f"SMD record: {m}")
+            commit(path, f"SMD record: {m}, row {name}")
     return 0
 
 

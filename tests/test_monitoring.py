@@ -47,7 +47,8 @@ def save_checkpoint(path, model, normalizer=NORM):
 
 # ------------------------------------------------------------------ the scores
 @pytest.mark.parametrize("preset,resample", [("vrnn-gauss", "ess"), ("vrnn-gauss", "always"),
-                                             ("vrnn-gmm", "ess"), ("srnn-gauss", "always")])
+                                             ("vrnn-gmm", "ess"), ("srnn-gauss", "always"),
+                                             ("storn-gauss", "always"), ("kvae-gauss", "always")])
 def test_increments_sum_to_the_filters_log_z_with_the_same_draws(preset, resample):
     model = tiny(preset, **({"posterior": "filtering"} if preset.startswith("srnn") else {}))
     x = torch.as_tensor(series(30))
@@ -107,10 +108,21 @@ def test_causal_changing_the_future_never_changes_the_past():
     assert not np.allclose(a.score[17:], b.score[17:])
 
 
-def test_srnn_with_a_smoothing_posterior_is_refused():
+@pytest.mark.parametrize("preset,why", [("srnn-gauss", "smoothing"), ("dkf-gauss", "ST-R"),
+                                        ("rvae-causal-gauss", "x_{t:T}"), ("rvae-gauss", "non-causal"),
+                                        ("dsae-gauss", "static v")])
+def test_models_whose_posterior_reads_later_steps_are_refused(preset, why, tmp_path, capsys):
+    """Step by step, q(z_t | .) would see only x_t: not the proposal the model was trained
+    with. Refused in the API and in one line through the CLI (exit 2), with the reason."""
     from vrnn.errors import ConfigError
-    with pytest.raises(ConfigError, match="smoothing"):
-        Scorer(tiny("srnn-gauss"), None)
+    with pytest.raises(ConfigError, match=why):
+        Scorer(tiny(preset), None)
+    ckpt = save_checkpoint(tmp_path / "m.ckpt", tiny(preset))
+    np.savetxt(tmp_path / "x.csv", series(5), delimiter=",")
+    assert main(["score", str(ckpt), "--data", str(tmp_path / "x.csv"), "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and why in err and "step-by-step" in err, err
+    assert not (tmp_path / "s.csv").exists()
 
 
 def test_restart_in_two_halves_equals_one_pass(tmp_path):

@@ -92,7 +92,7 @@ class VRNNConfig:
                                      "(default h_dim)", min=1)
     posterior: str = option("smoothing", "SRNN: q(z_t | z_{t-1}, a_t) with a_t from a backward "
                                          "RNN (smoothing) or a forward one (filtering, causal)",
-                            choices=("smoothing", "filtering"))
+                            choices=("smoothing", "filtering"), flag="--posterior")
     residual: bool = option(True, "SRNN: posterior mean = prior mean + MLP(z_{t-1}, a_t) (Resq)")
     # DKF, RVAE, DSAE, KVAE only
     combiner: str = option("st-r", "DKF: q(z_t | z_{t-1}, x_{t:T}) from a backward RNN (st-r) or "

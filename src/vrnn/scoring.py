@@ -143,10 +143,7 @@ class Scorer:
         check_instance(opts)
         resampling_rule(opts.resample, opts.ess_threshold)
         cfg = model.cfg
-        if getattr(cfg, "family", "") == "srnn" and getattr(cfg, "posterior", "") != "filtering":
-            raise ConfigError("this SRNN's posterior is 'smoothing': q(z_t | .) reads steps after t, so "
-                              "its scores would not be causal; score an SRNN trained with posterior "
-                              "'filtering'")
+        model.refuse("filter")  # q(z_t | .) must read nothing after t (models/base.py)
         dtype = torch.float32 if opts.float32 else torch.float64
         same = next(model.parameters()).dtype == dtype  # else a converted copy: the caller's model is untouched
         self.model = (model if same else copy.deepcopy(model).to(dtype=dtype)).eval()

@@ -36,7 +36,7 @@ def build(cfg) -> SequenceModel:
 
 def cannot(cfg, verb: str) -> str | None:
     """Why the model ``cfg`` describes cannot do ``verb`` ("smc", "tbptt", "prefix",
-    "online", "free_bits"), or None; see models/base.py."""
+    "online", "free_bits", "filter"), or None; see models/base.py."""
     return CLASSES[cfg.family].cannot(cfg, verb)
 
 

@@ -32,7 +32,10 @@ A model is an ``nn.Module`` with a ``cfg`` (``VRNNConfig``), an output ``head`` 
     filter, and FIVO, which trains on it), "tbptt" (``forward`` continuing from a
     ``state``), "prefix" (generation after a prefix), "online" (generation step by step;
     a model that generates whole sequences instead has ``generate_sequence(num, steps,
-    mean)``), "free_bits" (a per-dimension KL). The verbs, the estimators and the CLI refuse with that line.
+    mean)``), "free_bits" (a per-dimension KL), "filter" (online scoring, vrnn/scoring.py:
+    the particles step one row at a time, so q(z_t | .) must read nothing after t, or the
+    proposal they draw from would not be the one the model was trained with). The verbs,
+    the estimators and the CLI refuse with that line.
 
 ``SequenceModel`` implements the shared verbs on top: ``elbo``, ``log_likelihood``,
 ``latents``, ``sample``, ``num_parameters``, and checks inputs.

@@ -79,6 +79,15 @@ class DKF(SequenceModel):
 
     family = "dkf"
 
+    @classmethod
+    def cannot(cls, cfg, verb: str) -> str | None:
+        if verb == "filter":
+            return (f"the DKF's q(z_t | z_{{t-1}}, a_t) reads later steps through its "
+                    f"{'backward (ST-R)' if cfg.combiner == 'st-r' else 'bidirectional (ST-LR)'} RNN, which a "
+                    "step-by-step scorer cannot give it (its particle filter over whole sequences is "
+                    "offered: vrnn evaluate --estimator smc)")
+        return None
+
     def __init__(self, cfg):
         super().__init__(cfg)
         lr = cfg.combiner == "st-lr"

@@ -68,7 +68,8 @@ class DSAE(SequenceModel):
         return {"smc": f"{STATIC} and shared by every step: a particle filter would draw it once and "
                        "resampling could only thin out its values, so no particle filter or FIVO is "
                        "offered (use importance sampling)",
-                "tbptt": f"{STATIC}: a pass cannot continue from a state (no --tbptt)"}.get(verb)
+                "tbptt": f"{STATIC}: a pass cannot continue from a state (no --tbptt)",
+                "filter": f"{STATIC}: no step-by-step scoring"}.get(verb)
 
     def initial_state(self, batch: int, device=None, dtype=None) -> State:
         """r_1 = f(0, z_0 = 0), and v ~ N(0, I) (a fresh draw at each call)."""

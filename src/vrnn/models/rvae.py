@@ -62,8 +62,11 @@ class RVAE(SequenceModel):
     @classmethod
     def cannot(cls, cfg, verb: str) -> str | None:
         if cfg.causal:
-            return None
-        return {"smc": f"{NON_CAUSAL}: the joint does not factor step by step, so there is no particle "
+            return ("the causal RVAE's q(z_t | z_{1:t-1}, x_{t:T}) reads later steps through its backward "
+                    "RNN, which a step-by-step scorer cannot give it (its particle filter over whole "
+                    "sequences is offered: vrnn evaluate --estimator smc)") if verb == "filter" else None
+        return {"filter": f"{NON_CAUSAL}: no step-by-step scoring",
+                "smc": f"{NON_CAUSAL}: the joint does not factor step by step, so there is no particle "
                        "filter or FIVO (use importance sampling, or the causal RVAE: rvae-causal-gauss)",
                 "tbptt": f"{NON_CAUSAL}: a pass cannot continue from a state (no --tbptt)",
                 "prefix": f"{NON_CAUSAL}: it generates whole sequences and cannot continue a prefix",

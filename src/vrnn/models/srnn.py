@@ -80,6 +80,14 @@ class SRNN(SequenceModel):
     family = "srnn"
     scan_impl = "fused"  # or "autograd": how the z-chain runs in training (vrnn.fast.set_scan)
 
+    @classmethod
+    def cannot(cls, cfg, verb: str) -> str | None:
+        if verb == "filter" and cfg.posterior == "smoothing":
+            return ("this SRNN's posterior is 'smoothing': q(z_t | .) reads x_{t:T} through a backward "
+                    "RNN, which a step-by-step scorer cannot give it; score an SRNN trained with "
+                    "--posterior filtering")
+        return None
+
     def __init__(self, cfg):
         super().__init__(cfg)
         rnn = nn.LSTM if cfg.cell == "lstm" else nn.GRU
