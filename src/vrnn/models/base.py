@@ -219,6 +219,16 @@ class SequenceModel(nn.Module):
             raise ValueError(f"state has {state_rows} rows; expected {B} or samples*B = {R}")
         return x, mask, B, T, R
 
+    def start_state(self, state: State | None, batch: int, rows: int, like: Tensor) -> State:
+        """The state a pass of ``rows`` = samples*B rows (or particles) starts from: the
+        initial one when ``state`` is None, a carried state of B rows with each sequence's
+        row repeated (sample-major), or a carried state of ``rows`` rows as it is."""
+        if state is None:
+            return self.initial_state(rows, like.device, like.dtype)
+        if state[0].shape[1] == batch and rows != batch:
+            return tuple(repeat_rows(s, rows // batch, dim=1) for s in state)
+        return state
+
     def noise_for(self, noise: Tensor | None, rows: int, T: int, like: Tensor) -> Tensor:
         """The reparameterisation noise (rows, T, z_dim): standard normal draws, or the
         given ``noise`` checked for its shape."""

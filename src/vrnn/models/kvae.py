@@ -182,10 +182,7 @@ class KVAE(SequenceModel):
                 noise: Tensor | None = None, samples: int = 1, ancestors=None) -> Trace:
         """One pass over a batch (see models/base.py for the arguments)."""
         x, mask, B, T, R = self.check_pass(x, mask, samples, None if state is None else state[0].shape[1])
-        if state is None:
-            state = self.initial_state(B, x.device, x.dtype)
-        if state[0].shape[1] == B:
-            state = tuple(repeat_rows(s, samples, dim=1) for s in state)
+        state = self.start_state(state, B, R, x)
         mu_q, std_q = self.encoder(self.phi_x(x))                    # (B, T, Z): shared
         lengths = lengths_of(mask)
         x, mu_q, std_q = (repeat_rows(t, samples) for t in (x, mu_q, std_q))
@@ -266,10 +263,7 @@ class KVAE(SequenceModel):
         """Particles' state: the mixing RNN's (h, c), each (K*B, layers, H), the filtered
         mean (K*B, n) and covariance (K*B, n, n); from ``state`` (K*B or B rows) when given."""
         B = features["x0"].shape[0]
-        if state is None:
-            state = self.initial_state(particles * B, features["x0"].device, features["x0"].dtype)
-        elif state[0].shape[1] == B:
-            state = tuple(repeat_rows(s, particles, dim=1) for s in state)
+        state = self.start_state(state, B, particles * B, features["x0"])
         return (state[0].transpose(0, 1), state[1].transpose(0, 1), state[2][0], state[3][0])
 
     def smc_step(self, features, t: int, particles: State, eps_t: Tensor):

@@ -106,17 +106,12 @@ class RVAE(SequenceModel):
     def forward(self, x: Tensor, mask: Tensor | None = None, state: State | None = None,
                 noise: Tensor | None = None, samples: int = 1, ancestors=None) -> Trace:
         """One pass over a batch (see models/base.py for the arguments)."""
-        x, mask, B, T, R = self.check_pass(x, mask, samples)
+        x, mask, B, T, R = self.check_pass(x, mask, samples, None if state is None else state[0].shape[1])
         if state is not None:
             self.refuse("tbptt")
         if ancestors is not None:
             self.refuse("smc")
-        if state is None:
-            state = self.initial_state(R, x.device, x.dtype)
-        elif state[0].shape[1] == B:
-            state = tuple(repeat_rows(s, samples, dim=1) for s in state)
-        elif state[0].shape[1] != R:
-            raise ValueError(f"state has {state[0].shape[1]} rows; expected {B} or samples*B = {R}")
+        state = self.start_state(state, B, R, x)
         gq = self.encoder.in_b(self.inference(x, mask))              # (B, T, E): shared
         lengths = lengths_of(mask)
         x, mask = repeat_rows(x, samples), None if mask is None else repeat_rows(mask, samples)
@@ -172,10 +167,7 @@ class RVAE(SequenceModel):
         """Particles' state: (h, c, s_h, s_c), each (K*B, layers, width); from ``state``
         (K*B or B rows) when given."""
         B = features["x0"].shape[0]
-        if state is None:
-            state = self.initial_state(particles * B, features["x0"].device, features["x0"].dtype)
-        elif state[0].shape[1] == B:
-            state = tuple(repeat_rows(s, particles, dim=1) for s in state)
+        state = self.start_state(state, B, particles * B, features["x0"])
         return tuple(s.transpose(0, 1) for s in state)
 
     def smc_step(self, features, t: int, particles: State, eps_t: Tensor):

@@ -155,18 +155,13 @@ class VRNN(SequenceModel):
         What does not depend on z (phi_x and the x-parts of the encoder's and the cell's
         first layers) is computed once per sequence and shared by its ``samples``.
         """
-        x, mask, B, T, R = self.check_pass(x, mask, samples)
+        x, mask, B, T, R = self.check_pass(x, mask, samples, None if state is None else state[0].shape[1])
         if self.scan_impl == "stepwise" and samples == 1 and ancestors is None:
             return self._forward_stepwise(x, mask, state, noise)
         fx = self.phi_x(x)
         ax, gx = self.encoder.in_x(fx), self.cell.w_x(fx)  # (B, T, .): shared by the samples
         x, mask = repeat_rows(x, samples), None if mask is None else repeat_rows(mask, samples)
-        if state is None:
-            state = self.initial_state(R, x.device, x.dtype)
-        elif state[0].shape[1] == B:
-            state = tuple(repeat_rows(s, samples, dim=1) for s in state)
-        elif state[0].shape[1] != R:
-            raise ValueError(f"state has {state[0].shape[1]} rows; expected {B} or samples*B = {R}")
+        state = self.start_state(state, B, R, x)
         noise = self.noise_for(noise, R, T, x)
         self.check_ancestors(ancestors, T)
         keep = None if mask is None else mask.unsqueeze(-1) > 0
@@ -303,10 +298,7 @@ class VRNN(SequenceModel):
         """Particles' state: (h_1, .., h_L, c_1, .., c_L), each (K*B, H); from ``state``
         (K*B rows, as ``forward`` returns it with ``samples=K``, or B rows) when given."""
         x, B = features["x0"], features["B"]
-        if state is None:
-            state = self.initial_state(particles * B, x.device, x.dtype)
-        elif state[0].shape[1] == B:  # one row per sequence: every particle starts there
-            state = tuple(repeat_rows(s, particles, dim=1) for s in state)
+        state = self.start_state(state, B, particles * B, x)
         return (*state[0].unbind(0), *state[1].unbind(0))
 
     def smc_step(self, features, t: int, particles: State, eps_t: Tensor):
