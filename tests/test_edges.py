@@ -174,6 +174,7 @@ BAD_RECORDS = {
     "a list": ("x.json", "[1, 2]"),
     "missing key": ("x.json", json.dumps({k: v for k, v in _record(seed=1).items() if k != "steps"})),
     "string for a number": ("x.json", json.dumps(_record(seed=1, seconds="3"))),
+    "not_offered without a reason": ("x.json", json.dumps(_record(seed=1, not_offered={"smc": ""}))),
 }
 
 

@@ -229,3 +229,54 @@ def test_a_run_on_some_datasets_keeps_every_table_whole(tmp_path):
     rp.reproduce("cpu", tmp_path, datasets=["jsb"], report_only=True, log=lambda *_: None)
     assert "lasa (IAM-OnDB)" in (tmp_path / "table1.md").read_text()
     assert "JSB Chorales" in (tmp_path / "polyphonic.md").read_text()
+
+
+def test_the_dvae_family_rows_are_planned_for_asterisk_en_only_with_its_protocol(tmp_path):
+    jobs = rp.plan("cpu", tmp_path, list(X_DIMS), X_DIMS, None, 1.0, rows=rp.FAMILY_ROWS)
+    s = rp.SETUPS["cpu"]["asterisk-en"]
+    assert {j["dataset"] for j in jobs} == {"asterisk-en"}  # not the other stand-in sets
+    assert sorted((j["row"], j["seed"]) for j in jobs) == sorted(
+        (r, k) for r in rp.FAMILY_ROWS for k in s["seeds"])
+    target = rp.count_params("rnn-gauss", 200, rp._model_fields(rp.ROWS["rnn-gauss"], "asterisk-en", s["model"]))
+    for j in jobs:
+        assert j["table"] == "beyond" and j["table_dir"] == "main"
+        assert j["config"]["train"] == {**s["train"], "split_seed": s["split_seed"]}  # the rows' own protocol
+        assert j["config"]["data"] == s["data"]
+        assert abs(j["params"] - target) / target < 0.02, (j["row"], j["params"], target)
+    for ds in X_DIMS:
+        assert bool(set(rp.FAMILY_ROWS) & set(rp.rows_for(ds, "beyond"))) == (ds == "asterisk-en")
+
+
+def test_a_row_without_smc_shows_not_offered_with_the_reason(tmp_path):
+    from vrnn.config import VRNNConfig
+    from vrnn.models import cannot
+    why = cannot(VRNNConfig.preset("dsae-gauss", x_dim=4), "smc")
+    assert why
+    recs = []
+    for s in (0, 1):
+        recs += [fake_record("asterisk-en", "rnn-gauss", s, -30.0), fake_record("asterisk-en", "vrnn-gauss", s, -20.0),
+                 fake_record("asterisk-en", "dkf-gauss", s, -10.0 - s), fake_record("lasa", "rnn-gauss", s, 1.0)]
+        job = {"table": "beyond", "dataset": "asterisk-en", "row": "dsae-gauss", "preset": "dsae-gauss", "seed": s,
+               "params": 1000, "config": {"model": {}, "train": {"split_seed": 0, "patience": 5, "max_steps": 100,
+                                                                 "batch_size": 4}, "data": {}}}
+        fig = {"per_sequence": -25.0, "per_sequence_raw": -15.0, "per_step": -2.5, "per_step_raw": -1.5}
+        res = {"estimators": {"elbo": fig, "is": fig}, "exact": False, "num_sequences": 5, "num_steps": 50,
+               "not_offered": {"smc": why}}  # what `vrnn evaluate --estimator all` gives
+        summary = {"steps": 100, "epochs": 3, "seconds": 1.0, "converged": True, "stopped": "early",
+                   "best_valid_bound": -25.0}
+        recs.append(rp.make_record(job, res, summary, {"seed": 0, "test_sha1": "abc"}))
+    assert recs[-1]["log_likelihood_smc"] is None and recs[-1]["not_offered"] == {"smc": why}
+    write_records(tmp_path, recs)
+    rp.report(tmp_path, "cpu", list(rp.DATASETS), "vrnn reproduce --report-only", log=lambda *_: None)
+    beyond = (tmp_path / "beyond.md").read_text()
+    dsae = next(line for line in beyond.splitlines() if line.startswith("| dsae-gauss | 1,000 |"))
+    assert dsae.split(" | ")[4] == "not offered (below)"
+    assert f"SMC not offered for dsae-gauss: {why}." in beyond
+    dkf = next(line for line in beyond.splitlines() if line.startswith("| dkf-gauss | 1,000 |"))
+    assert dkf.split(" | ")[4] == "-9.5 ± 0.5"  # DKF offers SMC: its figure (IS + 1 in fake_record)
+    # the summary says where the family did not run; the family table ranks by IS against the VRNN
+    assert "| dsae-gauss | >= -25.0 ~ -25.0 ± 0.0 | not run |" in beyond
+    assert "| 1 | dkf-gauss | -10.5 ± 0.5 | 9.5 ± 0.5 | 2 of 2 | 9.5 ± 0.5 | 2 of 2 |" in beyond
+    assert "| 2 | vrnn-gauss | -20.0 ± 0.0 | ref | | ref | |" in beyond
+    assert "| 3 | dsae-gauss | -25.0 ± 0.0 | -5.0 ± 0.0 | 0 of 2 | not offered | |" in beyond
+    assert "not run on fillets-cs, lasa, chorales (no compute for them)" in beyond

@@ -73,6 +73,10 @@ def read_record(path: Path) -> dict:
             raise ConfigError(f"{path}: config.train.{key} must be a finite {kind}, got {train.get(key)!r}")
     if not isinstance(rec["config"].get("data", {}), dict) or not isinstance(rec.get("curve", {}), dict):
         raise ConfigError(f"{path}: config.data and curve must be objects")
+    offered = rec.get("not_offered", {})
+    if not isinstance(offered, dict) or not all(isinstance(v, str) and v for v in offered.values()):
+        raise ConfigError(f"{path}: not_offered must map an estimator to the reason it is not offered, "
+                          f"got {offered!r}")
     return rec
 
 

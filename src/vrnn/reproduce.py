@@ -92,6 +92,10 @@ ROWS = {
                              label="SRNN (smoothing, Resq), KL warm-up over 1,000 steps"),
     "storn-gauss": Row("storn-gauss", label="STORN"),
     "dkf-gauss": Row("dkf-gauss", label="DKF (DMM), ST-R combiner"),
+    "rvae-gauss": Row("rvae-gauss", label="RVAE, non-causal (bidirectional)"),
+    "rvae-causal-gauss": Row("rvae-causal-gauss", label="RVAE, causal"),
+    "dsae-gauss": Row("dsae-gauss", label="DSAE (static v and dynamic z)"),
+    "kvae-gauss": Row("kvae-gauss", label="KVAE (Kalman smoothing over z)"),
 }
 PAPER_ROWS = ["rnn-gauss", "rnn-gmm", "vrnn-i-gauss", "vrnn-gauss", "vrnn-gmm"]
 BEYOND_ROWS = ["srnn-gauss", "srnn-gmm", "vrnn-gauss-iwae", "vrnn-gauss-fivo", "rnn-ar", "vrnn-ar"]
@@ -100,6 +104,10 @@ WALLCLOCK_ROWS = ["vrnn-gmm", "vrnn-gmm-stepwise"]
 # the *-gauss presets take the Bernoulli head)
 POLYPHONIC_ROWS = ["rnn-gauss", "rnn-ar", "vrnn-gauss", "vrnn-gauss-iwae", "vrnn-gauss-fivo", "vrnn-ar",
                    "srnn-gauss-warmup", "storn-gauss", "dkf-gauss"]
+# the rest of the dynamical-VAE family (issue #20): on the speech table's asterisk-en
+# column only (the other stand-in sets were not run: no compute for them)
+FAMILY_ROWS = ["dkf-gauss", "storn-gauss", "rvae-gauss", "rvae-causal-gauss", "dsae-gauss", "kvae-gauss"]
+FAMILY_DATASETS = ("asterisk-en",)
 TABLES = ("paper", "beyond", "wallclock", "polyphonic")
 GMM_ROWS = {"rnn-gmm", "vrnn-gmm", "srnn-gmm", "vrnn-gmm-stepwise"}
 AR_ROWS = {"rnn-ar", "vrnn-ar"}
@@ -183,7 +191,8 @@ WIDTHS = ("phi_x_dim", "phi_z_dim", "enc_dim", "prior_dim", "dec_dim")
 
 def rows_for(dataset: str, table: str) -> list[str]:
     """The rows a table has on a dataset: no mixtures on binary data, the autoregressive
-    output on the speech columns, the equal-wall-clock pair on asterisk-en only."""
+    output on the speech columns, the equal-wall-clock pair and the rest of the DVAE
+    family (FAMILY_ROWS, in the beyond table) on asterisk-en only."""
     d = DATASETS[dataset]
     if (table == "polyphonic") != bool(d.get("polyphonic")):
         return []
@@ -193,7 +202,7 @@ def rows_for(dataset: str, table: str) -> list[str]:
         return list(WALLCLOCK_ROWS) if dataset == "asterisk-en" else []
     if table == "beyond" and not d.get("beyond", True):
         return []
-    rows = PAPER_ROWS if table == "paper" else BEYOND_ROWS
+    rows = PAPER_ROWS if table == "paper" else BEYOND_ROWS + (FAMILY_ROWS if dataset in FAMILY_DATASETS else [])
     return [r for r in rows if not (d.get("binary") and r in GMM_ROWS) and (d["speech"] or r not in AR_ROWS)]
 
 
@@ -430,6 +439,7 @@ def make_record(job: dict, res: dict, summary: dict, split: dict, trained: dict 
         "num_steps": res["num_steps"], "steps": summary["steps"], "epochs": summary["epochs"],
         "seconds": summary["seconds"], "converged": summary["converged"], "stopped": summary["stopped"],
         "best_valid_bound": summary["best_valid_bound"], "config": job["config"],
+        **({"not_offered": res["not_offered"]} if res.get("not_offered") else {}),
         **({"log_likelihood_after_first": (est.get("exact") or {}).get("per_step_after_first")}
            if not latent and per_step else {}),
         **({"trained_bound": trained["estimators"][trained["estimator"]][key],
@@ -577,6 +587,7 @@ def dataset_table(records, dataset: str, rows: list[str], ref: str | None) -> st
              "| model | params | ELBO | IS / exact | SMC | IS, data's units | Δ vs best RNN | wins | "
              "steps | converged |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    refused = {}
     for row in rows:
         recs = [r for r in records if r["dataset"] == dataset and r["model"] == row]
         if not recs:
@@ -590,6 +601,9 @@ def dataset_table(records, dataset: str, rows: list[str], ref: str | None) -> st
         if exact:
             cell["log_likelihood"] = "= " + cell["log_likelihood"]
             cell["log_likelihood_smc"] = "(exact)"
+        elif why := not_offered(recs, "smc"):
+            cell["log_likelihood_smc"] = "not offered (below)"
+            refused[row] = why
         d = paired(records, row, ref) if ref and row != ref else None
         delta = "ref" if row == ref else ("n/a" if d is None else _fmt(d[0], d[1], digits))
         wins = "" if d is None else f"{d[2]} of {d[3]}"
@@ -598,7 +612,16 @@ def dataset_table(records, dataset: str, rows: list[str], ref: str | None) -> st
         lines.append(f"| {row} | {recs[0]['params']:,} | {cell['elbo']} | {cell['log_likelihood']} | "
                      f"{cell['log_likelihood_smc']} | {cell['log_likelihood_raw']} | {delta} | {wins} | "
                      f"{steps} | {conv} of {n} |")
+    if refused:
+        lines += [""] + [f"SMC not offered for {row}: {why}." for row, why in refused.items()]
     return "\n".join(lines)
+
+
+def not_offered(records, estimator: str) -> str | None:
+    """The reason every one of ``records`` gives for not offering ``estimator`` (evaluate's
+    ``not_offered``), or None where any of them offers it."""
+    why = [(r.get("not_offered") or {}).get(estimator) for r in records]
+    return why[0] if records and all(why) else None
 
 
 def summary_table(records, datasets, rows) -> str:
@@ -609,6 +632,9 @@ def summary_table(records, datasets, rows) -> str:
         for d in datasets:
             recs = [r for r in records if r["dataset"] == d and r["model"] == row]
             vals = [r["log_likelihood"] for r in recs if r["log_likelihood"] is not None]
+            if not recs and row in FAMILY_ROWS and d not in FAMILY_DATASETS:
+                cells.append("not run")
+                continue
             if not recs or len(vals) != len(recs):
                 cells.append("n/a")
                 continue
@@ -658,18 +684,22 @@ def report(out: Path, setup: str, datasets, command: str, log=print) -> dict:
     write_text(out / "table1.md", "\n".join(md))
     successors = [d for d in cols if rows_for(d, "beyond")]
     beyond = ["# Beyond the paper: SRNN, IWAE and FIVO training, the autoregressive output", "",
-              summary_table(main, successors, PAPER_ROWS[:2] + BEYOND_ROWS), "", legend, ""]
+              summary_table(main, successors, PAPER_ROWS[:2] + BEYOND_ROWS + FAMILY_ROWS), "", legend, ""]
+    if note := family_note(main):
+        beyond += [note, ""]
     for d in successors:
         recs = [r for r in main if r["dataset"] == d]
-        rows = [r for r in PAPER_ROWS + BEYOND_ROWS if r in rows_for(d, "paper") + rows_for(d, "beyond")]
+        rows = [r for r in PAPER_ROWS + BEYOND_ROWS + FAMILY_ROWS if r in rows_for(d, "paper") + rows_for(d, "beyond")]
         beyond += [dataset_table(recs, d, rows, best_rnn(recs)), ""]
         if (table := counterpart_table(recs, d)) is not None:
             beyond += [table, ""]
         if DATASETS[d]["speech"] and any(r["model"] in AR_ROWS for r in recs):
             beyond += [ar_table(recs, d), ""]
+        if (table := family_table(recs, d)) is not None:
+            beyond += [table, ""]
     beyond += ["# Training curves: the evidence behind the tables", ""]
     for d in cols:
-        rows = [r for r in PAPER_ROWS + BEYOND_ROWS if r in rows_for(d, "paper") + rows_for(d, "beyond")]
+        rows = [r for r in PAPER_ROWS + BEYOND_ROWS + FAMILY_ROWS if r in rows_for(d, "paper") + rows_for(d, "beyond")]
         beyond += [diagnostics_table(main, d, rows), ""]
     write_text(out / "beyond.md", "\n".join(beyond))
     wall = [r for r in records if r["table"] == "wallclock"]
@@ -701,6 +731,53 @@ def ar_table(records, dataset: str) -> str:
         lines.append(f"| {name} | {_fmt(*_mean_se(a), digits)} | {_fmt(*_mean_se(b), digits)} | "
                      f"{'n/a' if d is None else _fmt(d[0], d[1], digits)} | "
                      f"{'' if d is None else f'{d[2]} of {d[3]}'} |")
+    return "\n".join(lines)
+
+
+def family_note(records) -> str | None:
+    """What the rows of the rest of the dynamical-VAE family ran on (their seeds), and
+    what they did not run on."""
+    fam = [r for r in records if r["model"] in FAMILY_ROWS]
+    if not fam:
+        return None
+    where = sorted({r["dataset"] for r in fam})
+    seeds = sorted({r["seed"] for r in fam})
+    others = [d for d in DATASETS if d not in FAMILY_DATASETS and rows_for(d, "beyond")]
+    return (f"The rest of the dynamical-VAE family ({', '.join(FAMILY_ROWS)}) ran on {', '.join(where)} "
+            f"only, seeds {seeds}, with that dataset's protocol, split and parameter matching; they were "
+            f"not run on {', '.join(others)} (no compute for them): 'not run' there.")
+
+
+# the dynamical-VAE family is compared with the VRNN it generalises
+FAMILY_REF = "vrnn-gauss"
+
+
+def family_table(records, dataset: str) -> str | None:
+    """The dynamical-VAE family beside the VRNN and SRNN, best first by the IS estimate:
+    paired differences to VRNN-Gauss by IS and by SMC (K=40) over the seeds both have,
+    or the reason a model offers no SMC."""
+    rows = [r for r in [FAMILY_REF, "srnn-gauss"] + FAMILY_ROWS
+            if (vals := [x["log_likelihood"] for x in records if x["model"] == r])
+            and all(v is not None for v in vals)]
+    if not any(r in FAMILY_ROWS for r in rows):
+        return None
+    digits = _digits(dataset)
+    mean = {r: float(np.mean([x["log_likelihood"] for x in records if x["model"] == r])) for r in rows}
+    lines = [f"**{dataset}: the dynamical-VAE family against the VRNN** (best first by IS, K=40; paired "
+             f"differences to {FAMILY_REF} over the seeds both have, wins)", "",
+             "| rank | row | IS | Δ IS | wins | Δ SMC (K=40) | wins |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for rank, row in enumerate(sorted(rows, key=mean.get, reverse=True), 1):
+        recs = [x for x in records if x["model"] == row]
+        cell = _fmt(*_mean_se([x["log_likelihood"] for x in recs]), digits)
+        if row == FAMILY_REF:
+            lines.append(f"| {rank} | {row} | {cell} | ref | | ref | |")
+            continue
+        d = paired(records, row, FAMILY_REF)
+        smc = None if not_offered(recs, "smc") else paired(records, row, FAMILY_REF, "log_likelihood_smc")
+        lines.append(f"| {rank} | {row} | {cell} | "
+                     + ("n/a | |" if d is None else f"{_fmt(d[0], d[1], digits)} | {d[2]} of {d[3]} |")
+                     + (" not offered | |" if not_offered(recs, "smc") else
+                        " n/a | |" if smc is None else f" {_fmt(smc[0], smc[1], digits)} | {smc[2]} of {smc[3]} |"))
     return "\n".join(lines)
 
 
