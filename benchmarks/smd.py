@@ -247,15 +247,16 @@ def paired(recs) -> str:
                  if name in rec["rows"] and "vrnn-gauss" in rec["rows"]]
         if not pairs:
             continue
-        f1 = [(a.get("unadjusted") or {}).get("f1", 0.0) - (b.get("unadjusted") or {}).get("f1", 0.0)
-              for a, b in pairs]
+        f1 = [a["unadjusted"]["f1"] - b["unadjusted"]["f1"] for a, b in pairs  # rows with a POT threshold
+              if a.get("unadjusted") and b.get("unadjusted")]
         ap = [a["auc_pr"] - b["auc_pr"] for a, b in pairs]
 
         def ms(v):
             m = float(np.mean(v))
             se = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
             return f"{m:+.3f} ± {se:.3f}"
-        out.append(f"| {name} | {len(pairs)} | {ms(f1)} | {ms(ap)} | {sum(d > 0 for d in f1)} of {len(f1)} |")
+        out.append(f"| {name} | {len(pairs)} | {ms(f1) if f1 else '–'} | {ms(ap)} | "
+                   f"{sum(d > 0 for d in f1)} of {len(f1)} |")
     return "\n".join(out)
 
 
