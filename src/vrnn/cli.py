@@ -558,8 +558,8 @@ def cmd_data(a) -> int:
     if a.data_command == "list":
         for name, text in DATASETS.items():
             state = ""
-            if name in ("asterisk-en", "fillets-cs"):
-                path = fetched_path(name)
+            if name in ("asterisk-en", "fillets-cs", "asterisk-en-stft"):
+                path = fetched_path(name.removesuffix("-stft"))
                 state = f" [fetched: {path}]" if path else " [not fetched]"
             print(f"{name:12s} {text}{state}")
         return 0

@@ -1,0 +1,195 @@
+"""The DVAE review's speech evaluation: the spectrogram data kind, the Itakura-Saito head,
+the log-power input of every model, resynthesis with the original phase and its metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from vrnn import build
+from vrnn.config import PRESETS, VRNNConfig
+from vrnn.data import describe, load
+from vrnn.data import spectrogram as stft
+from vrnn.errors import ConfigError, DataError
+from vrnn.heads import ItakuraSaitoHead, itakura_saito
+from vrnn.models.base import LogPower
+from vrnn.train import model_config, prepare
+
+RATE = 16000
+FAMILY_ROWS = ["vrnn-gauss", "srnn-gauss", "dkf-gauss", "storn-gauss", "rvae-gauss", "rvae-causal-gauss",
+               "dsae-gauss", "kvae-gauss"]
+
+
+def speechlike(seconds: float, seed: int) -> np.ndarray:
+    """A voiced-like signal: a few harmonics under a slow envelope, plus a little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    f0 = 120 + 40 * rng.random()
+    x = sum((0.3 / k) * np.sin(2 * np.pi * k * f0 * t + rng.random() * 6) for k in range(1, 6))
+    x = x * (0.5 + 0.5 * np.sin(2 * np.pi * 2.0 * t + rng.random())) + 0.01 * rng.standard_normal(len(t))
+    return x.astype(np.float32)
+
+
+def wav_folder(root: Path, n: int = 6, seconds: float = 0.5) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        sf.write(str(root / f"utt{i:02d}.wav"), speechlike(seconds + 0.05 * i, i), RATE, subtype="FLOAT")
+    return root
+
+
+# --------------------------------------------------------------------------- the data kind
+
+
+def test_stft_power_frames_and_exact_inverse():
+    wave = speechlike(0.4, 0)
+    spec = stft.stft(wave)
+    assert spec.shape == (1 + len(wave) // stft.HOP, 513)
+    back = stft.istft(spec, length=len(wave)).numpy()
+    assert np.max(np.abs(back - wave)) < 1e-4
+    p = stft.power(wave)
+    assert p.dtype == np.float32 and (p >= 0).all()
+    np.testing.assert_allclose(p, (spec.abs() ** 2).numpy(), rtol=1e-5)
+
+
+def test_spectrogram_option_and_meta(tmp_path):
+    folder = wav_folder(tmp_path / "wavs")
+    data = load(folder, spectrogram=True)
+    assert data.kind == "spectrogram" and data.dim == 513 and len(data) == 6
+    files = data.meta["sequence_files"]
+    assert [Path(f).name for f in files] == [f"utt{i:02d}.wav" for i in range(6)]
+    assert data.meta["frame_offsets"] == [0] * 6  # whole utterances
+    wave, _ = sf.read(files[2], dtype="float32")
+    assert len(data.sequences[2]) == 1 + len(wave) // 256
+    np.testing.assert_allclose(data.sequences[2], stft.power(wave), rtol=1e-5, atol=1e-9)
+    info = describe(str(folder), spectrogram=True)
+    assert info["kind"] == "spectrogram" and info["n_fft"] == 1024 and info["hop"] == 256 and info["files"] == 6
+    # chunks: fixed frame counts, each remembering where it starts in its file
+    chunked = load(folder, spectrogram=True, chunk_seconds=0.16)  # 10 frames
+    assert set(chunked.lengths) == {10}
+    assert chunked.meta["frame_offsets"][:3] == [0, 10, 20]
+    wave0, _ = sf.read(chunked.meta["sequence_files"][1], dtype="float32")
+    np.testing.assert_allclose(chunked.sequences[1], stft.power(wave0)[10:20], rtol=1e-5, atol=1e-9)
+    with pytest.raises(ConfigError, match="frame_size does not apply"):
+        load(folder, spectrogram=True, frame_size=200)
+
+
+def test_spectrogram_kind_picks_the_is_head_and_stays_raw(tmp_path):
+    data = load(wav_folder(tmp_path / "w"), spectrogram=True)
+    cfg = model_config("vrnn-gauss", data, {"h_dim": 8, "z_dim": 2})
+    assert cfg.output == "is" and cfg.raw_dims == tuple(range(513))
+    prep = prepare("x", data=data).for_model(cfg)
+    seqs = prep.sequences("train")
+    i = prep.splits["train"][0]
+    np.testing.assert_array_equal(seqs[0], data.sequences[i])  # powers untouched
+    # a gaussian head on the same data is standardised as before
+    gauss = model_config("vrnn-gauss", data, {"h_dim": 8, "z_dim": 2, "output": "gauss"})
+    assert not np.allclose(prepare("x", data=data).for_model(gauss).sequences("train")[0], data.sequences[i])
+    # negative "powers" are refused, naming the file
+    data.sequences[1] = data.sequences[1].copy()
+    data.sequences[1][3, 7] = -1.0
+    with pytest.raises(DataError, match=r"utt01\.wav: column 7 holds -1 at step 3"):
+        prepare("x", data=data).for_model(cfg)
+
+
+# --------------------------------------------------------------------------- the head
+
+
+def test_is_head_against_torch_exponential():
+    torch.manual_seed(0)
+    head = ItakuraSaitoHead(5, 4, std_floor=1e-4).double()
+    params = torch.randn(3, 7, 4, dtype=torch.float64) * 3
+    v = torch.nn.functional.softplus(params) + 1e-4
+    x = torch.distributions.Exponential(1.0 / v).sample()
+    ref = torch.distributions.Exponential(rate=1.0 / v).log_prob(x).sum(-1)
+    torch.testing.assert_close(head.log_prob(params, x), ref)
+    torch.testing.assert_close(head.log_prob_dims(params, x).sum(-1), ref)
+    torch.testing.assert_close(head.mean(params), v)
+    # x = 0 exactly (digital silence) is legal and finite
+    zero = head.log_prob(params, torch.zeros_like(x))
+    assert torch.isfinite(zero).all()
+    torch.testing.assert_close(zero, -torch.log(v).sum(-1))
+
+
+def test_is_divergence_and_nll_differ_by_a_v_free_term():
+    torch.manual_seed(1)
+    head = ItakuraSaitoHead(3, 6).double()
+    x = torch.rand(6, dtype=torch.float64) * 5 + 0.01
+    diffs = []
+    for _ in range(4):
+        params = torch.randn(6, dtype=torch.float64) * 2
+        v = head.variance(params)
+        diffs.append((itakura_saito(x, v) - (-head.log_prob_dims(params, x))).numpy())
+    for d in diffs[1:]:
+        np.testing.assert_allclose(d, diffs[0], atol=1e-10)
+    # d_IS - (-log p) = x/v - log x + log v - 1 - log v - x/v = -log x - 1
+    np.testing.assert_allclose(diffs[0], (-torch.log(x) - 1.0).numpy(), atol=1e-10)
+
+
+def test_is_head_gradient_and_sampler():
+    torch.manual_seed(2)
+    head = ItakuraSaitoHead(4, 3)
+    feats = torch.randn(10, 4)
+    x = torch.rand(10, 3)
+    head.log_prob(head(feats), x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+               for p in head.parameters())
+    params = torch.full((200000, 3), 0.5)
+    draws = head.sample(params)
+    v = float(head.variance(params[0])[0])
+    assert (draws >= 0).all()
+    assert abs(float(draws.mean()) - v) < 0.01 * v + 3 * v / np.sqrt(draws.numel())
+    assert abs(float(draws.var()) - v ** 2) < 0.05 * v ** 2  # Exponential: variance = mean^2
+
+
+# --------------------------------------------------------------------------- every model
+
+
+@pytest.mark.parametrize("row", FAMILY_ROWS + ["rnn-gauss"])
+def test_every_model_reads_log_powers(row):
+    torch.manual_seed(3)
+    cfg = VRNNConfig.preset(row, x_dim=513, h_dim=8, z_dim=2, output="is")
+    model = build(cfg)
+    assert isinstance(model.phi_x[0], LogPower)
+    gauss = build(VRNNConfig.preset(row, x_dim=513, h_dim=8, z_dim=2))
+    assert not any(isinstance(m, LogPower) for m in gauss.modules())
+    x = torch.rand(2, 6, 513) * 100.0
+    x[0, :2] = 0.0  # silence
+    mask = torch.ones(2, 6)
+    mask[1, 4:] = 0
+    elbo = model.elbo(x, mask)
+    assert torch.isfinite(elbo).all()
+    # phi_x sees log(x + eps): scaling the powers moves its input by a constant, not by 100x
+    fx = model.phi_x[0](x)
+    assert float(fx.max()) < 5.0 and float(fx.min()) > -14.0
+
+
+@pytest.mark.parametrize("row", ["vrnn-gauss", "dkf-gauss", "rvae-gauss"])
+def test_a_few_adam_steps_lower_the_is_loss(row):
+    torch.manual_seed(4)
+    x = torch.as_tensor(np.stack([stft.power(speechlike(0.25, i)) for i in range(4)]))
+    cfg = VRNNConfig.preset(row, x_dim=513, h_dim=16, z_dim=4, output="is")
+    model = build(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    noise = torch.zeros(4, x.shape[1], cfg.z_dim)
+
+    def loss():
+        return -model.elbo(x, noise=noise).mean() / x.shape[1]
+
+    with torch.no_grad():
+        before = float(loss())
+    for _ in range(30):
+        opt.zero_grad()
+        (-model.elbo(x).mean() / x.shape[1]).backward()
+        opt.step()
+    with torch.no_grad():
+        after = float(loss())
+    assert after < before - 0.05 * abs(before), (before, after)
+
+
+def test_is_is_an_output_choice_of_every_row():
+    for row in PRESETS:
+        assert build(VRNNConfig.preset(row, x_dim=4, h_dim=4, z_dim=2, output="is")).head.param_dim == 4
