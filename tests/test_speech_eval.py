@@ -80,11 +80,17 @@ def test_spectrogram_option_and_meta(tmp_path):
 def test_spectrogram_kind_picks_the_is_head_and_stays_raw(tmp_path):
     data = load(wav_folder(tmp_path / "w"), spectrogram=True)
     cfg = model_config("vrnn-gauss", data, {"h_dim": 8, "z_dim": 2})
-    assert cfg.output == "is" and cfg.raw_dims == tuple(range(513))
+    assert cfg.output == "is" and cfg.power_dims == tuple(range(513))
     prep = prepare("x", data=data).for_model(cfg)
     seqs = prep.sequences("train")
     i = prep.splits["train"][0]
-    np.testing.assert_array_equal(seqs[0], data.sequences[i])  # powers untouched
+    # powers only scaled (by each bin's mean training power), never shifted: 0 stays 0
+    train = np.concatenate([data.sequences[j] for j in prep.splits["train"]]).astype(np.float64)
+    scale = train.mean(0)
+    np.testing.assert_array_equal(prep.normalizer.mean, 0.0)
+    np.testing.assert_allclose(prep.normalizer.std, scale, rtol=1e-5)
+    np.testing.assert_allclose(seqs[0], data.sequences[i] / scale, rtol=1e-5)
+    assert (seqs[0] >= 0).all()
     # a gaussian head on the same data is standardised as before
     gauss = model_config("vrnn-gauss", data, {"h_dim": 8, "z_dim": 2, "output": "gauss"})
     assert not np.allclose(prepare("x", data=data).for_model(gauss).sequences("train")[0], data.sequences[i])
@@ -193,3 +199,86 @@ def test_a_few_adam_steps_lower_the_is_loss(row):
 def test_is_is_an_output_choice_of_every_row():
     for row in PRESETS:
         assert build(VRNNConfig.preset(row, x_dim=4, h_dim=4, z_dim=2, output="is")).head.param_dim == 4
+
+
+# --------------------------------------------------------------------------- resynthesis, metrics
+
+
+def test_oracle_power_with_the_original_phase_gives_the_waveform_back(tmp_path):
+    from vrnn.resynth import original, synthesise
+    from vrnn.speech_metrics import si_sdr
+
+    path = tmp_path / "u.wav"
+    sf.write(str(path), speechlike(0.6, 5), RATE, subtype="FLOAT")
+    wave, _ = sf.read(str(path), dtype="float32")
+    frames = 1 + len(wave) // 256
+    reference, phase, length = original(str(path), 0, frames, RATE)
+    np.testing.assert_allclose(reference, wave, atol=1e-7)  # a whole utterance: the file itself
+    oracle = stft.power(wave)
+    back = synthesise(oracle, phase, length)
+    assert si_sdr(back, reference) > 30.0
+    # a chunk: frames 10..29, against the inverse STFT of its own frames
+    reference, phase, length = original(str(path), 10, 20, RATE)
+    assert length == 19 * 256
+    assert si_sdr(synthesise(oracle[10:30], phase, length), reference) > 30.0
+    # and a wrong power (flat) is far from it
+    assert si_sdr(synthesise(np.ones_like(oracle[10:30]), phase, length), reference) < 10.0
+
+
+def test_metrics_order_clean_and_noisy():
+    from vrnn import speech_metrics as sm
+
+    rng = np.random.default_rng(0)
+    clean = speechlike(3.2, 7).astype(np.float64)
+    light = clean + 0.01 * rng.standard_normal(len(clean))
+    heavy = clean + 0.2 * rng.standard_normal(len(clean))
+    assert sm.si_sdr(light, clean) > sm.si_sdr(heavy, clean) + 10
+    pytest.importorskip("pesq")
+    pytest.importorskip("pystoi")
+    a, b = sm.score(light, clean, RATE), sm.score(heavy, clean, RATE)
+    assert a["pesq"] > b["pesq"] and a["estoi"] > b["estoi"]
+    assert 1.0 <= b["pesq"] < a["pesq"] <= 4.7 and 0.0 <= b["estoi"] < a["estoi"] <= 1.0
+    assert sm.estoi(clean[:3000], clean[:3000], RATE) is None  # under ESTOI's 30 frames: no number
+
+
+def test_resynth_cli_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import json
+
+    from vrnn.cli import main
+
+    folder = wav_folder(tmp_path / "wavs", n=6, seconds=0.5)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"model": {"h_dim": 8, "z_dim": 2}, "data": {"spectrogram": True}}))
+    run = tmp_path / "run"
+    assert main(["--threads", "1", "train", "--data", str(folder), "--model", "dkf-gauss", "--out", str(run),
+                 "--max-epochs", "2", "--batch-size", "4", "--config", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    metrics = "si_sdr"
+    if importlib.util.find_spec("pesq") and importlib.util.find_spec("pystoi"):
+        metrics = "si_sdr,pesq,estoi"
+    out = tmp_path / "rs"
+    assert main(["--threads", "1", "resynth", str(run / "last.ckpt"), "--data", str(folder), "--split", "all",
+                 "--max-utterances", "4", "--metrics", metrics, "--out", str(out)]) == 0
+    assert "resynthesised 4 utterance(s)" in capsys.readouterr().out
+    res = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
+    assert res["utterances"] == 4 and len(res["rows"]) == 4
+    for row in res["rows"]:
+        wave, rate = sf.read(str(out / row["wav"]), dtype="float32")
+        ref, _ = sf.read(row["file"], dtype="float32")
+        assert rate == RATE and len(wave) == len(ref)
+        assert isinstance(row["si_sdr"], float)
+    assert res["means"]["si_sdr"] == pytest.approx(np.mean([r["si_sdr"] for r in res["rows"]]))
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 6 and lines[0].startswith("utterance,") and lines[-1].startswith("mean,")
+    # refusals: one line, exit 2
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pystoi" else object())
+    assert main(["resynth", str(run / "last.ckpt"), "--data", str(folder), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'pystoi', which is not installed" in err and "vrnn[speech]" in err
+    monkeypatch.undo()
+    from vrnn.resynth import check_data, check_model
+    with pytest.raises(ConfigError, match="needs a model with the Itakura-Saito head"):
+        check_model(build(VRNNConfig.preset("dkf-gauss", x_dim=513, h_dim=4, z_dim=2)), "m.ckpt")
+    with pytest.raises(ConfigError, match="needs spectrogram data"):
+        check_data(load(folder), "wavs")

@@ -154,13 +154,13 @@ class VRNNConfig:
         return ()
 
     @property
-    def raw_dims(self) -> tuple[int, ...]:
-        """The columns the normaliser leaves alone: the bits (``discrete_dims``) and, under
-        the Itakura-Saito head, every column (its density is of the raw power |X|^2; the
-        models' phi_x reads log(x + eps) instead, models/base.input_net)."""
-        if self.output == "is":
-            return tuple(range(self.x_dim))
-        return self.discrete_dims
+    def power_dims(self) -> tuple[int, ...]:
+        """The columns the output head models as powers (>= 0): every column of the
+        Itakura-Saito head. The normaliser never shifts them (a power minus a mean is no
+        power); it only divides each by its mean training power, a pure scale whose
+        Jacobian the scores in the data's own units take back (train.Prepared.for_model).
+        The models' phi_x reads log(x + eps) of them (models/base.input_net)."""
+        return tuple(range(self.x_dim)) if self.output == "is" else ()
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "VRNNConfig":

@@ -212,7 +212,8 @@ class ItakuraSaitoHead(Head):
     the Itakura-Saito divergence d_IS(x, v) = x/v - log(x/v) - 1, which differs from
     -log p(x_f) by log x_f + 1, a term free of v. v = softplus(.) + ``std_floor`` (the floor
     is a variance here). x = 0 is legal (digital silence): its density is finite. The
-    columns it reads must be raw powers (never standardised: ``VRNNConfig.raw_dims``).
+    columns it reads must be powers: never shifted by the normaliser, only scaled
+    (``VRNNConfig.power_dims``, ``Normalizer.power_scale``).
     """
 
     def __init__(self, in_dim: int, x_dim: int, std_floor: float = 1e-4):

@@ -171,17 +171,18 @@ class Prepared:
     def for_model(self, cfg: VRNNConfig) -> "Prepared":
         """The same data for a model with config ``cfg``: the columns its head treats as bits
         (``cfg.discrete_dims``) checked to hold only 0 and 1 (DataError naming the file and
-        column) and left out of the normalisation, and so is every column of the
-        Itakura-Saito head's powers (``cfg.raw_dims``; checked to be >= 0)."""
+        column) and left out of the normalisation; the powers of the Itakura-Saito head
+        (``cfg.power_dims``, checked to be >= 0) are only scaled, never shifted
+        (``Normalizer.power_scale``)."""
         discrete = cfg.discrete_dims
         self.data.check_bits(discrete, f"--output {cfg.output}")
-        if cfg.output == "is":
-            self.data.check_nonnegative(f"--output {cfg.output} (the Itakura-Saito head of STFT powers)")
-        raw = cfg.raw_dims  # the bits, and every column of the Itakura-Saito head's powers
-        if set(raw) <= set(self.normalizer.skip):
-            return self
         train = [self.data.sequences[i] for i in self.splits["train"]]
-        return Prepared(self.data, self.splits, Normalizer.for_kind(self.data.kind, self.data.meta, train, raw))
+        if cfg.power_dims:
+            self.data.check_nonnegative(f"--output {cfg.output} (the Itakura-Saito head of STFT powers)")
+            return Prepared(self.data, self.splits, Normalizer.power_scale(train))
+        if set(discrete) <= set(self.normalizer.skip):
+            return self
+        return Prepared(self.data, self.splits, Normalizer.for_kind(self.data.kind, self.data.meta, train, discrete))
 
 
 def _plain(meta: dict) -> dict:

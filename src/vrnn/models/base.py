@@ -79,7 +79,7 @@ def mlp(in_dim: int, width: int, layers: int) -> nn.Sequential:
 
 
 class LogPower(nn.Module):
-    """x -> log(x + eps): what phi_x reads of STFT powers (raw |X|^2 spans 1e-10 .. 1e4)."""
+    """x -> log(x + eps): what phi_x reads of STFT powers (|X|^2 spans many decades)."""
 
     def __init__(self, eps: float = 1e-6):
         super().__init__()
@@ -94,7 +94,8 @@ class LogPower(nn.Module):
 
 def input_net(cfg: VRNNConfig) -> nn.Sequential:
     """Every model's phi_x: ``phi_x_layers`` x (Linear -> ReLU) from x_dim to phi_x_dim.
-    Under the Itakura-Saito head (raw powers, never normalised) it reads log(x + 1e-6)
+    Under the Itakura-Saito head (powers, scaled to a mean of 1 per column by the
+    normaliser, never shifted) it reads log(x + 1e-6)
     first (``LogPower``, no parameters), so that every model of the family sees log-powers
     without a flag of its own; the head still scores the powers themselves."""
     net = mlp(cfg.x_dim, cfg.phi_x_dim, cfg.phi_x_layers)
