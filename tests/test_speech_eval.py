@@ -3,6 +3,7 @@ the log-power input of every model, resynthesis with the original phase and its 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,16 @@ def test_spectrogram_option_and_meta(tmp_path):
     np.testing.assert_allclose(chunked.sequences[1], stft.power(wave0)[10:20], rtol=1e-5, atol=1e-9)
     with pytest.raises(ConfigError, match="frame_size does not apply"):
         load(folder, spectrogram=True, frame_size=200)
+
+
+def test_the_registered_name_reads_the_fetched_corpus_as_spectrograms(tmp_path, monkeypatch):
+    monkeypatch.setenv("VRNN_CACHE", str(tmp_path / "cache"))
+    corpus = wav_folder(tmp_path / "cache" / "asterisk-en", n=4)
+    wav_folder(corpus / "silence", n=2)  # skipped, as for asterisk-en
+    data = load("asterisk-en-stft")
+    assert data.name == "asterisk-en-stft" and data.kind == "spectrogram" and len(data) == 4
+    assert all("silence" not in f for f in data.meta["sequence_files"])
+    assert load("asterisk-en").kind == "speech"  # the waveform corpus is unchanged
 
 
 def test_spectrogram_kind_picks_the_is_head_and_stays_raw(tmp_path):
@@ -253,6 +264,19 @@ def test_resynth_cli_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main(["--threads", "1", "train", "--data", str(folder), "--model", "dkf-gauss", "--out", str(run),
                  "--max-epochs", "2", "--batch-size", "4", "--config", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    # every other verb on the spectrogram model: evaluate (raw units), sample (powers), latents
+    assert main(["--threads", "1", "evaluate", str(run / "last.ckpt"), "--data", str(folder), "--split", "all",
+                 "--samples", "2", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert math.isfinite(ev["elbo_raw"]) and math.isfinite(ev["log_likelihood_raw"])
+    assert main(["--threads", "1", "sample", str(run / "last.ckpt"), "--num", "2", "--steps", "5", "--out",
+                 str(tmp_path / "smp")]) == 0
+    drawn = np.load(tmp_path / "smp" / "sample_000.npy")
+    assert drawn.shape == (5, 513) and (drawn >= 0).all() and (tmp_path / "smp" / "sample_000.png").exists()
+    assert main(["--threads", "1", "latents", str(run / "last.ckpt"), "--data", str(folder), "--out",
+                 str(tmp_path / "lat.npz")]) == 0
+    assert np.isfinite(np.load(tmp_path / "lat.npz")["log_px"]).all()
     capsys.readouterr()
     metrics = "si_sdr"
     if importlib.util.find_spec("pesq") and importlib.util.find_spec("pystoi"):
