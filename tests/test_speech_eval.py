@@ -88,7 +88,7 @@ def test_the_registered_name_reads_the_fetched_corpus_as_spectrograms(tmp_path, 
     assert load("asterisk-en").kind == "speech"  # the waveform corpus is unchanged
 
 
-def test_spectrogram_kind_picks_the_is_head_and_stays_raw(tmp_path):
+def test_spectrogram_kind_picks_the_is_head_and_powers_are_scaled_never_shifted(tmp_path):
     data = load(wav_folder(tmp_path / "w"), spectrogram=True)
     cfg = model_config("vrnn-gauss", data, {"h_dim": 8, "z_dim": 2})
     assert cfg.output == "is" and cfg.power_dims == tuple(range(513))
