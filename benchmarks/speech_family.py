@@ -240,7 +240,8 @@ def write_table() -> Path:
         r = recs[m]
         ended = "converged (early stop)" if r["converged"] else f"capped ({r['stopped']})"
         rev = REVIEW_SI_SDR.get(m)
-        lines.append(f"| {m} | {r['conditions_on']} | {r['parameters']:,} | {_fmt(r['test_elbo_per_frame'], 1)} | "
+        cond = r["conditions_on"].replace("|", "\\|")  # a bar inside a cell ends it
+        lines.append(f"| {m} | {cond} | {r['parameters']:,} | {_fmt(r['test_elbo_per_frame'], 1)} | "
                      f"{_fmt(r['si_sdr'])} | {_fmt(r['pesq'])} | {_fmt(r['estoi'], 3)} | {r['steps']} | {ended} | "
                      f"{'—' if rev is None else rev} |")
     lines.append("")
@@ -257,9 +258,17 @@ def write_table() -> Path:
         their_order = " > ".join(m.removesuffix("-gauss") for _, m in sorted(zip(theirs, common), reverse=True))
         lines.append(f"- SI-SDR ordering with the review's RVAE taken as our `{rvae}` ({len(common)} models): "
                      f"ours {our_order}; the review's {their_order}; Spearman rho = {rho:.2f}.")
-    lines += ["", "The review's figures are on WSJ0 (many speakers, hours of read speech) with larger models "
-              "trained to convergence; ours are one female speaker's prompts at a small size on a CPU "
-              "budget. Compare orderings, not values."]
+    missing = [m for m in MODELS if m not in recs]
+    if missing:
+        lines.append(f"- Not in the table (no record): {', '.join(missing)}.")
+    lines += ["", "Notes: SI-SDR, PESQ (wide-band) and ESTOI are means over the test utterances (each record "
+              "counts how many each mean is over: ESTOI needs 384 ms, PESQ finds speech). The step cap ends "
+              "at the end of the epoch in which it is reached; \"capped\": stopped by that cap, not by "
+              "early stopping. asterisk-en was recorded at 8 kHz and resampled to 16 kHz, so the bins above "
+              "4 kHz hold next to nothing. The review's figures are on WSJ0 (many speakers, hours of read "
+              "speech) with larger models trained to convergence, and the review trains on 50-frame "
+              "chunks; ours are one female speaker's prompts, whole utterances cut to their first "
+              "frames, at a small size on a CPU budget. Compare orderings, not values."]
     return write_text(TABLE, "\n".join(lines) + "\n")
 
 
