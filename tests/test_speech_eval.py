@@ -88,7 +88,7 @@ def test_the_registered_name_reads_the_fetched_corpus_as_spectrograms(tmp_path, 
     assert load("asterisk-en").kind == "speech"  # the waveform corpus is unchanged
 
 
-def test_spectrogram_kind_picks_the_is_head_and_powers_are_scaled_never_shifted(tmp_path):
+def test_spectrogram_kind_picks_the_is_head_and_powers_are_scaled_never_shifted(tmp_path, monkeypatch):
     data = load(wav_folder(tmp_path / "w"), spectrogram=True)
     cfg = model_config("vrnn-gauss", data, {"h_dim": 8, "z_dim": 2})
     assert cfg.output == "is" and cfg.power_dims == tuple(range(513))
@@ -110,6 +110,11 @@ def test_spectrogram_kind_picks_the_is_head_and_powers_are_scaled_never_shifted(
     data.sequences[1][3, 7] = -1.0
     with pytest.raises(DataError, match=r"utt01\.wav: column 7 holds -1 at step 3"):
         prepare("x", data=data).for_model(cfg)
+    # and at evaluation (evaluate, latents, resynth load data through checked_data)
+    from vrnn import evaluate
+    monkeypatch.setattr(evaluate, "load", lambda spec, **opts: data)
+    with pytest.raises(DataError, match=r"utt01\.wav: column 7 holds -1 at step 3.*never negative"):
+        evaluate.checked_data("x", build(cfg), {}, "m.ckpt")
 
 
 # --------------------------------------------------------------------------- the head
