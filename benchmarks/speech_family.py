@@ -5,6 +5,7 @@ phase, score SI-SDR, PESQ and ESTOI, and compare the ordering with the review's.
 
     PYTHONPATH=src:.speech-deps python benchmarks/speech_family.py --plan     # time a few steps, print the plan
     PYTHONPATH=src:.speech-deps python benchmarks/speech_family.py [--commit] # run (resumable)
+    PYTHONPATH=src:.speech-deps python benchmarks/speech_family.py --baseline # no model: mean power, original phase
     PYTHONPATH=src python benchmarks/speech_family.py --report-only           # the table from the records
 
 Protocol (the same for every model): data ``asterisk-en-stft`` (whole utterances, 513-bin
@@ -73,6 +74,8 @@ def parse(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plan", action="store_true", help="time a few steps of each model, print the plan, stop")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--baseline", action="store_true", help="score the no-model baseline (mean power per "
+                    "bin with the original phase) into results/speech/baseline-mean-power.json")
     ap.add_argument("--commit", action="store_true", help="git-commit each record as it is written")
     return ap.parse_args(argv)
 
@@ -207,6 +210,32 @@ def write_record(rec: dict, commit: bool) -> Path:
     return path
 
 
+def baseline(a) -> dict:
+    """What the original phase alone gives: every frame's power set to the training split's
+    mean power of its bin (no model), resynthesised and scored like the models."""
+    from vrnn.data.batching import Normalizer
+    from vrnn.resynth import original, synthesise
+    from vrnn.speech_metrics import score
+
+    prep = prepared(a)
+    mean = Normalizer.power_scale([prep.data.sequences[i] for i in prep.splits["train"]]).std
+    rate = int(prep.data.meta["sample_rate"])
+    files, offsets = prep.data.meta["sequence_files"], prep.data.meta["frame_offsets"]
+    rows = []
+    for i in prep.splits["test"]:
+        frames = len(prep.data.sequences[i])
+        reference, phase, length = original(files[i], int(offsets[i]), frames, rate)
+        est = synthesise(np.repeat(mean[None], frames, axis=0), phase, length)
+        rows.append(score(est, reference, rate))
+    out = {"model": "baseline-mean-power", "max_length": a.max_length, "test_utterances": len(rows),
+           "command": "PYTHONPATH=src:.speech-deps python benchmarks/speech_family.py --baseline"}
+    for m in ("si_sdr", "pesq", "estoi"):
+        vals = [r[m] for r in rows if r[m] is not None]
+        out[m] = float(np.mean(vals)) if vals else None
+        out.setdefault("counted", {})[m] = len(vals)
+    return out
+
+
 # ------------------------------------------------------------------------------ table
 
 
@@ -244,6 +273,11 @@ def write_table() -> Path:
         lines.append(f"| {m} | {cond} | {r['parameters']:,} | {_fmt(r['test_elbo_per_frame'], 1)} | "
                      f"{_fmt(r['si_sdr'])} | {_fmt(r['pesq'])} | {_fmt(r['estoi'], 3)} | {r['steps']} | {ended} | "
                      f"{'—' if rev is None else rev} |")
+    base = RECORDS.parent / "baseline-mean-power.json"
+    if base.exists():
+        b = json.loads(base.read_text())
+        lines.append(f"| (no model: each bin's mean training power, original phase) | — | 0 | — | {_fmt(b['si_sdr'])} | "
+                     f"{_fmt(b['pesq'])} | {_fmt(b['estoi'], 3)} | — | — | — |")
     lines.append("")
     for rvae in ("rvae-gauss", "rvae-causal-gauss"):
         common = [m for m in REVIEW_SI_SDR if m.replace("rvae-gauss", rvae) in recs
@@ -281,6 +315,16 @@ def main(argv=None) -> int:
         return 0
     if a.plan:
         plan(a, models)
+        return 0
+    if a.baseline:
+        from vrnn.evaluate import strict_json
+        from vrnn.writers import write_text
+
+        rec = baseline(a)
+        write_text(RECORDS.parent / "baseline-mean-power.json",
+                   json.dumps(strict_json(rec), indent=1, allow_nan=False) + "\n")
+        print(rec)
+        print(write_table())
         return 0
     from vrnn.errors import Interrupted
 
