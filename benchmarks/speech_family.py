@@ -302,7 +302,9 @@ def write_table() -> Path:
               "4 kHz hold next to nothing. The review's figures are on WSJ0 (many speakers, hours of read "
               "speech) with larger models trained to convergence, and the review trains on 50-frame "
               "chunks; ours are one female speaker's prompts, whole utterances cut to their first "
-              "frames, at a small size on a CPU budget. Compare orderings, not values."]
+              "frames, at a small size on a CPU budget. Compare orderings, not values. One seed per model: "
+              "differences of a few tenths of a dB are not something this run can tell apart, yet the "
+              "rank correlation counts every difference as an ordering."]
     return write_text(TABLE, "\n".join(lines) + "\n")
 
 
