@@ -90,6 +90,10 @@ def load(path, device="cpu"):
     if scaled:  # written before discrete columns were left alone: its scores are not probabilities
         raise CheckpointError(f"{path}: its normaliser standardised column(s) {scaled}, which its "
                               f"{cfg.output} head models as bits (a vrnn before 0.3 did so); retrain it")
+    shifted = [d for d in cfg.power_dims if normalizer.mean[d] != 0]
+    if shifted:  # a power minus a mean is no power: the Itakura-Saito density would be of nothing
+        raise CheckpointError(f"{path}: its normaliser shifts column(s) {shifted[:5]}, which its "
+                              f"{cfg.output} head models as powers")
     return model.to(device).eval(), normalizer, meta["data"]
 
 

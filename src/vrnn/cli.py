@@ -43,6 +43,10 @@ EXAMPLES = {
   vrnn latents runs/lasa/best.ckpt --data lasa --out lasa_latents.npz
   vrnn latents runs/mine/best.ckpt --data new_recordings/ --out scores.npz --sample
   vrnn latents runs/ast/best.ckpt --data asterisk-en --split test --smc 40 --out smc.npz""",
+    "resynth": """examples:
+  vrnn train --data asterisk-en-stft --model srnn-gauss --out runs/spec   # the IS head by default
+  vrnn resynth runs/spec/best.ckpt --data asterisk-en-stft --out resynth/
+  vrnn resynth runs/spec/best.ckpt --data asterisk-en-stft --max-utterances 5 --metrics si_sdr --out r/""",
     "data": """examples:
   vrnn data list
   vrnn data info lasa
@@ -130,6 +134,16 @@ class LatentsOptions(FilterOptions):
 
 
 @dataclass
+class ResynthOptions:
+    split: str = option("test", "which split to resynthesise", choices=SPLITS, flag="--split")
+    max_utterances: int | None = option(None, "resynthesise the first N utterances of the split "
+                                              "only", min=1, flag="--max-utterances", metavar="N")
+    metrics: str = option("si_sdr,pesq,estoi", "comma-separated scores: si_sdr (torchmetrics), pesq "
+                                              "and estoi (the extra: pip install 'vrnn[speech]')",
+                          flag="--metrics")
+
+
+@dataclass
 class ReproduceOptions:
     setup: str = option("cpu", "cpu: sized for 2 cores; paper: the paper's sizes, for a GPU",
                         choices=("cpu", "paper"), flag="--setup")
@@ -211,6 +225,15 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--data", required=True, help="a registered dataset or a path")
     la.add_argument("--out", required=True, help="output .npz file")
     add_arguments(la, LatentsOptions)
+
+    rs = cmd("resynth", "the DVAE review's speech evaluation: resynthesise spectrograms through the "
+             "posterior mean with the original phase; SI-SDR, PESQ and ESTOI per utterance")
+    rs.add_argument("checkpoint", help="a checkpoint of a model trained with --output is on spectrogram "
+                    "data (e.g. asterisk-en-stft)")
+    rs.add_argument("--data", required=True, help="spectrogram data: a registered name or audio with "
+                    "the data option spectrogram; the split is drawn as in training")
+    rs.add_argument("--out", required=True, help="folder: wav/, metrics.csv, metrics.json")
+    add_arguments(rs, ResynthOptions)
 
     d = cmd("data", "list, inspect and fetch datasets")
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -552,14 +575,26 @@ def cmd_latents(a) -> int:
     return 0
 
 
+def cmd_resynth(a) -> int:
+    from .resynth import resynthesise_checkpoint
+    o = ResynthOptions(**parsed(ResynthOptions, a))
+    metrics = tuple(m.strip() for m in o.metrics.split(",") if m.strip())
+    res = resynthesise_checkpoint(a.checkpoint, a.data, a.out, o.split, metrics, o.max_utterances,
+                                  progress=_err)
+    means = ", ".join(f"{m} {'n/a' if res['means'][m] is None else format(res['means'][m], '.3f')} "
+                      f"({res['counted'][m]})" for m in metrics)
+    print(f"resynthesised {res['utterances']} utterance(s) into {a.out}: mean {means}")
+    return 0
+
+
 def cmd_data(a) -> int:
     from .data import DATASETS, describe, fetch
     from .data.fetch import fetched_path
     if a.data_command == "list":
         for name, text in DATASETS.items():
             state = ""
-            if name in ("asterisk-en", "fillets-cs"):
-                path = fetched_path(name)
+            if name in ("asterisk-en", "fillets-cs", "asterisk-en-stft"):
+                path = fetched_path(name.removesuffix("-stft"))
                 state = f" [fetched: {path}]" if path else " [not fetched]"
             print(f"{name:12s} {text}{state}")
         return 0
@@ -660,7 +695,7 @@ def cmd_reproduce(a) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
-            "latents": cmd_latents, "data": cmd_data, "demo": cmd_demo, "reproduce": cmd_reproduce,
+            "latents": cmd_latents, "resynth": cmd_resynth, "data": cmd_data, "demo": cmd_demo, "reproduce": cmd_reproduce,
             "windows": cmd_windows, "score": cmd_score, "stream": cmd_stream, "threshold": cmd_threshold, "detect": cmd_detect}
 
 

@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .options import check_instance, check_section, option
 
 FAMILIES = ("rnn", "vrnn", "srnn", "dkf", "storn", "rvae", "dsae", "kvae")
-OUTPUTS = ("gauss", "gmm", "bernoulli", "strokes", "ar")
+OUTPUTS = ("gauss", "gmm", "bernoulli", "strokes", "ar", "is")
 CELLS = ("lstm", "gru")
 
 # The five rows of the paper's Table 1, and the SRNN rows.
@@ -71,7 +71,8 @@ class VRNNConfig:
                                    "(VRNN-I)", choices=("learned", "standard"))
     output: str = option("gauss", "output head p(x_t | .): gauss, gmm, bernoulli, strokes "
                                   "(pen bit + bivariate mixture), ar (autoregressive within "
-                                  "the step)", choices=OUTPUTS, flag="--output")
+                                  "the step), is (Itakura-Saito: exponential STFT powers, "
+                                  "the DVAE review's speech likelihood)", choices=OUTPUTS, flag="--output")
     n_components: int = option(1, "mixture size of gmm / strokes, and of each dimension's "
                                   "conditional under ar", min=1)
     cell: str = option("lstm", "recurrent cell", choices=CELLS)
@@ -151,6 +152,15 @@ class VRNNConfig:
         if self.output == "ar":
             return tuple(sorted(self.binary_dims))
         return ()
+
+    @property
+    def power_dims(self) -> tuple[int, ...]:
+        """The columns the output head models as powers (>= 0): every column of the
+        Itakura-Saito head. The normaliser never shifts them (a power minus a mean is no
+        power); it only divides each by its mean training power, a pure scale whose
+        Jacobian the scores in the data's own units take back (train.Prepared.for_model).
+        The models' phi_x reads log(x + eps) of them (models/base.input_net)."""
+        return tuple(range(self.x_dim)) if self.output == "is" else ()
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "VRNNConfig":

@@ -32,13 +32,16 @@ from .train import Prepared, data_splits, dataset_identity
 def checked_data(spec: str, model, data_desc: dict, ckpt: str):
     """Load ``spec`` for a model; the training data's own options (e.g. subsampling) apply
     when it is the same data, however its path is spelled. DataError if its dimension is not
-    the model's, or if a column the model's head treats as a bit holds another value."""
+    the model's, if a column the model's head treats as a bit holds another value, or if a
+    power of its Itakura-Saito head is negative."""
     same = dataset_identity(spec) == data_desc.get("identity", dataset_identity(data_desc.get("spec", "")))
     data = load(spec, **(data_desc.get("load_opts") or {})) if same else load(spec)
     if data.dim != model.cfg.x_dim:
         raise DataError(f"{spec}: sequences have dimension {data.dim} but the model in {ckpt} "
                         f"expects {model.cfg.x_dim}")
     data.check_bits(model.cfg.discrete_dims, f"the model in {ckpt} (output {model.cfg.output})")
+    if model.cfg.power_dims:
+        data.check_nonnegative(f"the model in {ckpt} (output {model.cfg.output})")
     return data
 
 

@@ -1,4 +1,5 @@
-"""Output distributions p(x_t | ...): Gaussian, GMM, Bernoulli and pen strokes.
+"""Output distributions p(x_t | ...): Gaussian, GMM, Bernoulli, pen strokes and the
+Itakura-Saito (exponential power) head of spectrograms.
 
 Every head is a small module with the same verbs, so the model never knows which one it
 has:
@@ -201,3 +202,44 @@ class StrokesHead(Head):
     def point(self, params: Tensor) -> Tensor:
         x = self.mean(params)
         return torch.cat([(params[..., :1] > 0).to(x.dtype), x[..., 1:]], dim=-1)
+
+
+class ItakuraSaitoHead(Head):
+    """The DVAE review's speech likelihood (Girin et al. 2021), over STFT powers.
+
+    Each bin's power x_f = |X_f|^2 of a complex Gaussian X_f ~ CN(0, v_f) is exponential
+    with mean v_f: log p(x) = sum_f [-log v_f - x_f / v_f]. Maximising it in v is minimising
+    the Itakura-Saito divergence d_IS(x, v) = x/v - log(x/v) - 1, which differs from
+    -log p(x_f) by log x_f + 1, a term free of v. v = softplus(.) + ``std_floor`` (the floor
+    is a variance here). x = 0 is legal (digital silence): its density is finite. The
+    columns it reads must be powers: never shifted by the normaliser, only scaled
+    (``VRNNConfig.power_dims``, ``Normalizer.power_scale``).
+    """
+
+    def __init__(self, in_dim: int, x_dim: int, std_floor: float = 1e-4):
+        super().__init__(in_dim, x_dim, x_dim, std_floor)
+
+    def variance(self, params: Tensor) -> Tensor:
+        """v = softplus(params) + floor, the expected power of each bin."""
+        return positive_std(params, self.std_floor)
+
+    def log_prob_dims(self, params: Tensor, x: Tensor) -> Tensor:
+        """(..., D) per-bin log-densities -log v - x / v (they sum to ``log_prob``)."""
+        v = self.variance(params)
+        return -torch.log(v) - x / v
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        return self.log_prob_dims(params, x).sum(-1)
+
+    def sample(self, params: Tensor) -> Tensor:
+        v = self.variance(params)
+        return v * torch.empty_like(v).exponential_()  # Exponential with mean v
+
+    def mean(self, params: Tensor) -> Tensor:
+        return self.variance(params)
+
+
+def itakura_saito(x: Tensor, v: Tensor) -> Tensor:
+    """d_IS(x, v) = x/v - log(x/v) - 1 per element (x > 0)."""
+    r = x / v
+    return r - torch.log(r) - 1.0

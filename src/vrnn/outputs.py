@@ -5,7 +5,7 @@ neither of those imports the other's kind."""
 from __future__ import annotations
 
 from .autoregressive import AutoregressiveHead
-from .heads import BernoulliHead, GaussianHead, GMMHead, Head, StrokesHead
+from .heads import BernoulliHead, GaussianHead, GMMHead, Head, ItakuraSaitoHead, StrokesHead
 
 
 def make_head(cfg, in_dim: int) -> Head:
@@ -19,7 +19,9 @@ def make_head(cfg, in_dim: int) -> Head:
         return BernoulliHead(in_dim, x_dim, floor)
     if kind == "strokes":
         return StrokesHead(in_dim, x_dim, k, floor)
+    if kind == "is":
+        return ItakuraSaitoHead(in_dim, x_dim, floor)
     if kind == "ar":
         return AutoregressiveHead(in_dim, x_dim, hidden=cfg.ar_hidden, k=k,
                                   binary_dims=tuple(cfg.binary_dims), std_floor=floor)
-    raise ValueError(f"unknown output head {kind!r}; choose gauss, gmm, bernoulli, strokes or ar")
+    raise ValueError(f"unknown output head {kind!r}; choose gauss, gmm, bernoulli, strokes, ar or is")

@@ -58,6 +58,7 @@ KIND_DEFAULTS: dict[str, dict] = {
                         prior_dim=64, dec_dim=64),
     "speech": dict(h_dim=256, z_dim=64, phi_x_layers=2, phi_z_layers=2, enc_layers=2,
                    prior_layers=2, dec_layers=2),
+    "spectrogram": dict(h_dim=128, z_dim=16, output="is"),
     "pianoroll": dict(h_dim=128, z_dim=16, phi_x_dim=64, phi_z_dim=64, enc_dim=64,
                       prior_dim=64, dec_dim=64),
     "array": dict(h_dim=128, z_dim=16, phi_x_dim=64, phi_z_dim=64, enc_dim=64,
@@ -170,12 +171,17 @@ class Prepared:
     def for_model(self, cfg: VRNNConfig) -> "Prepared":
         """The same data for a model with config ``cfg``: the columns its head treats as bits
         (``cfg.discrete_dims``) checked to hold only 0 and 1 (DataError naming the file and
-        column) and left out of the normalisation."""
+        column) and left out of the normalisation; the powers of the Itakura-Saito head
+        (``cfg.power_dims``, checked to be >= 0) are only scaled, never shifted
+        (``Normalizer.power_scale``)."""
         discrete = cfg.discrete_dims
         self.data.check_bits(discrete, f"--output {cfg.output}")
+        train = [self.data.sequences[i] for i in self.splits["train"]]
+        if cfg.power_dims:
+            self.data.check_nonnegative(f"--output {cfg.output} (the Itakura-Saito head of STFT powers)")
+            return Prepared(self.data, self.splits, Normalizer.power_scale(train))
         if set(discrete) <= set(self.normalizer.skip):
             return self
-        train = [self.data.sequences[i] for i in self.splits["train"]]
         return Prepared(self.data, self.splits, Normalizer.for_kind(self.data.kind, self.data.meta, train, discrete))
 
 

@@ -197,6 +197,23 @@ def plot_pianoroll(path, roll, lowest_pitch: int = 36, title: str | None = None)
 # --------------------------------------------------------------------------- generic
 
 
+def plot_spectrogram(path, power, sample_rate: int = 16000, hop: int = 256, title: str | None = None) -> Path:
+    """A (T, F) power spectrogram as an image of 10 log10(power) in dB (time across)."""
+    p = _np(power)
+    db = 10.0 * np.log10(np.maximum(p, 1e-10))
+    fig = _figure(max(4, min(16, p.shape[0] / 16)), 4)
+    ax = fig.add_subplot(1, 1, 1)
+    top = db.max() if db.size else 0.0
+    ax.imshow(db.T, origin="lower", aspect="auto", cmap="magma", vmin=top - 80.0, vmax=top,
+              interpolation="nearest", extent=(0.0, p.shape[0] * hop / sample_rate, 0.0, sample_rate / 2000.0))
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("kHz")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
 def plot_sequence(path, seq, title: str | None = None, max_dims: int = 8) -> Path:
     """Line plot of the first ``max_dims`` dimensions of a (T, D) sequence."""
     seq = _np(seq)
@@ -235,7 +252,7 @@ def write_npz(path, arrays: dict) -> Path:
 def write_samples(out_dir, samples, kind: str, meta: dict | None = None, prefix: str = "sample") -> list[Path]:
     """Write generated sequences (original scale) for a person to check; return the paths.
 
-    speech: WAV + waveform PNG each; handwriting: one PNG grid of all + one PNG each;
+    speech: WAV + waveform PNG each; spectrogram: a log-power PNG each; handwriting: one PNG grid of all + one PNG each;
     pianoroll: MIDI + PNG each (thresholded at 0.5); array: a line-plot PNG each.
     Always a .npy of each sample too.
     """
@@ -251,6 +268,9 @@ def write_samples(out_dir, samples, kind: str, meta: dict | None = None, prefix:
             rate = int(meta.get("sample_rate", 16000))
             paths.append(write_wav(base.with_suffix(".wav"), s, rate))
             paths.append(plot_waveform(Path(f"{base}_wave.png"), s.reshape(-1), rate, title=base.name))
+        elif kind == "spectrogram":
+            paths.append(plot_spectrogram(base.with_suffix(".png"), s, int(meta.get("sample_rate", 16000)),
+                                          int(meta.get("hop", 256)), title=base.name))
         elif kind == "handwriting":
             paths.append(plot_handwriting(base.with_suffix(".png"), [s], titles=[base.name], pen=meta.get("pen")))
         elif kind == "pianoroll":

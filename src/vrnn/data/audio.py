@@ -7,6 +7,13 @@ sequence. With ``chunk_seconds`` each file is further cut into fixed-length chun
 ``round(chunk_seconds * sample_rate / frame_size)`` frames (Blizzard-style; the remainder
 is dropped); with ``chunk_seconds=None`` whole utterances are kept (TIMIT-style).
 Clips shorter than 2 frames are dropped; so are clips whose RMS is below ``min_rms``.
+
+With ``spectrogram=True`` each clip becomes its STFT power instead (data/spectrogram.py:
+(T, 513) frames |X_t,f|^2, a 1024-sample periodic Hann window, hop 256; kind
+``"spectrogram"``): ``frame_size`` does not apply, ``chunk_seconds`` cuts chunks of
+``round(chunk_seconds * sample_rate / 256)`` frames, and each sequence's file and first
+frame are kept in ``meta["sequence_files"]`` and ``meta["frame_offsets"]`` (what
+resynthesis needs to recompute the phase from the audio).
 """
 
 from __future__ import annotations
@@ -54,10 +61,16 @@ def frame(wave: np.ndarray, frame_size: int) -> np.ndarray:
 
 
 def load_audio(paths, sample_rate: int = 16000, frame_size: int = 200, chunk_seconds: float | None = 0.5,
-               min_rms: float = 0.0, name: str | None = None, where: str | None = None) -> SequenceSet:
-    """Read audio files into a speech SequenceSet (see the module docstring)."""
+               min_rms: float = 0.0, name: str | None = None, where: str | None = None,
+               spectrogram: bool = False) -> SequenceSet:
+    """Read audio files into a speech (or, with ``spectrogram``, a spectrogram) SequenceSet
+    (see the module docstring)."""
+    from . import spectrogram as stft
+
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     sample_rate, frame_size = int(sample_rate), int(frame_size)
+    if spectrogram:
+        frame_size = stft.HOP  # a chunk counts STFT frames, one per hop
     if sample_rate <= 0 or frame_size <= 0:
         raise DataError(f"{where or name or 'audio'}: sample_rate and frame_size must be positive")
     chunk = None
@@ -65,19 +78,25 @@ def load_audio(paths, sample_rate: int = 16000, frame_size: int = 200, chunk_sec
         chunk = max(2, int(round(float(chunk_seconds) * sample_rate / frame_size)))
     sequences: list[np.ndarray] = []
     files: list[str] = []
+    offsets: list[int] = []
     dropped_short = dropped_quiet = 0
     for p in paths:
         wave, _ = read_mono(p, sample_rate)
         if min_rms and (len(wave) == 0 or float(np.sqrt(np.mean(wave.astype(np.float64) ** 2))) < min_rms):
             dropped_quiet += 1
             continue
-        frames = frame(wave, frame_size)
-        pieces = [frames] if chunk is None else [frames[i:i + chunk] for i in range(0, len(frames) - chunk + 1, chunk)]
-        kept = [x for x in pieces if len(x) >= 2]
+        if spectrogram and len(wave) <= stft.N_FFT // 2:  # too short to reflect half a window
+            dropped_short += 1
+            continue
+        frames = stft.power(wave) if spectrogram else frame(wave, frame_size)
+        starts = [0] if chunk is None else list(range(0, len(frames) - chunk + 1, chunk))
+        kept = [(i, frames[i:] if chunk is None else frames[i:i + chunk]) for i in starts]
+        kept = [(i, x) for i, x in kept if len(x) >= 2]
         if not kept:
             dropped_short += 1
             continue
-        sequences.extend(kept)
+        sequences.extend(x for _, x in kept)
+        offsets.extend(i for i, _ in kept)
         files.extend([str(p)] * len(kept))
     label = where or name or (str(paths[0]) if paths else "audio")
     if not sequences:
@@ -94,6 +113,11 @@ def load_audio(paths, sample_rate: int = 16000, frame_size: int = 200, chunk_sec
         "dropped_short": dropped_short,
         "dropped_quiet": dropped_quiet,
     }
+    if spectrogram:
+        del meta["frame_size"]
+        meta.update(n_fft=stft.N_FFT, hop=stft.HOP, window="hann (periodic)",
+                    sequence_files=files, frame_offsets=offsets)
+        return SequenceSet(sequences, "spectrogram", name or label, meta)
     return SequenceSet(sequences, "speech", name or label, meta)
 
 
@@ -118,16 +142,17 @@ def fetched_files(name: str) -> list[Path]:
 
 
 def load_fetched(name: str, sample_rate: int = 16000, frame_size: int = 200, chunk_seconds="default",
-                 min_rms: float | None = None) -> SequenceSet:
-    """Load ``asterisk-en`` or ``fillets-cs`` from the cache (see fetch.py)."""
+                 min_rms: float | None = None, spectrogram: bool = False) -> SequenceSet:
+    """Load ``asterisk-en`` or ``fillets-cs`` from the cache (see fetch.py); with
+    ``spectrogram``, as STFT power frames (whole utterances unless ``chunk_seconds``)."""
     _, default_chunk, default_rms = FETCHED[name]
     if chunk_seconds == "default":
-        chunk_seconds = default_chunk
+        chunk_seconds = None if spectrogram else default_chunk
     if min_rms is None:
         min_rms = default_rms
     files = fetched_files(name)
     data = load_audio(files, sample_rate=sample_rate, frame_size=frame_size, chunk_seconds=chunk_seconds,
-                      min_rms=min_rms, name=name, where=name)
+                      min_rms=min_rms, name=name, where=name, spectrogram=spectrogram)
     from .fetch import fetched_path
 
     data.meta["source"] = str(fetched_path(name))

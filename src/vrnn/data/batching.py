@@ -63,6 +63,21 @@ class Normalizer:
         return norm
 
     @classmethod
+    def power_scale(cls, sequences) -> "Normalizer":
+        """For powers (STFT |X|^2, the Itakura-Saito head): x_d -> x_d / s_d, s_d the mean of
+        column d over all training steps (1 where it is 0), no shift, so that a power stays
+        a power and x = 0 stays 0. The Itakura-Saito divergence is invariant to it
+        (d_IS(x/s, v/s) = d_IS(x, v)); it only puts the powers where softplus + floor
+        reaches them (raw |X|^2 spans 1e-10 .. 1e4), and its Jacobian, sum_d log s_d per
+        step, is what the scores in the data's own units take back."""
+        if len(sequences) == 0:
+            raise DataError("cannot fit a normaliser on no sequences")
+        total = sum(np.asarray(s, dtype=np.float64).sum(axis=0) for s in sequences)
+        mean = total / sum(len(s) for s in sequences)
+        scale = np.where(mean > 0, mean, 1.0)
+        return cls(np.zeros_like(scale), scale)
+
+    @classmethod
     def identity(cls, dim: int) -> "Normalizer":
         return cls(np.zeros(dim), np.ones(dim), range(dim))
 

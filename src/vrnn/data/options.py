@@ -16,6 +16,9 @@ class DataOptions:
     chunk_seconds: float | None = option(None, "speech: cut into chunks of this many seconds "
                                                 "(0: whole utterances)", min=0.0)
     min_rms: float | None = option(None, "speech: drop clips quieter than this RMS", min=0.0)
+    spectrogram: bool | None = option(None, "speech: STFT power frames |X|^2 (513 bins, 1024-sample "
+                                            "Hann window, hop 256) instead of waveform frames; "
+                                            "whole utterances unless chunk_seconds")
     refresh: bool | None = option(None, "chorales, folk: parse the corpus again instead of the cache")
     dequantize: bool | None = option(None, "IAM-style XML: add uniform noise in [-0.5, 0.5) to the "
                                            "integer offsets (default true)")
@@ -32,6 +35,7 @@ APPLIES = {
     "frame_size": ("speech",),
     "chunk_seconds": ("speech",),
     "min_rms": ("speech",),
+    "spectrogram": ("speech",),
     "refresh": ("chorales", "folk"),
     "dequantize": ("iam",),
 }

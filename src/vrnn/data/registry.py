@@ -46,6 +46,9 @@ DATASETS: dict[str, str] = {
     "asterisk-en": "one female speaker, 25.5 min of prompts as recorded, about 22 min in the whole "
                    "0.5 s chunks kept (what `data info` counts; Debian asterisk-core-sounds-en-wav), "
                    "16 kHz, 200-sample frames, 0.5 s chunks; needs `vrnn data fetch asterisk-en`",
+    "asterisk-en-stft": "asterisk-en as STFT power spectrograms (kind spectrogram): whole utterances, "
+                        "(T, 513) frames |X|^2, 1024-sample (64 ms) Hann window, 256 hop (16 ms) "
+                        "at 16 kHz, as the DVAE review; for --output is; needs `vrnn data fetch asterisk-en`",
     "fillets-cs": "many speakers, ~105 min of Czech game dialogue (Debian fillets-ng-data-cs), "
                   "16 kHz, 200-sample frames, whole utterances; needs `vrnn data fetch fillets-cs`",
     "iam": "IAM-OnDB handwriting (licensed): pass the path of its lineStrokes folder instead "
@@ -202,6 +205,12 @@ def _clean_opts(spec: str, opts: dict, kind: str) -> dict:
     return out
 
 
+def _no_frame_size(spec: str, o: dict) -> None:
+    if o.get("spectrogram") and "frame_size" in o:
+        raise ConfigError(f"{spec}: data option frame_size does not apply to spectrograms (their "
+                          "frames are fixed: 1024-sample window, hop 256)")
+
+
 def shrink(data: SequenceSet, max_sequences: int | None = None, max_length: int | None = None) -> SequenceSet:
     """``data`` cut down, the same way every time: at most the first ``max_length`` steps of
     each sequence, and ``max_sequences`` of them drawn with a fixed seed (data order kept).
@@ -272,6 +281,7 @@ def _load_path(spec: str, opts: dict, whole: bool = True) -> SequenceSet:
         if o.get("chunk_seconds") == 0:
             o["chunk_seconds"] = None
         o.setdefault("chunk_seconds", None)  # whole utterances unless asked (TIMIT-style)
+        _no_frame_size(spec, o)
         return load_audio(files, name=str(path), where=str(path), **o)
     if kind == "handwriting":
         from .iam import load_iam
@@ -316,13 +326,18 @@ def _load_source(spec: str, opts: dict) -> SequenceSet:
         from .pianoroll import load_folk
 
         return load_folk(**_clean_opts(spec, opts, "pianoroll"))
-    if spec in ("asterisk-en", "fillets-cs"):
+    if spec in ("asterisk-en", "fillets-cs", "asterisk-en-stft"):
         from .audio import load_fetched
 
         o = _clean_opts(spec, opts, "speech")
+        if spec == "asterisk-en-stft":
+            o["spectrogram"] = True
+        _no_frame_size(spec, o)
         if o.get("chunk_seconds") == 0:
             o["chunk_seconds"] = None
-        return load_fetched(spec, **o)
+        data = load_fetched(spec.removesuffix("-stft"), **o)
+        data.name = spec
+        return data
     if spec == "iam":
         raise DataError("iam: IAM-OnDB cannot be downloaded here; pass the path of its lineStrokes folder instead")
     return _load_path(spec, opts)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import DataError
 
-KINDS = ("speech", "handwriting", "pianoroll", "array")
+KINDS = ("speech", "spectrogram", "handwriting", "pianoroll", "array")
 SPLIT_FOLDERS = {"train": ("train",), "valid": ("valid", "validation"), "test": ("test",)}
 
 
@@ -19,7 +19,7 @@ class SequenceSet:
     """A list of real-valued sequences of the same dimension D."""
 
     sequences: list  # each (T_i, D) float32 numpy array, T_i >= 2, finite
-    kind: str  # "speech" | "handwriting" | "pianoroll" | "array"
+    kind: str  # "speech" | "spectrogram" | "handwriting" | "pianoroll" | "array"
     name: str
     meta: dict = field(default_factory=dict)
 
@@ -86,6 +86,19 @@ class SequenceSet:
                 raise DataError(f"{where}: column {dims[j]} holds {float(s[t, dims[j]]):g} at step {t}, but "
                                 f"{why} models it as a bit (0 or 1)")
 
+    def check_nonnegative(self, why: str) -> None:
+        """DataError naming the file (or sequence), step and column of the first negative
+        value: a power (an STFT's |X|^2) is never negative."""
+        files = self.meta.get("sequence_files") or self.meta.get("files")
+        for i, s in enumerate(self.sequences):
+            bad = s < 0
+            if bad.any():
+                t, j = (int(v) for v in np.argwhere(bad)[0])
+                where = files[i] if isinstance(files, list) and len(files) == len(self.sequences) else \
+                    f"{self.name} (sequence {i})"
+                raise DataError(f"{where}: column {j} holds {float(s[t, j]):g} at step {t}, but {why} "
+                                "models powers, which are never negative")
+
     def subset(self, indices) -> "SequenceSet":
         """The same set restricted to ``indices`` (per-sequence lists in meta follow)."""
         indices = list(indices)
@@ -128,6 +141,14 @@ class SequenceSet:
             for key in ("sample_rate", "frame_size", "chunk_seconds"):
                 if key in self.meta:
                     out[key] = self.meta[key]
+        if self.kind == "spectrogram":
+            rate, hop = self.meta.get("sample_rate"), self.meta.get("hop", 256)
+            if rate:
+                out["duration_seconds"] = round(float(lengths.sum()) * hop / rate, 3)
+            for key in ("sample_rate", "n_fft", "hop", "window", "chunk_seconds"):
+                if key in self.meta:
+                    out[key] = self.meta[key]
+            out["values"] = "STFT power |X|^2 per frequency bin (the itakura-saito head: --output is)"
         if self.kind == "handwriting":
             out["pen"] = bool(self.meta.get("pen", False))
         if self.kind == "pianoroll" and "lowest_pitch" in self.meta:

@@ -81,6 +81,32 @@ def mlp(in_dim: int, width: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
+class LogPower(nn.Module):
+    """x -> log(x + eps): what phi_x reads of STFT powers (|X|^2 spans many decades)."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.log(x.clamp_min(0.0) + self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps:g}"
+
+
+def input_net(cfg: VRNNConfig) -> nn.Sequential:
+    """Every model's phi_x: ``phi_x_layers`` x (Linear -> ReLU) from x_dim to phi_x_dim.
+    Under the Itakura-Saito head (powers, scaled to a mean of 1 per column by the
+    normaliser, never shifted) it reads log(x + 1e-6)
+    first (``LogPower``, no parameters), so that every model of the family sees log-powers
+    without a flag of its own; the head still scores the powers themselves."""
+    net = mlp(cfg.x_dim, cfg.phi_x_dim, cfg.phi_x_layers)
+    if cfg.output == "is":
+        return nn.Sequential(LogPower(), *net)
+    return net
+
+
 class GaussianFromHidden(nn.Module):
     """[mu, std] = Linear(.) with std = softplus + floor."""
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..heads import gaussian_kl, gaussian_log_prob, positive_std
 from ..outputs import make_head
-from .base import GaussianFromHidden, SequenceModel, State, Trace, add_shared, mlp, repeat_rows, \
+from .base import GaussianFromHidden, SequenceModel, State, Trace, add_shared, input_net, mlp, repeat_rows, \
     rows_log_prob, standard_log_prob
 from .recurrent import lengths_of, make_rnn, run_backward, run_bidirectional
 
@@ -91,7 +91,7 @@ class DKF(SequenceModel):
     def __init__(self, cfg):
         super().__init__(cfg)
         lr = cfg.combiner == "st-lr"
-        self.phi_x = mlp(cfg.x_dim, cfg.phi_x_dim, cfg.phi_x_layers)
+        self.phi_x = input_net(cfg)
         self.inference_rnn = make_rnn(cfg.cell, cfg.phi_x_dim, cfg.a_dim, cfg.rnn_layers, bidirectional=lr)
         self.combiner = Combiner(cfg.z_dim, cfg.a_dim, 3 if lr else 2, cfg.std_floor)
         self.transition = GatedTransition(cfg.z_dim, cfg.prior_dim, cfg.std_floor)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..heads import gaussian_kl
 from ..outputs import make_head
-from .base import GaussianFromHidden, SequenceModel, SplitMLP, State, Trace, mlp, repeat_rows
+from .base import GaussianFromHidden, SequenceModel, SplitMLP, State, Trace, input_net, mlp, repeat_rows
 from .recurrent import lengths_of, make_rnn, run, run_bidirectional, step, zero_state
 
 STATIC = "the DSAE's static v is inferred from the whole sequence"
@@ -52,7 +52,7 @@ class DSAE(SequenceModel):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.phi_x = mlp(cfg.x_dim, cfg.phi_x_dim, cfg.phi_x_layers)
+        self.phi_x = input_net(cfg)
         self.inference_rnn = make_rnn(cfg.cell, cfg.phi_x_dim, cfg.a_dim, cfg.rnn_layers, bidirectional=True)
         self.static = GaussianFromHidden(2 * cfg.a_dim, cfg.v_dim, cfg.std_floor)                   # q(v | x)
         self.encoder = SplitMLP(cfg.v_dim, 2 * cfg.a_dim, cfg.enc_dim, cfg.enc_layers, cfg.z_dim,

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ..heads import LOG_2PI, positive_std
 from ..outputs import make_head
-from .base import GaussianFromHidden, SequenceModel, State, Trace, mlp, repeat_rows, rows_log_prob, \
+from .base import GaussianFromHidden, SequenceModel, State, Trace, input_net, mlp, repeat_rows, rows_log_prob, \
     standard_log_prob
 from .recurrent import lengths_of, make_rnn, run, step, zero_state
 
@@ -63,7 +63,7 @@ class KVAE(SequenceModel):
     def __init__(self, cfg):
         super().__init__(cfg)
         n, K, Z = cfg.state_dim, cfg.mixtures, cfg.z_dim
-        self.phi_x = mlp(cfg.x_dim, cfg.phi_x_dim, cfg.phi_x_layers)
+        self.phi_x = input_net(cfg)
         self.encoder = nn.Sequential(mlp(cfg.phi_x_dim, cfg.enc_dim, cfg.enc_layers),
                                      GaussianFromHidden(cfg.enc_dim, Z, cfg.std_floor))
         self.rnn = make_rnn(cfg.cell, Z, cfg.h_dim, cfg.rnn_layers)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..outputs import make_head
-from .base import SequenceModel, State, Trace, mlp
+from .base import SequenceModel, State, Trace, input_net, mlp
 
 
 class RNN(SequenceModel):
@@ -25,7 +25,7 @@ class RNN(SequenceModel):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.phi_x = mlp(cfg.x_dim, cfg.phi_x_dim, cfg.phi_x_layers)
+        self.phi_x = input_net(cfg)
         rnn = nn.LSTM if cfg.cell == "lstm" else nn.GRU
         self.rnn = rnn(cfg.phi_x_dim, cfg.h_dim, cfg.rnn_layers, batch_first=True)
         self.decoder = mlp(cfg.h_dim, cfg.dec_dim, cfg.dec_layers)

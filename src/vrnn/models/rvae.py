@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..heads import gaussian_kl
 from ..outputs import make_head
-from .base import SequenceModel, SplitMLP, State, Trace, mlp, repeat_rows, rows_log_prob, \
+from .base import SequenceModel, SplitMLP, State, Trace, input_net, mlp, repeat_rows, rows_log_prob, \
     standard_log_prob
 from .recurrent import lengths_of, make_rnn, run_backward, run_bidirectional, run_segments, step, zero_state
 
@@ -51,7 +51,7 @@ class RVAE(SequenceModel):
         super().__init__(cfg)
         bi = not cfg.causal
         g_dim = cfg.a_dim * (2 if bi else 1)
-        self.phi_x = mlp(cfg.x_dim, cfg.phi_x_dim, cfg.phi_x_layers)
+        self.phi_x = input_net(cfg)
         self.inference_rnn = make_rnn(cfg.cell, cfg.phi_x_dim, cfg.a_dim, cfg.rnn_layers, bidirectional=bi)  # g_t
         self.z_rnn = make_rnn(cfg.cell, cfg.z_dim, cfg.a_dim, cfg.rnn_layers)                            # s_t
         self.encoder = SplitMLP(cfg.a_dim, g_dim, cfg.enc_dim, cfg.enc_layers, cfg.z_dim, cfg.std_floor)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..heads import gaussian_kl, gaussian_log_prob
 from ..outputs import make_head
-from .base import (SequenceModel, SplitMLP, State, Trace, add_shared, mlp, repeat_rows, rows_log_prob,
+from .base import (SequenceModel, SplitMLP, State, Trace, add_shared, input_net, mlp, repeat_rows, rows_log_prob,
                    standard_log_prob)
 
 
@@ -91,7 +91,7 @@ class SRNN(SequenceModel):
     def __init__(self, cfg):
         super().__init__(cfg)
         rnn = nn.LSTM if cfg.cell == "lstm" else nn.GRU
-        self.phi_x = mlp(cfg.x_dim, cfg.phi_x_dim, cfg.phi_x_layers)
+        self.phi_x = input_net(cfg)
         self.rnn = rnn(cfg.phi_x_dim, cfg.h_dim, cfg.rnn_layers, batch_first=True)          # d_t
         self.inference_rnn = rnn(cfg.h_dim + cfg.phi_x_dim, cfg.a_dim, cfg.rnn_layers,
                                  batch_first=True)                                            # a_t

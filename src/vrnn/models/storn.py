@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..heads import gaussian_kl
 from ..outputs import make_head
-from .base import GaussianFromHidden, SequenceModel, State, Trace, mlp, repeat_rows, rows_log_prob, \
+from .base import GaussianFromHidden, SequenceModel, State, Trace, input_net, mlp, repeat_rows, rows_log_prob, \
     standard_log_prob
 from .recurrent import lengths_of, make_rnn, run, run_segments, step, zero_state
 
@@ -41,7 +41,7 @@ class STORN(SequenceModel):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.phi_x = mlp(cfg.x_dim, cfg.phi_x_dim, cfg.phi_x_layers)
+        self.phi_x = input_net(cfg)
         self.phi_z = mlp(cfg.z_dim, cfg.phi_z_dim, cfg.phi_z_layers)
         self.inference_rnn = make_rnn(cfg.cell, cfg.phi_x_dim, cfg.a_dim, cfg.rnn_layers)     # a_t
         self.encoder = nn.Sequential(mlp(cfg.a_dim, cfg.enc_dim, cfg.enc_layers),

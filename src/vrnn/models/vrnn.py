@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..heads import gaussian_kl, gaussian_log_prob
 from ..outputs import make_head
-from .base import (GaussianFromHidden, SequenceModel, State, Trace, add_shared, mlp, repeat_rows,
+from .base import (GaussianFromHidden, SequenceModel, State, Trace, add_shared, input_net, mlp, repeat_rows,
                    rows_log_prob, standard_log_prob)
 
 
@@ -126,7 +126,7 @@ class VRNN(SequenceModel):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.phi_x = mlp(cfg.x_dim, cfg.phi_x_dim, cfg.phi_x_layers)
+        self.phi_x = input_net(cfg)
         self.phi_z = mlp(cfg.z_dim, cfg.phi_z_dim, cfg.phi_z_layers)
         self.encoder = Encoder(cfg)
         self.prior = Prior(cfg) if cfg.prior == "learned" else None
