@@ -96,6 +96,22 @@ def test_shares(preset, extra):
         assert one.rest == pytest.approx(one.score - one.shares.sum())
 
 
+def test_spectrogram_powers_score_with_exact_shares():
+    """The Itakura-Saito head (STFT powers, scale-only normaliser) scores online: its
+    per-bin terms are the head's own and sum to its log-density, so shares add up."""
+    model = tiny("vrnn-gauss", output="is")
+    xs = np.abs(series(12))
+    norm = Normalizer(np.zeros(D), np.array([2.0, 0.5, 3.0]))
+    sc = Scorer(model, norm, particles=4, seed=1)
+    steps = [sc.update(r) for r in xs]
+    assert sc.additive
+    for s in steps:
+        assert s.score == pytest.approx(s.shares.sum() + s.rest, abs=1e-9)
+    params = torch.randn(5, model.head.param_dim, dtype=torch.float64)
+    torch.testing.assert_close(log_prob_dims(model.head, params, torch.as_tensor(xs[:5])).sum(-1),
+                               model.head.log_prob(params, torch.as_tensor(xs[:5])))
+
+
 def test_causal_changing_the_future_never_changes_the_past():
     model = tiny()
     xs = series(30)

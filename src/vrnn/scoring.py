@@ -27,7 +27,8 @@ w_k = softmax_k(W_k) before it, the score splits exactly as
     s_t = sum_d E_omega[-log p(x_td | ., particle k)]               (dimension d's share)
           + E_omega[-(log p(z_t | .) - log q(z_t | .))] + KL(omega || w)   (``rest``: the latent part)
 
-whenever log p(x_t | .) = sum_d log p(x_td | .): factorised heads (Gaussian, Bernoulli)
+whenever log p(x_t | .) = sum_d log p(x_td | .): factorised heads (Gaussian, Bernoulli,
+Itakura-Saito)
 and the autoregressive head, whose terms are the chain-rule conditionals
 log p(x_td | x_t,<d, .) (they depend on the order of the dimensions). For an RNN row
 (one exact "particle") the rest is 0. The GMM and strokes heads are not factorised: their
@@ -50,7 +51,7 @@ from torch import Tensor
 
 from .autoregressive import AutoregressiveHead
 from .errors import ConfigError
-from .heads import LOG_2PI, BernoulliHead, GaussianHead, GMMHead, StrokesHead
+from .heads import LOG_2PI, BernoulliHead, GaussianHead, GMMHead, ItakuraSaitoHead, StrokesHead
 from .inference import log_ratio
 from .options import option
 from .smc import FilterOptions, ancestors, effective_sample_size, resampling_rule
@@ -72,7 +73,7 @@ class ScoreOptions(FilterOptions):
 # ------------------------------------------------------------ per-dimension terms
 def log_prob_dims(head, params: Tensor, x: Tensor) -> Tensor:
     """(..., D) per-dimension log-densities of x under ``head``: exact terms that sum to
-    head.log_prob for the Gaussian and Bernoulli heads, the chain-rule conditionals for
+    head.log_prob for the Gaussian, Bernoulli and Itakura-Saito heads, the chain-rule conditionals for
     the autoregressive head, each dimension's marginal under the mixture for GMM and
     strokes (these do not sum to the joint)."""
     if isinstance(head, GaussianHead):
@@ -80,7 +81,7 @@ def log_prob_dims(head, params: Tensor, x: Tensor) -> Tensor:
         return -0.5 * (((x - mu) / std) ** 2 + 2.0 * torch.log(std) + LOG_2PI)
     if isinstance(head, BernoulliHead):
         return -torch.nn.functional.binary_cross_entropy_with_logits(params, x, reduction="none")
-    if isinstance(head, AutoregressiveHead):
+    if isinstance(head, (AutoregressiveHead, ItakuraSaitoHead)):
         return head.log_prob_dims(params, x)
     if isinstance(head, GMMHead):
         log_w, mu, std = head.split(params)                      # (..., k), (..., k, D)
@@ -97,7 +98,7 @@ def log_prob_dims(head, params: Tensor, x: Tensor) -> Tensor:
 
 def additive(head) -> bool:
     """Whether the head's per-dimension terms add up to its log-density."""
-    return isinstance(head, (GaussianHead, BernoulliHead, AutoregressiveHead))
+    return isinstance(head, (GaussianHead, BernoulliHead, AutoregressiveHead, ItakuraSaitoHead))
 
 
 class Step(NamedTuple):
