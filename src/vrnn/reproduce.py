@@ -103,7 +103,8 @@ WALLCLOCK_ROWS = ["vrnn-gmm", "vrnn-gmm-stepwise"]
 # the four piano-roll benchmark sets: the rows the literature reports there (on binary data
 # the *-gauss presets take the Bernoulli head)
 POLYPHONIC_ROWS = ["rnn-gauss", "rnn-ar", "vrnn-gauss", "vrnn-gauss-iwae", "vrnn-gauss-fivo", "vrnn-ar",
-                   "srnn-gauss-warmup", "storn-gauss", "dkf-gauss"]
+                   "srnn-gauss-warmup", "storn-gauss", "dkf-gauss", "rvae-gauss", "rvae-causal-gauss",
+                   "dsae-gauss", "kvae-gauss"]
 # the rest of the dynamical-VAE family (issue #20): on the speech table's asterisk-en
 # column only (the other stand-in sets were not run: no compute for them)
 FAMILY_ROWS = ["dkf-gauss", "storn-gauss", "rvae-gauss", "rvae-causal-gauss", "dsae-gauss", "kvae-gauss"]
