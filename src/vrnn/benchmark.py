@@ -18,7 +18,8 @@ TITLES = {"jsb": "JSB Chorales", "nottingham": "Nottingham", "musedata": "MuseDa
 LABELS = {"rnn-gauss": "RNN (LSTM, Bernoulli)", "rnn-ar": "RNN, MADE output (RNN-NADE-like)",
           "vrnn-gauss": "VRNN, ELBO", "vrnn-gauss-iwae": "VRNN, IWAE (K=4)", "vrnn-gauss-fivo": "VRNN, FIVO (K=4)",
           "vrnn-ar": "VRNN, MADE output", "srnn-gauss-warmup": "SRNN (smoothing, Resq), KL warm-up",
-          "storn-gauss": "STORN", "dkf-gauss": "DKF (DMM), ST-R"}
+          "storn-gauss": "STORN", "dkf-gauss": "DKF (DMM), ST-R", "rvae-gauss": "RVAE, non-causal",
+          "rvae-causal-gauss": "RVAE, causal", "dsae-gauss": "DSAE", "kvae-gauss": "KVAE"}
 ORDER = list(LABELS)
 DIGITS = 3
 
@@ -60,7 +61,8 @@ def rows_table(records, dataset: str) -> str:
         exact = rr[0]["exact"]
         elbo = "" if exact else _cell(rr, "elbo")
         is_ = ("= " if exact else "") + _cell(rr, "log_likelihood")
-        smc = "(exact)" if exact else _cell(rr, "log_likelihood_smc")
+        offered = not all((r.get("not_offered") or {}).get("smc") for r in rr)
+        smc = "(exact)" if exact else (_cell(rr, "log_likelihood_smc") if offered else "not offered")
         if exact:
             trained = "(exact)"
         elif rr[0].get("trained_bound_k"):
