@@ -238,6 +238,7 @@ def table(records_dir: Path) -> str:
 def paired(recs) -> str:
     """Each model row against the VRNN on the machines both ran: mean paired difference of
     unadjusted F1 at the POT threshold and of AUC-PR, with its standard error."""
+    from vrnn.stats import mean_se
     out = ["Paired against vrnn-gauss on the machines both ran (mean difference ± standard error; "
            "positive: the row detects better):", "",
            "| row | machines | F1 - VRNN's | AUC-PR - VRNN's | machines where F1 is higher |",
@@ -252,8 +253,7 @@ def paired(recs) -> str:
         ap = [a["auc_pr"] - b["auc_pr"] for a, b in pairs]
 
         def ms(v):
-            m = float(np.mean(v))
-            se = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+            m, se = mean_se(v)
             return f"{m:+.3f} ± {se:.3f}"
         out.append(f"| {name} | {len(pairs)} | {ms(f1) if f1 else '–'} | {ms(ap)} | "
                    f"{sum(d > 0 for d in f1)} of {len(f1)} |")
