@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .published import SETS, published_for
-from .stats import fmt, mean_se, paired
+from .stats import fmt, mean_se, not_offered, paired
 
 TITLES = {"jsb": "JSB Chorales", "nottingham": "Nottingham", "musedata": "MuseData", "pianomidi": "Piano-midi.de"}
 LABELS = {"rnn-gauss": "RNN (LSTM, Bernoulli)", "rnn-ar": "RNN, MADE output (RNN-NADE-like)",
@@ -61,8 +61,7 @@ def rows_table(records, dataset: str) -> str:
         exact = rr[0]["exact"]
         elbo = "" if exact else _cell(rr, "elbo")
         is_ = ("= " if exact else "") + _cell(rr, "log_likelihood")
-        offered = not all((r.get("not_offered") or {}).get("smc") for r in rr)
-        smc = "(exact)" if exact else (_cell(rr, "log_likelihood_smc") if offered else "not offered")
+        smc = "(exact)" if exact else ("not offered" if not_offered(rr, "smc") else _cell(rr, "log_likelihood_smc"))
         if exact:
             trained = "(exact)"
         elif rr[0].get("trained_bound_k"):

@@ -50,7 +50,7 @@ import torch
 from .errors import ConfigError, VRNNError
 from .stats import fmt as _fmt
 from .stats import mean_se as _mean_se
-from .stats import paired
+from .stats import not_offered, paired
 from .benchmark import polyphonic_report
 
 
@@ -616,13 +616,6 @@ def dataset_table(records, dataset: str, rows: list[str], ref: str | None) -> st
     if refused:
         lines += [""] + [f"SMC not offered for {row}: {why}." for row, why in refused.items()]
     return "\n".join(lines)
-
-
-def not_offered(records, estimator: str) -> str | None:
-    """The reason every one of ``records`` gives for not offering ``estimator`` (evaluate's
-    ``not_offered``), or None where any of them offers it."""
-    why = [(r.get("not_offered") or {}).get(estimator) for r in records]
-    return why[0] if records and all(why) else None
 
 
 def summary_table(records, datasets, rows) -> str:

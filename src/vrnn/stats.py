@@ -33,3 +33,10 @@ def paired(records, row: str, ref: str, key: str = "log_likelihood"):
     d = [a[s] - b[s] for s in seeds]
     mean, se = mean_se(d)
     return mean, se, sum(x > 0 for x in d), len(d)
+
+
+def not_offered(records, estimator: str) -> str | None:
+    """The reason every one of ``records`` gives for not offering ``estimator`` (evaluate's
+    ``not_offered``), or None where any of them offers it."""
+    why = [(r.get("not_offered") or {}).get(estimator) for r in records]
+    return why[0] if records and all(why) else None
