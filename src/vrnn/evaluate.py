@@ -109,7 +109,9 @@ def _scores(model, x, mask, which, num_samples, max_rows, max_bytes, smc_opts, d
     out = {}
     with torch.no_grad():
         if "elbo" in which:
-            out["elbo"] = model.elbo(x, mask, noise=None if draws is None else draws.elbo_noise().to(x))
+            out["elbo"] = (model.elbo(x, mask) if draws is None else
+                           model.elbo(x, mask, draws.elbo_noise().to(x),
+                                      None if draws.V == 0 else draws.elbo_static().to(x)))
         for method in ("is", "smc"):
             if method in which:
                 out[method] = model.log_likelihood(x, mask, num_samples=num_samples, method=method,
@@ -152,14 +154,15 @@ def evaluate(model, sequences, num_samples=40, batch_size=32, max_rows=4096, max
     for batch, x, mask in padded_batches(model, sequences, batch_size, max_bytes):
         which = [m for m in methods if m != "exact"] or ["elbo"]
         draws = None if seed is None or not latent else SequenceDraws(
-            seed, batch, mask.sum(1).long().tolist(), x.shape[1], num_samples, model.cfg.z_dim)
+            seed, batch, mask.sum(1).long().tolist(), x.shape[1], num_samples, model.cfg.z_dim,
+            v_dim=model.static_dim)
         got = _scores(model, x, mask, which, num_samples, max_rows, max_bytes, smc_opts or {}, draws)
         bad = ~torch.stack([torch.isfinite(v) for v in got.values()]).all(0)
         if bool(bad.any()):  # float32 overflowed on some sequences: score those in float64
             keep = bad.nonzero().flatten().tolist()
             d64 = None if draws is None else SequenceDraws(
                 seed, [batch[i] for i in keep], [draws.lengths[i] for i in keep], x.shape[1], num_samples,
-                model.cfg.z_dim, torch.float64)
+                model.cfg.z_dim, torch.float64, model.static_dim)
             again = _scores(fallback.double, x[bad].double(), mask[bad].double(), which, num_samples,
                             max_rows, max_bytes, smc_opts or {}, d64)
             for k in got:

@@ -117,11 +117,11 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
 
 
 def log_weights(model, x: Tensor, mask: Tensor | None = None, samples: int = 1,
-                noise: Tensor | None = None) -> Tensor:
+                noise: Tensor | None = None, static_noise: Tensor | None = None) -> Tensor:
     """log p(x, z) - log q(z | x) per sequence and posterior sample, Tensor[samples*B]
     (sample-major: entry k*B + b is sample k of sequence b); ``noise`` (samples*B, T, Z)
-    fixes the draws."""
-    tr = model(x, mask, samples=samples, noise=noise if model.latent else None)
+    fixes the draws (with ``static_noise`` (samples*B, V) for a per-sequence latent)."""
+    tr = model(x, mask, samples=samples, **model.fixed_draws(noise if model.latent else None, static_noise))
     if tr.z is None:
         return tr.log_px.sum(1)
     return (tr.log_px + log_ratio(tr)).sum(1)
@@ -143,18 +143,29 @@ class SequenceDraws:
     """The random draws of the estimators for B sequences, each from its own generators,
     seeded by (seed, the sequence's position ``index``, the stream): a sequence's scores
     are the same whatever batch it is scored in (padding, batch size, memory caps).
-    ``lengths``: the sequences' real steps; ``T``: the padded length; ``K``: samples."""
+    ``lengths``: the sequences' real steps; ``T``: the padded length; ``K``: samples;
+    ``v_dim``: the model's ``static_dim`` (a latent drawn once per sequence, from streams
+    of its own)."""
 
-    def __init__(self, seed: int, index, lengths, T: int, K: int, z_dim: int, dtype=torch.float32):
+    def __init__(self, seed: int, index, lengths, T: int, K: int, z_dim: int, dtype=torch.float32,
+                 v_dim: int = 0):
         self.seed, self.index, self.lengths = int(seed), [int(i) for i in index], [int(n) for n in lengths]
-        self.T, self.K, self.Z, self.dtype = int(T), int(K), int(z_dim), dtype
+        self.T, self.K, self.Z, self.V, self.dtype = int(T), int(K), int(z_dim), int(v_dim), dtype
 
-    def _gen(self, i: int, stream: int) -> torch.Generator:
-        return torch.Generator().manual_seed(((self.seed * 1_000_003 + i) * 1_000_033 + stream) % (2 ** 63))
+    def _gen(self, i: int, stream: int, static: bool = False) -> torch.Generator:
+        s = ((self.seed * 1_000_003 + i) * 1_000_033 + stream) % (2 ** 63)
+        return torch.Generator().manual_seed(s ^ 0x5DEECE66D5DEECE if static else s)
 
     def subset(self, start: int, end: int) -> "SequenceDraws":
         return SequenceDraws(self.seed, self.index[start:end], self.lengths[start:end], self.T, self.K,
-                             self.Z, self.dtype)
+                             self.Z, self.dtype, self.V)
+
+    def _static(self, streams) -> Tensor | None:
+        """(len(streams)*B, V) standard draws of the static latent, or None without one."""
+        if not self.V:
+            return None
+        return torch.stack([torch.randn(self.V, generator=self._gen(i, j, static=True), dtype=self.dtype)
+                            for j in streams for i in self.index])
 
     def _padded(self, i: int, n: int, stream: int) -> Tensor:
         out = torch.zeros(self.T, self.Z, dtype=self.dtype)
@@ -165,10 +176,18 @@ class SequenceDraws:
         """(B, T, Z): the ELBO's one draw per sequence."""
         return torch.stack([self._padded(i, n, 0) for i, n in zip(self.index, self.lengths)])
 
+    def elbo_static(self) -> Tensor | None:
+        """(B, V): the ELBO's draw of the static latent (None without one)."""
+        return self._static([0])
+
     def is_noise(self, start: int, k: int) -> Tensor:
         """(k*B, T, Z), sample-major: importance samples start..start+k-1."""
         return torch.stack([self._padded(i, n, 1 + j) for j in range(start, start + k)
                             for i, n in zip(self.index, self.lengths)])
+
+    def is_static(self, start: int, k: int) -> Tensor | None:
+        """(k*B, V), sample-major: the static latent's draws of samples start..start+k-1."""
+        return self._static(range(1 + start, 1 + start + k))
 
     def smc(self) -> dict:
         """``noise`` and ``uniforms`` for ``particle_filter``: per step, each sequence's
@@ -230,8 +249,9 @@ def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: in
     chunks = []
     for start in range(0, K, per_pass):
         k = min(per_pass, K - start)
-        eps = None if draws is None else draws.is_noise(start, k)
-        chunks.append(log_weights(model, x, mask, samples=k, noise=eps).view(k, B))
+        eps, static = (None, None) if draws is None else (draws.is_noise(start, k), draws.is_static(start, k))
+        chunks.append(log_weights(model, x, mask, samples=k, noise=eps,
+                                  static_noise=None if static is None else static.to(x)).view(k, B))
     lw = torch.cat(chunks, dim=0)
     return torch.logsumexp(lw, dim=0) - math.log(K)
 
@@ -253,10 +273,11 @@ def latents(model, x: Tensor, mask: Tensor | None = None, sample: bool = False) 
     for a static latent (DSAE) ``static_mean``, ``static_std``, ``v`` (B,T,V), the same at
     every real step.
     """
-    noise = None
+    noise = static = None
     if model.latent and not sample:
         noise = x.new_zeros(x.shape[0], x.shape[1], model.cfg.z_dim)
-    tr = model(x, mask, noise=noise)
+        static = x.new_zeros(x.shape[0], model.static_dim)
+    tr = model(x, mask, **model.fixed_draws(noise, static))
     out = {
         "mask": tr.mask,
         "log_px": tr.log_px,

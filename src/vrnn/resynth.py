@@ -53,7 +53,7 @@ def posterior_power(model, x: torch.Tensor, normalizer=None) -> torch.Tensor:
     xb = x.unsqueeze(0).to(next(model.parameters()))
     noise = torch.zeros(1, xb.shape[1], model.cfg.z_dim, dtype=xb.dtype) if model.latent else None
     with torch.no_grad():
-        tr = model(xb, None, noise=noise)
+        tr = model(xb, None, **model.fixed_draws(noise, torch.zeros(1, model.static_dim, dtype=xb.dtype)))
         v = model.head.mean(tr.params)[0].to(torch.float64)
     return v if normalizer is None else normalizer.invert(v)
 

@@ -11,7 +11,10 @@ A model is an ``nn.Module`` with a ``cfg`` (``VRNNConfig``), an output ``head`` 
     ``ancestors`` (a list of T entries, each None or a LongTensor of samples*B row
     indices) resamples the particles after step t: row r continues from row
     ancestors[t][r] (the SMC bounds; see smc.py). ``state`` continues from a previous
-    chunk (truncated BPTT); it has B or samples*B rows.
+    chunk (truncated BPTT); it has B or samples*B rows. A model with a latent drawn once
+    per sequence (``static_dim`` > 0: the DSAE's v) also takes ``static_noise``
+    (samples*B, static_dim), which must come with ``noise``: fixed draws fix every latent
+    (``fixed_draws`` builds the arguments for any model).
 ``initial_state(batch, device, dtype) -> State``
     The state before the first step; a State is a tuple of tensors (its layout is the
     model's own).
@@ -187,6 +190,7 @@ class SequenceModel(nn.Module):
 
     cfg: VRNNConfig
     family: str = ""
+    static_dim: int = 0  # dimensions of a latent drawn once per sequence (the DSAE's v)
 
     def __init__(self, cfg: VRNNConfig):
         super().__init__()
@@ -265,15 +269,21 @@ class SequenceModel(nn.Module):
             raise ValueError(f"noise must have shape {shape} (samples*B, T, z_dim), got {tuple(noise.shape)}")
         return noise
 
+    def fixed_draws(self, noise: Tensor | None, static_noise: Tensor | None = None) -> dict:
+        """``forward``'s keyword arguments for fixed draws: ``noise`` for the z_t, and
+        ``static_noise`` for a per-sequence latent where the model has one."""
+        return {"noise": noise, **({"static_noise": static_noise} if self.static_dim else {})}
+
     @staticmethod
     def check_ancestors(ancestors, T: int) -> None:
         if ancestors is not None and len(ancestors) != T:
             raise ValueError(f"ancestors must have one entry per step ({T}), got {len(ancestors)}")
 
     # ------------------------------------------------------------ the verbs
-    def elbo(self, x: Tensor, mask: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+    def elbo(self, x: Tensor, mask: Tensor | None = None, noise: Tensor | None = None,
+             static_noise: Tensor | None = None) -> Tensor:
         """Timestep-wise ELBO per sequence (nats), Tensor[B]; exact log p(x) for RNN rows."""
-        tr = self(x, mask, noise=noise)
+        tr = self(x, mask, **self.fixed_draws(noise, static_noise))
         return (tr.log_px - tr.kl).sum(1)
 
     def log_likelihood(self, x: Tensor, mask: Tensor | None = None, num_samples: int = 40,

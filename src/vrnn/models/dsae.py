@@ -24,9 +24,10 @@ sequence). Generation is online: v ~ N(0, I) in ``initial_state``, then z_t from
 prior and x_t from the head; after a prefix, v and z come from q given the prefix (the
 prefix's content carried on, e.g. its speaker), and the chain goes on from the prior.
 
-``forward(..., static_noise=None)``: the (samples*B, V) standard draw of v; by default
-zeros when ``noise`` is given (a fixed draw: ``latents`` uses v's posterior mean with z's),
-standard normal otherwise.
+``forward(..., static_noise=None)``: the (samples*B, V) standard draw of v (``static_dim``
+= V): standard normal by default, required with ``noise`` (fixed draws fix v too: zeros
+give v's posterior mean, as ``latents`` uses with z's; the estimators draw it per
+sequence like z's noise).
 
 State: (r_h, r_c, v) with r_h, r_c (layers, rows, H) the prior's RNN after reading each
 row's last z_t (r_c zeros for a GRU), v (1, rows, V).
@@ -62,6 +63,7 @@ class DSAE(SequenceModel):
                                    GaussianFromHidden(cfg.prior_dim, cfg.z_dim, cfg.std_floor))
         self.decoder = mlp(cfg.z_dim + cfg.v_dim, cfg.dec_dim, cfg.dec_layers)
         self.head = make_head(cfg, cfg.dec_dim)
+        self.static_dim = cfg.v_dim
 
     @classmethod
     def cannot(cls, cfg, verb: str) -> str | None:
@@ -96,8 +98,10 @@ class DSAE(SequenceModel):
         lengths = None if lengths is None else repeat_rows(lengths, samples)
         shape = (R, self.cfg.v_dim)
         if static_noise is None:
-            static_noise = x.new_zeros(shape) if noise is not None else torch.randn(shape, device=x.device,
-                                                                                    dtype=x.dtype)
+            if noise is not None:  # a draw fixed for z and left random for v is never what a caller meant
+                raise ValueError("noise fixes the draws of z but not of the DSAE's static v: give static_noise "
+                                 f"{shape} (samples*B, v_dim) too (zeros: v's posterior mean)")
+            static_noise = torch.randn(shape, device=x.device, dtype=x.dtype)
         noise = self.noise_for(noise, R, T, x)
         if static_noise.shape != shape:
             raise ValueError(f"static_noise must have shape {shape} (samples*B, v_dim), got "
