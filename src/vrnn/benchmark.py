@@ -18,6 +18,7 @@ TITLES = {"jsb": "JSB Chorales", "nottingham": "Nottingham", "musedata": "MuseDa
 LABELS = {"rnn-gauss": "RNN (LSTM, Bernoulli)", "rnn-ar": "RNN, MADE output (RNN-NADE-like)",
           "vrnn-gauss": "VRNN, ELBO", "vrnn-gauss-iwae": "VRNN, IWAE (K=4)", "vrnn-gauss-fivo": "VRNN, FIVO (K=4)",
           "vrnn-ar": "VRNN, MADE output", "srnn-gauss-warmup": "SRNN (smoothing, Resq), KL warm-up",
+          "srnn-gauss-freebits": "SRNN, KL warm-up and free bits (0.03)",
           "storn-gauss": "STORN", "dkf-gauss": "DKF (DMM), ST-R", "rvae-gauss": "RVAE, non-causal",
           "rvae-causal-gauss": "RVAE, causal", "rvae-gauss-warmup": "RVAE, non-causal, KL warm-up",
           "rvae-causal-gauss-warmup": "RVAE, causal, KL warm-up", "dsae-gauss": "DSAE", "kvae-gauss": "KVAE"}
