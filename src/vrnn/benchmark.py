@@ -19,6 +19,8 @@ LABELS = {"rnn-gauss": "RNN (LSTM, Bernoulli)", "rnn-ar": "RNN, MADE output (RNN
           "vrnn-gauss": "VRNN, ELBO", "vrnn-gauss-iwae": "VRNN, IWAE (K=4)", "vrnn-gauss-fivo": "VRNN, FIVO (K=4)",
           "vrnn-ar": "VRNN, MADE output", "srnn-gauss-warmup": "SRNN (smoothing, Resq), KL warm-up",
           "srnn-gauss-freebits": "SRNN, KL warm-up and free bits (0.03)",
+          "srnn-gauss-warmup-long": "SRNN, KL warm-up over 4,000 steps",
+          "vrnn-gauss-warmup-long": "VRNN, ELBO, KL warm-up over 4,000 steps",
           "storn-gauss": "STORN", "dkf-gauss": "DKF (DMM), ST-R", "rvae-gauss": "RVAE, non-causal",
           "rvae-causal-gauss": "RVAE, causal", "rvae-gauss-warmup": "RVAE, non-causal, KL warm-up",
           "rvae-causal-gauss-warmup": "RVAE, causal, KL warm-up", "dsae-gauss": "DSAE", "kvae-gauss": "KVAE"}
