@@ -194,7 +194,8 @@ def test_polyphonic_report_puts_published_figures_beside_ours(tmp_path):
         recs += [poly_record("rnn-gauss", s, -8.6), poly_record("rnn-ar", s, -5.5 - 0.1 * s),
                  poly_record("vrnn-gauss", s, -7.0), poly_record("vrnn-gauss-iwae", s, -6.9),
                  poly_record("vrnn-gauss-fivo", s, -6.8), poly_record("vrnn-ar", s, -5.4),
-                 poly_record("srnn-gauss-warmup", s, -7.2)]
+                 poly_record("srnn-gauss-warmup", s, -7.2), poly_record("srnn-gauss-warmup-long", s, -6.9 + 0.1 * s),
+                 poly_record("vrnn-gauss-warmup-long", s, -7.0)]
     out = tmp_path
     for r in recs:
         p = out / "records" / "polyphonic" / r["dataset"]
@@ -211,6 +212,11 @@ def test_polyphonic_report_puts_published_figures_beside_ours(tmp_path):
     assert "published N=5 FIVO: met (-7.000 against -7.51)" in md
     assert ("ordering FIVO >= IWAE >= ELBO, paired per seed: by each row's own bound met (FIVO - IWAE "
             "0.100 ± 0.000, 3 of 3 seeds; IWAE - ELBO 0.200 ± 0.000, 3 of 3)") in md
+    # the best SRNN row's ELBO (-6.9 + 0.1 s - 0.3: -7.1), and the SRNN paired with the VRNN at one schedule
+    assert ("SRNN's ELBO at or above its paper's bound: missed (-7.100 against -4.74; SRNN, KL warm-up over "
+            "4,000 steps, the best SRNN row") in md
+    assert ("SRNN against the VRNN, both with the KL weight rising over 4,000 steps (SMC, K=40): 0.200 ± 0.058 "
+            "nats per step, the SRNN ahead in 3 of 3 seeds") in md
     assert "our best row at or above RNN-NADE: missed (-5.400 against -5.19; VRNN, MADE output)" in md
     assert "VRNN-AR ahead in 3 of 3 seeds" in md  # -5.4 against -5.5, -5.6, -5.7
     assert "Not run yet: Nottingham, MuseData, Piano-midi.de." in md
