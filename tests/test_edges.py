@@ -518,3 +518,14 @@ def test_nodes_that_never_join_end_in_one_line(arrays, tiny_config, tmp_path, ca
     assert code == 2 and "Traceback" not in captured.err
     assert "waiting for 2 nodes" in captured.err and "did not all join at 127.0.0.1:29999" in captured.err
     assert not (tmp_path / "r" / "logs").exists()
+
+
+def test_early_stopping_waits_for_the_kl_warmup_to_end(arrays, tiny_config, tmp_path):
+    """During the warm-up the validation bound (KL weight 1) is not what is optimised and
+    may fall: patience counts only after it (a VRNN warmed up over the whole 4,000-step cap
+    once stopped, 'converged', after 390 steps)."""
+    out = tmp_path / "warm"
+    assert train(arrays, out, tiny_config, "vrnn-gauss", 10, "--kl-warmup", 24, "--patience", 1,
+                 "--lr", 0.03) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] >= 24, summary

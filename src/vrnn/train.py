@@ -92,7 +92,8 @@ class TrainConfig:
     grad_clip: float = option(5.0, "global gradient norm, clipped before each optimiser step",
                               above=0.0, flag="--grad-clip")
     kl_warmup_steps: int = option(0, "KL weight rises linearly 0 -> 1 over this many optimiser "
-                                     "steps (0: no warm-up)", min=0, flag="--kl-warmup")
+                                     "steps (0: no warm-up); early stopping waits for its end", min=0,
+                                  flag="--kl-warmup")
     free_bits: float = option(0.0, "nats of KL charged at least per latent dimension, clamped per "
                                    "sequence, step and dimension (not Kingma et al.'s minibatch "
                                    "average per group; ELBO only)", min=0.0, flag="--free-bits")
@@ -549,6 +550,23 @@ class StepCap(L.Callback):
             trainer.should_stop = True
 
 
+class EarlyStoppingAfterWarmup(EarlyStopping):
+    """Lightning's EarlyStopping, whose patience counts only once the KL warm-up has ended
+    (``after_step`` optimiser steps): during the warm-up the objective is not the validation
+    bound (the ELBO at KL weight 1), which may fall while the KL is let grow, so a run would
+    stop, "converged", long before its warm-up ends. best.ckpt still follows the bound
+    through the warm-up."""
+
+    def __init__(self, *args, after_step: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.after_step = int(after_step)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.global_step < self.after_step:
+            return
+        super().on_validation_end(trainer, pl_module)
+
+
 class FolderCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, whose saved state follows the run folder: a run moved or
     copied elsewhere and resumed keeps its best score (Lightning drops it when the folder's
@@ -754,8 +772,8 @@ def _fit(spec, model_name, out: Path, tc: TrainConfig, cfg, prepared: Prepared, 
         FolderCheckpoint(dirpath=out, filename="best", monitor="valid/bound", mode="max",
                          save_top_k=1, enable_version_counter=False),
         FolderCheckpoint(dirpath=out, filename="last", save_top_k=1, enable_version_counter=False),
-        EarlyStopping(monitor="valid/bound", mode="max", patience=tc.patience,
-                      check_on_train_epoch_end=False),
+        EarlyStoppingAfterWarmup(monitor="valid/bound", mode="max", patience=tc.patience,
+                                 check_on_train_epoch_end=False, after_step=tc.kl_warmup_steps),
         StepCap(tc.max_steps),
     ]
     logs = out / "logs"
