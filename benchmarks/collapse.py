@@ -24,8 +24,7 @@ from vrnn import checkpoint
 from vrnn.data import load
 
 
-def marginal(name: str) -> float:
-    data = load(name)
+def marginal(data) -> float:
     split = data.split_indices()
     train = np.concatenate([data.sequences[i] for i in split["train"]])
     test = np.concatenate([data.sequences[i] for i in split["test"]])
@@ -34,8 +33,7 @@ def marginal(name: str) -> float:
 
 
 @torch.no_grad()
-def kl_per_step(model, dataset: str) -> float:
-    data = load(dataset)
+def kl_per_step(model, data) -> float:
     kl = steps = 0.0
     for i in data.split_indices()["test"]:
         x = torch.as_tensor(data.sequences[i], dtype=torch.float32)[None]
@@ -51,13 +49,13 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     for name in a.datasets.split(","):
-        print(f"{name}: per-key marginal {marginal(name):.3f} nats per step")
+        print(f"{name}: per-key marginal {marginal(load(name)):.3f} nats per step")
     runs = Path(a.runs)
-    dataset = runs.name
+    data = load(runs.name)  # the runs' dataset, read once
     for run in sorted(p for p in runs.iterdir() if (p / "ckpt" / "best.ckpt").exists()):
         model, _, _ = checkpoint.load(run / "ckpt" / "best.ckpt")
         if model.latent:
-            print(f"{run.name}: KL {kl_per_step(model, dataset):.3f} nats per test step")
+            print(f"{run.name}: KL {kl_per_step(model, data):.3f} nats per test step")
 
 
 if __name__ == "__main__":

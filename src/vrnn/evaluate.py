@@ -110,8 +110,7 @@ def _scores(model, x, mask, which, num_samples, max_rows, max_bytes, smc_opts, d
     with torch.no_grad():
         if "elbo" in which:
             out["elbo"] = (model.elbo(x, mask) if draws is None else
-                           model.elbo(x, mask, draws.elbo_noise().to(x),
-                                      None if draws.V == 0 else draws.elbo_static().to(x)))
+                           model.elbo(x, mask, draws.elbo_noise().to(x), draws.elbo_static().to(x)))
         for method in ("is", "smc"):
             if method in which:
                 out[method] = model.log_likelihood(x, mask, num_samples=num_samples, method=method,

@@ -160,10 +160,8 @@ class SequenceDraws:
         return SequenceDraws(self.seed, self.index[start:end], self.lengths[start:end], self.T, self.K,
                              self.Z, self.dtype, self.V)
 
-    def _static(self, streams) -> Tensor | None:
-        """(len(streams)*B, V) standard draws of the static latent, or None without one."""
-        if not self.V:
-            return None
+    def _static(self, streams) -> Tensor:
+        """(len(streams)*B, V) standard draws of the static latent (V = 0 without one: empty)."""
         return torch.stack([torch.randn(self.V, generator=self._gen(i, j, static=True), dtype=self.dtype)
                             for j in streams for i in self.index])
 
@@ -176,8 +174,8 @@ class SequenceDraws:
         """(B, T, Z): the ELBO's one draw per sequence."""
         return torch.stack([self._padded(i, n, 0) for i, n in zip(self.index, self.lengths)])
 
-    def elbo_static(self) -> Tensor | None:
-        """(B, V): the ELBO's draw of the static latent (None without one)."""
+    def elbo_static(self) -> Tensor:
+        """(B, V): the ELBO's draw of the static latent."""
         return self._static([0])
 
     def is_noise(self, start: int, k: int) -> Tensor:
@@ -185,7 +183,7 @@ class SequenceDraws:
         return torch.stack([self._padded(i, n, 1 + j) for j in range(start, start + k)
                             for i, n in zip(self.index, self.lengths)])
 
-    def is_static(self, start: int, k: int) -> Tensor | None:
+    def is_static(self, start: int, k: int) -> Tensor:
         """(k*B, V), sample-major: the static latent's draws of samples start..start+k-1."""
         return self._static(range(1 + start, 1 + start + k))
 
@@ -249,9 +247,8 @@ def log_likelihood(model, x: Tensor, mask: Tensor | None = None, num_samples: in
     chunks = []
     for start in range(0, K, per_pass):
         k = min(per_pass, K - start)
-        eps, static = (None, None) if draws is None else (draws.is_noise(start, k), draws.is_static(start, k))
-        chunks.append(log_weights(model, x, mask, samples=k, noise=eps,
-                                  static_noise=None if static is None else static.to(x)).view(k, B))
+        eps, static = (None, None) if draws is None else (draws.is_noise(start, k), draws.is_static(start, k).to(x))
+        chunks.append(log_weights(model, x, mask, samples=k, noise=eps, static_noise=static).view(k, B))
     lw = torch.cat(chunks, dim=0)
     return torch.logsumexp(lw, dim=0) - math.log(K)
 
@@ -273,11 +270,7 @@ def latents(model, x: Tensor, mask: Tensor | None = None, sample: bool = False) 
     for a static latent (DSAE) ``static_mean``, ``static_std``, ``v`` (B,T,V), the same at
     every real step.
     """
-    noise = static = None
-    if model.latent and not sample:
-        noise = x.new_zeros(x.shape[0], x.shape[1], model.cfg.z_dim)
-        static = x.new_zeros(x.shape[0], model.static_dim)
-    tr = model(x, mask, **model.fixed_draws(noise, static))
+    tr = model(x, mask, **({} if sample else model.mean_draws(x.shape[0], x.shape[1], x)))
     out = {
         "mask": tr.mask,
         "log_px": tr.log_px,

@@ -51,9 +51,8 @@ def posterior_power(model, x: torch.Tensor, normalizer=None) -> torch.Tensor:
     (scaled by ``normalizer``): the head's mean after a pass at the posterior mean (zero
     reparameterisation noise), in the data's own units (the scale taken back)."""
     xb = x.unsqueeze(0).to(next(model.parameters()))
-    noise = torch.zeros(1, xb.shape[1], model.cfg.z_dim, dtype=xb.dtype) if model.latent else None
     with torch.no_grad():
-        tr = model(xb, None, **model.fixed_draws(noise, torch.zeros(1, model.static_dim, dtype=xb.dtype)))
+        tr = model(xb, None, **model.mean_draws(1, xb.shape[1], xb))
         v = model.head.mean(tr.params)[0].to(torch.float64)
     return v if normalizer is None else normalizer.invert(v)
 

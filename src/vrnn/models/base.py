@@ -274,6 +274,13 @@ class SequenceModel(nn.Module):
         ``static_noise`` for a per-sequence latent where the model has one."""
         return {"noise": noise, **({"static_noise": static_noise} if self.static_dim else {})}
 
+    def mean_draws(self, batch: int, T: int, like: Tensor) -> dict:
+        """``forward``'s keyword arguments for zero noise: every latent at its posterior mean
+        (none for a model without latents)."""
+        if not self.latent:
+            return {"noise": None}
+        return self.fixed_draws(like.new_zeros(batch, T, self.cfg.z_dim), like.new_zeros(batch, self.static_dim))
+
     @staticmethod
     def check_ancestors(ancestors, T: int) -> None:
         if ancestors is not None and len(ancestors) != T:
