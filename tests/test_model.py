@@ -208,6 +208,40 @@ def test_padding_values_never_matter(case):
     torch.testing.assert_close(xg1, xg0, rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_masked_recurrence_matches_the_packed_call(cell):
+    """recurrent.run (one unpacked call per distinct length) gives a PackedSequence call's
+    outputs, final states and gradients, rows of length 0 keeping their state."""
+    from torch import nn
+
+    from vrnn.models.recurrent import make_rnn, run
+    torch.manual_seed(3)
+    rnn = make_rnn(cell, 4, 6, 2).double()
+    lengths = torch.tensor([5, 0, 3, 5, 1])
+    inp = torch.randn(5, 5, 4, dtype=DT, requires_grad=True)
+    h0 = tuple(torch.randn(2, 5, 6, dtype=DT, requires_grad=True) for _ in range(2))
+
+    def grads(out, final):
+        live = (torch.arange(5).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1)
+        loss = (out * live).pow(2).sum() + sum((s * (k + 1)).sum() for k, s in enumerate(final))
+        return torch.autograd.grad(loss, [inp, *h0, *rnn.parameters()])
+
+    out, final = run(rnn, inp, lengths, h0)
+    packed = nn.utils.rnn.pack_padded_sequence(inp, lengths.clamp(min=1), batch_first=True, enforce_sorted=False)
+    ref_out, ref_last = rnn(packed, h0 if cell == "lstm" else h0[0])
+    ref_out, _ = nn.utils.rnn.pad_packed_sequence(ref_out, batch_first=True, total_length=5)
+    ref_final = ref_last if cell == "lstm" else (ref_last, h0[1])
+    ref_final = tuple(torch.where((lengths == 0).view(1, -1, 1), a, b) for a, b in zip(h0, ref_final))
+    ref_out = ref_out * (lengths > 0).view(-1, 1, 1)  # the packed call runs an empty row for one step
+    torch.testing.assert_close(out, ref_out)
+    assert (out[1] == 0).all() and (out[2, 3:] == 0).all()
+    for a, b in zip(final, ref_final):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(final[0][:, 1], h0[0][:, 1], rtol=0, atol=0)
+    for g, r in zip(grads(out, final), grads(ref_out, ref_final)):
+        torch.testing.assert_close(g, r)
+
 def test_full_mask_equals_no_mask():
     model = make_model("vrnn-gmm", seed=7)
     x, noise = make_x(model, 2, 5), make_noise(model, 2, 5)

@@ -1,5 +1,5 @@
 """nn.LSTM / nn.GRU stacks over padded batches, for the models of the family that run their
-recurrences as whole-sequence calls (DKF, STORN, RVAE, DSAE).
+recurrences as whole-sequence calls (the RNN baseline, SRNN, DKF, STORN, RVAE, DSAE).
 
 A recurrent state is always a pair (h, c), each (layers * directions, rows, width); c is
 zeros and unused for a GRU. Rows whose mask ends early keep their state from their last
@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .srnn import _run, reverse_within
 
 __all__ = ["make_rnn", "zero_state", "run", "run_backward", "run_bidirectional", "run_segments",
            "step", "lengths_of", "reverse_within"]
@@ -40,18 +39,72 @@ def _pair(rnn: nn.Module, last, c_old: Tensor) -> tuple[Tensor, Tensor]:
     return last if isinstance(rnn, nn.LSTM) else (last, c_old)
 
 
+def _run(rnn: nn.Module, inp: Tensor, lengths: Tensor | None, h0=None):
+    """(outputs (rows, T, H), final hx) of ``rnn`` over ``inp`` from ``h0`` (the module's
+    own hx: (h, c) for an LSTM, h for a GRU; zeros if None), each row stopping after its
+    ``lengths[b]`` real steps: outputs are zeros past a row's end, and a row of length 0
+    keeps ``h0``.
+
+    A unidirectional ``rnn`` runs as one unpacked call per distinct length (at most one per
+    row, one in all for equal lengths): rows still running between two consecutive lengths
+    go through the module together. A PackedSequence would take PyTorch's per-step path
+    on the CPU, whose backward is 10-70x slower than the unpacked call's (MuseData,
+    Piano-midi.de lengths: benchmarks/speed.py); the results are the same. Bidirectional
+    modules are packed (their backward direction starts at each row's own end)."""
+    if lengths is None:
+        return rnn(inp, h0)
+    if rnn.bidirectional:
+        packed = nn.utils.rnn.pack_padded_sequence(inp, lengths.clamp(min=1).cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        out, last = rnn(packed, h0)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=inp.shape[1])
+        return out, last
+    rows, T = inp.shape[:2]
+    lstm = isinstance(rnn, nn.LSTM)
+    if h0 is None:
+        h0 = _hx(rnn, zero_state(rnn, rows, inp))
+    hx = list(h0) if lstm else [h0]
+    lengths = lengths.to(inp.device)
+    pieces, start = [], 0
+    for end in sorted(set(lengths.clamp(0, T).tolist()) - {0}):
+        live = (lengths >= end).nonzero().squeeze(1)  # the rows with real steps in [start, end)
+        if live.numel() == rows:
+            out, new = rnn(inp[:, start:end], tuple(hx) if lstm else hx[0])
+            hx = list(new) if lstm else [new]
+        else:
+            sub = tuple(s.index_select(1, live).contiguous() for s in hx)
+            out, new = rnn(inp.index_select(0, live)[:, start:end], sub if lstm else sub[0])
+            new = new if lstm else (new,)
+            out = out.new_zeros(rows, end - start, out.shape[-1]).index_copy(0, live, out)
+            hx = [s.index_copy(1, live, n) for s, n in zip(hx, new)]
+        pieces.append(out)
+        start = end
+    if start < T:
+        pieces.append(inp.new_zeros(rows, T - start, rnn.hidden_size))
+    return torch.cat(pieces, 1), (tuple(hx) if lstm else hx[0])
+
+
+def reverse_within(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Each row's first ``lengths[b]`` steps in reverse order (padding stays where it is);
+    its own inverse."""
+    if lengths is None:
+        return x.flip(1)
+    T = x.shape[1]
+    t = torch.arange(T, device=x.device).unsqueeze(0)
+    L = lengths.to(x.device).unsqueeze(1)
+    idx = torch.where(t < L, L - 1 - t, t)
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 def run(rnn: nn.Module, inp: Tensor, lengths: Tensor | None, state=None):
-    """A forward pass over ``inp`` (rows, T, D) from ``state`` (zeros if None): outputs
-    (rows, T, H) (zeros past each row's end) and the state after each row's last real step."""
+    """A forward pass of a unidirectional ``rnn`` over ``inp`` (rows, T, D) from ``state``
+    (zeros if None): outputs (rows, T, H) (zeros past each row's end) and the state after
+    each row's last real step (rows with no real step keep ``state``)."""
     if state is None:
         state = zero_state(rnn, inp.shape[0], inp)
     h0, c0 = (s.contiguous() for s in state)
     out, last = _run(rnn, inp, lengths, _hx(rnn, (h0, c0)))
-    final = _pair(rnn, last, c0)
-    if lengths is not None:
-        empty = (lengths == 0).view(1, -1, 1)
-        final = tuple(torch.where(empty, s0, s1) for s0, s1 in zip((h0, c0), final))
-    return out, final
+    return out, _pair(rnn, last, c0)
 
 
 def run_backward(rnn: nn.Module, inp: Tensor, lengths: Tensor | None) -> Tensor:

@@ -3,18 +3,19 @@
     generation  x_t ~ p(x_t | h_{t-1})     params = head(phi_dec(h_{t-1}))
     recurrence  h_t = f(phi_x(x_t), h_{t-1})   f an LSTM (default) or GRU stack
 
-There is no latent: the log-likelihood is exact, and the whole recurrence is one
-``nn.LSTM``/``nn.GRU`` call (packed for masks).
+There is no latent: the log-likelihood is exact, and the whole recurrence runs as
+``nn.LSTM``/``nn.GRU`` calls over the sequence (``recurrent.run``).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import ConfigError
 from ..outputs import make_head
 from .base import SequenceModel, State, Trace, input_net, mlp
+from .recurrent import lengths_of, make_rnn, run
 
 
 class RNN(SequenceModel):
@@ -26,8 +27,7 @@ class RNN(SequenceModel):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.phi_x = input_net(cfg)
-        rnn = nn.LSTM if cfg.cell == "lstm" else nn.GRU
-        self.rnn = rnn(cfg.phi_x_dim, cfg.h_dim, cfg.rnn_layers, batch_first=True)
+        self.rnn = make_rnn(cfg.cell, cfg.phi_x_dim, cfg.h_dim, cfg.rnn_layers)
         self.decoder = mlp(cfg.h_dim, cfg.dec_dim, cfg.dec_layers)
         self.head = make_head(cfg, cfg.dec_dim)
 
@@ -38,26 +38,13 @@ class RNN(SequenceModel):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, state: State | None = None,
                 noise: Tensor | None = None, samples: int = 1, ancestors=None) -> Trace:
-        """h_t = f(phi_x(x_t), h_{t-1}) in one nn.LSTM/nn.GRU call; x_t ~ head(phi_dec(h_{t-1}))."""
+        """h_t = f(phi_x(x_t), h_{t-1}) over the whole sequence; x_t ~ head(phi_dec(h_{t-1}))."""
         if samples != 1 or ancestors is not None:
             raise ValueError(f"samples={samples}: an RNN row has no latent to sample")
         x, mask = self.check_inputs(x, mask)
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype)
-        fx = self.phi_x(x)
-        h0 = state if self.cfg.cell == "lstm" else state[0]
-        if mask is None:
-            out, last = self.rnn(fx, h0)
-        else:
-            lengths = mask.sum(1).long().cpu()
-            packed = nn.utils.rnn.pack_padded_sequence(fx, lengths.clamp(min=1), batch_first=True,
-                                                       enforce_sorted=False)
-            out, last = self.rnn(packed, h0)
-            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        final = last if self.cfg.cell == "lstm" else (last, state[1])
-        if mask is not None:  # rows with no real step (packed as one) keep their state
-            empty = (lengths == 0).to(x.device).view(1, -1, 1)
-            final = tuple(torch.where(empty, s0, s1) for s0, s1 in zip(state, final))
+        out, final = run(self.rnn, self.phi_x(x), lengths_of(mask), state)  # empty rows keep their state
         h_prev = torch.cat([state[0][-1].unsqueeze(1), out[:, :-1]], dim=1)
         params = self.head(self.decoder(h_prev)).to(x.dtype)  # log-probs in x's precision
         log_px = self.head.log_prob(params, x)

@@ -11,7 +11,7 @@ state-space model, with a smoothing posterior.
                    mu_q = mu_p + dmu ("Resq", the default) or dmu
 
 What is sequential is the z-chain only (phi_prior and phi_enc, two small MLPs per step);
-both RNNs are one ``nn.LSTM``/``nn.GRU`` call over the whole sequence, and the emission,
+both RNNs run as whole-sequence ``nn.LSTM``/``nn.GRU`` calls (``recurrent.run``), and the emission,
 the KL and the log-probabilities run batched over time after the chain. The first layers
 of phi_prior, phi_enc and phi_dec are split (W [z; d] = W_z z + W_d d) so that their d-
 and a-parts run outside the loop, once per sequence even with several samples.
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..heads import gaussian_kl, gaussian_log_prob
 from ..outputs import make_head
+from .recurrent import lengths_of, make_rnn, run, run_backward
 from .base import (SequenceModel, SplitMLP, State, Trace, add_shared, input_net, mlp, repeat_rows, rows_log_prob,
                    standard_log_prob)
 
@@ -47,30 +48,6 @@ class Emission(nn.Module):
 
     def from_parts(self, z: Tensor, d_part: Tensor) -> Tensor:
         return self.body(torch.relu(add_shared(d_part, self.in_z(z))))
-
-
-def _run(rnn: nn.Module, inp: Tensor, lengths: Tensor | None, h0=None):
-    """(outputs (B, T, H), final state) of an nn.LSTM/nn.GRU over ``inp``; packed by
-    ``lengths`` (rows of length 0 are run for one step: callers mask them)."""
-    if lengths is None:
-        return rnn(inp, h0)
-    packed = nn.utils.rnn.pack_padded_sequence(inp, lengths.clamp(min=1).cpu(), batch_first=True,
-                                               enforce_sorted=False)
-    out, last = rnn(packed, h0)
-    out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=inp.shape[1])
-    return out, last
-
-
-def reverse_within(x: Tensor, lengths: Tensor | None) -> Tensor:
-    """Each row's first ``lengths[b]`` steps in reverse order (padding stays where it is);
-    its own inverse."""
-    if lengths is None:
-        return x.flip(1)
-    T = x.shape[1]
-    t = torch.arange(T, device=x.device).unsqueeze(0)
-    L = lengths.to(x.device).unsqueeze(1)
-    idx = torch.where(t < L, L - 1 - t, t)
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class SRNN(SequenceModel):
@@ -90,11 +67,9 @@ class SRNN(SequenceModel):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        rnn = nn.LSTM if cfg.cell == "lstm" else nn.GRU
         self.phi_x = input_net(cfg)
-        self.rnn = rnn(cfg.phi_x_dim, cfg.h_dim, cfg.rnn_layers, batch_first=True)          # d_t
-        self.inference_rnn = rnn(cfg.h_dim + cfg.phi_x_dim, cfg.a_dim, cfg.rnn_layers,
-                                 batch_first=True)                                            # a_t
+        self.rnn = make_rnn(cfg.cell, cfg.phi_x_dim, cfg.h_dim, cfg.rnn_layers)                      # d_t
+        self.inference_rnn = make_rnn(cfg.cell, cfg.h_dim + cfg.phi_x_dim, cfg.a_dim, cfg.rnn_layers)  # a_t
         self.prior = SplitMLP(cfg.z_dim, cfg.h_dim, cfg.prior_dim, cfg.prior_layers, cfg.z_dim,
                               cfg.std_floor)
         self.encoder = SplitMLP(cfg.z_dim, cfg.a_dim, cfg.enc_dim, cfg.enc_layers, cfg.z_dim,
@@ -128,23 +103,15 @@ class SRNN(SequenceModel):
         # (rows beyond B are copies: d and a never see z; cuDNN wants a contiguous hx)
         dh, dc, ah, ac = (s[:, :B].contiguous() for s in (state[0], state[1], state[3], state[4]))
         fx = self.phi_x(x)
-        lengths = None if mask is None else mask.sum(1).long()
-        out, last = _run(self.rnn, fx, lengths, self._rnn_state((dh, dc)))
-        final = last if self.cfg.cell == "lstm" else (last, dc)
-        empty = None if lengths is None else (lengths == 0).view(1, -1, 1)
-        if empty is not None:  # rows with no real step keep their state
-            final = tuple(torch.where(empty, s0, s1) for s0, s1 in zip((dh, dc), final))
+        lengths = lengths_of(mask)
+        out, final = run(self.rnn, fx, lengths, (dh, dc))  # rows with no real step keep their state
         d = torch.cat([dh[-1].unsqueeze(1), out[:, :-1]], dim=1)
         inp = torch.cat([d, fx], dim=-1)
         if self.cfg.posterior == "smoothing":
-            a, _ = _run(self.inference_rnn, reverse_within(inp, lengths), lengths)
-            a = reverse_within(a, lengths)
+            a = run_backward(self.inference_rnn, inp, lengths)
             a_final = (ah, ac)
         else:  # causal: continues from the previous chunk's a-state
-            a, last = _run(self.inference_rnn, inp, lengths, self._rnn_state((ah, ac)))
-            a_final = last if self.cfg.cell == "lstm" else (last, ac)
-            if empty is not None:
-                a_final = tuple(torch.where(empty, s0, s1) for s0, s1 in zip((ah, ac), a_final))
+            a, a_final = run(self.inference_rnn, inp, lengths, (ah, ac))
         return d, out, final, a, a_final
 
     def _posterior(self, z_prev: Tensor, pd_t: Tensor, qa_t: Tensor):
