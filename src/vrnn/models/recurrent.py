@@ -48,8 +48,8 @@ def _run(rnn: nn.Module, inp: Tensor, lengths: Tensor | None, h0=None):
     A unidirectional ``rnn`` runs as one unpacked call per distinct length (at most one per
     row, one in all for equal lengths): rows still running between two consecutive lengths
     go through the module together. A PackedSequence would take PyTorch's per-step path
-    on the CPU, whose backward is 10-70x slower than the unpacked call's (MuseData,
-    Piano-midi.de lengths: benchmarks/speed.py); the results are the same. Bidirectional
+    on the CPU, whose backward is 3x (JSB lengths) to 46x (Piano-midi.de lengths) slower
+    than the unpacked call's (benchmarks/masked_rnn.py); the results are the same. Bidirectional
     modules are packed (their backward direction starts at each row's own end)."""
     if lengths is None:
         return rnn(inp, h0)
@@ -73,7 +73,7 @@ def _run(rnn: nn.Module, inp: Tensor, lengths: Tensor | None, h0=None):
             hx = list(new) if lstm else [new]
         else:
             sub = tuple(s.index_select(1, live).contiguous() for s in hx)
-            out, new = rnn(inp.index_select(0, live)[:, start:end], sub if lstm else sub[0])
+            out, new = rnn(inp[:, start:end].index_select(0, live), sub if lstm else sub[0])
             new = new if lstm else (new,)
             out = out.new_zeros(rows, end - start, out.shape[-1]).index_copy(0, live, out)
             hx = [s.index_copy(1, live, n) for s, n in zip(hx, new)]
