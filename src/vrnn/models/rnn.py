@@ -55,12 +55,7 @@ class RNN(SequenceModel):
     def generate_step(self, state: State, mean: bool = False):
         params = self.head(self.decoder(state[0][-1]))
         x = self.head.point(params) if mean else self.head.sample(params)
-        fx = self.phi_x(x).unsqueeze(1)
-        if self.cfg.cell == "lstm":
-            _, new = self.rnn(fx, state)
-        else:
-            _, h = self.rnn(fx, state[0])
-            new = (h, state[1])
+        _, new = run(self.rnn, self.phi_x(x).unsqueeze(1), None, state)
         return x, new
 
     def smc_features(self, x, mask, state=None):

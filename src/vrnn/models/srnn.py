@@ -78,18 +78,14 @@ class SRNN(SequenceModel):
         self.head = make_head(cfg, cfg.dec_dim)
 
     # ------------------------------------------------------------------ state
-    def _rnn_state(self, state):
-        return state if self.cfg.cell == "lstm" else state[0]
-
     def initial_state(self, batch: int, device=None, dtype=None) -> State:
         """d after reading a zero input from a zero state (so d_1 = f(0, 0)), and z_0 = 0."""
         p = next(self.parameters())
         device, dtype = device or p.device, dtype or p.dtype
         shape = (self.cfg.rnn_layers, batch, self.cfg.h_dim)
         zeros = (torch.zeros(shape, device=device, dtype=dtype),) * 2
-        _, last = self.rnn(torch.zeros(batch, 1, self.cfg.phi_x_dim, device=device, dtype=dtype),
-                           self._rnn_state(zeros))
-        h, c = last if self.cfg.cell == "lstm" else (last, zeros[1])
+        _, (h, c) = run(self.rnn, torch.zeros(batch, 1, self.cfg.phi_x_dim, device=device, dtype=dtype),
+                        None, zeros)
         a = torch.zeros(self.cfg.rnn_layers, batch, self.cfg.a_dim, device=device, dtype=dtype)
         return h, c, torch.zeros(1, batch, self.cfg.z_dim, device=device, dtype=dtype), a, a
 
@@ -185,12 +181,10 @@ class SRNN(SequenceModel):
         params = self.head(self.decoder.from_parts(z, self.decoder.in_d(d)))
         x = self.head.point(params) if mean else self.head.sample(params)
         fx = self.phi_x(x).unsqueeze(1)
-        _, last = self.rnn(fx, self._rnn_state((dh, dc)))
-        dh, dc = last if self.cfg.cell == "lstm" else (last, dc)
+        _, (dh, dc) = run(self.rnn, fx, None, (dh, dc))
         ah, ac = state[3:]
         if self.cfg.posterior == "filtering":  # the causal posterior's state reads x_t too
-            _, last = self.inference_rnn(torch.cat([d.unsqueeze(1), fx], -1), self._rnn_state((ah, ac)))
-            ah, ac = last if self.cfg.cell == "lstm" else (last, ac)
+            _, (ah, ac) = run(self.inference_rnn, torch.cat([d.unsqueeze(1), fx], -1), None, (ah, ac))
         return x, (dh, dc, z.unsqueeze(0), ah, ac)
 
     # --------------------------------------------------------------------- SMC
