@@ -520,6 +520,13 @@ def test_nodes_that_never_join_end_in_one_line(arrays, tiny_config, tmp_path, ca
     assert not (tmp_path / "r" / "logs").exists()
 
 
+def test_kl_warmup_schedule_and_its_start():
+    from vrnn.train import kl_weight_at
+    assert [kl_weight_at(s, 0) for s in (0, 50)] == [1.0, 1.0]
+    assert [kl_weight_at(s, 100) for s in (0, 49, 99, 500)] == pytest.approx([0.01, 0.5, 1.0, 1.0])
+    assert [kl_weight_at(s, 100, 0.2) for s in (0, 49, 99, 500)] == pytest.approx([0.208, 0.6, 1.0, 1.0])
+
+
 def test_early_stopping_waits_for_the_kl_warmup_to_end(arrays, tiny_config, tmp_path):
     """During the warm-up the validation bound (KL weight 1) is not what is optimised and
     may fall: patience counts only after it (a VRNN warmed up over the whole 4,000-step cap

@@ -315,8 +315,9 @@ def make_srnn(seed=0, **kw):
 
 
 @pytest.mark.parametrize("kw", [{}, dict(residual=False), dict(enc_layers=3, prior_layers=3),
-                                dict(posterior="filtering", cell="gru", enc_layers=2, prior_layers=2)],
-                         ids=["resq", "no-resq", "deep", "filtering-gru"])
+                                dict(posterior="filtering", cell="gru", enc_layers=2, prior_layers=2),
+                                dict(transition_clip=0.3, enc_layers=2, prior_layers=2)],
+                         ids=["resq", "no-resq", "deep", "filtering-gru", "clipped"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_srnn_fused_chain_equals_autograd(kw, masked, loops):
     """Values and every gradient (parameters, x) of the SRNN with its fused z-chain equal
@@ -336,6 +337,9 @@ def test_srnn_fused_chain_equals_autograd(kw, masked, loops):
         assert chain_supports(model)
         x = x0.clone().requires_grad_()
         tr = model(x, mask, samples=K, noise=noise, ancestors=anc)
+        if kw.get("transition_clip"):  # some hidden units sit at the clip, some below it
+            u = torch.relu(model.prior.in_b(tr.h_prev) + model.prior.in_a(tr.z.roll(1, 1)))
+            assert (u > 0.3).any() and ((u > 0) & (u < 0.3)).any()
         nodes = [tr.z.grad_fn] + [n[0] for n in tr.z.grad_fn.next_functions if n[0] is not None]
         chain_nodes = [n for n in nodes if "ZChainBackward" in type(n).__name__]
         fused_ran = bool(chain_nodes)
@@ -353,9 +357,10 @@ def test_srnn_fused_chain_equals_autograd(kw, masked, loops):
     torch.testing.assert_close(res["fused"][3], res["autograd"][3], rtol=1e-9, atol=1e-11)
 
 
-def test_srnn_fused_chain_gradcheck(loops):
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_srnn_fused_chain_gradcheck(loops, clip):
     from vrnn.fast_srnn import ZChain, chain_args
-    model = make_srnn(seed=1, enc_layers=2, prior_layers=2)
+    model = make_srnn(seed=1, enc_layers=2, prior_layers=2, transition_clip=clip)
     meta, params = chain_args(model)
     params = [p.detach().clone().requires_grad_() for p in params]
     g = torch.Generator().manual_seed(5)

@@ -209,6 +209,35 @@ def test_padding_values_never_matter(case):
 
 
 
+@pytest.mark.parametrize("scan", ["fused", "autograd"])
+def test_srnn_transition_clip_bounds_the_z_chain(scan):
+    """With z_{t-1} -> mu_q's gain above 1 a ReLU z-chain grows geometrically along the
+    sequence (float32 overflows on long pieces); clipped hidden units (--transition-clip)
+    bound mu_p and dmu by |W_out| clip + |b| at every step, whatever the length."""
+    from vrnn.fast import set_scan
+    T = 400
+    x = torch.zeros(2, T, 4)
+    outs = {}
+    for clip in (0.0, 3.0):
+        torch.manual_seed(0)
+        model = set_scan(build(VRNNConfig.preset("srnn-gauss", x_dim=4, h_dim=8, z_dim=4, enc_dim=8,
+                                                 prior_dim=8, dec_dim=8, phi_x_dim=8,
+                                                 transition_clip=clip)), scan)
+        with torch.no_grad():
+            for net in (model.prior, model.encoder):
+                net.in_a.weight.mul_(6.0)  # a gain far above 1
+        noise = torch.zeros(2, T, 4)  # the mean path (the weights need grad: the fused chain runs)
+        tr = model(x, noise=noise)
+        outs[clip] = (model, tr)
+    _, tr = outs[0.0]
+    assert not torch.isfinite(tr.mu_q).all() or tr.mu_q.abs().max() > 1e6  # the chain ran away
+    model, tr = outs[3.0]
+    for net, mu in ((model.prior, tr.mu_p), (model.encoder, tr.mu_q - tr.mu_p)):
+        w, b = net.gauss.out.weight[:4], net.gauss.out.bias[:4]
+        bound = 3.0 * w.abs().sum(1) + b.abs()
+        assert torch.isfinite(mu).all() and (mu.abs() <= bound + 1e-5).all()
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_masked_recurrence_matches_the_packed_call(cell):
     """recurrent.run (one unpacked call per distinct length) gives a PackedSequence call's

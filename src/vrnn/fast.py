@@ -70,15 +70,18 @@ def get_scan(model: nn.Module) -> str:
     return getattr(model, "scan_impl", "autograd")
 
 
-def _linears(seq: nn.Module) -> list[nn.Linear] | None:
-    """The Linear layers of an ``mlp`` (Linear -> ReLU)*; None if it is anything else."""
+def _linears(seq: nn.Module, clip: float = 0.0) -> list[nn.Linear] | None:
+    """The Linear layers of an ``mlp`` (Linear -> ReLU)*, or (Linear -> ReLU clipped at
+    ``clip``)* when ``clip`` > 0; None if it is anything else."""
     mods = list(seq.children())
     if len(mods) % 2:
         return None
     lins = mods[0::2]
     if not all(type(m) is nn.Linear and m.bias is not None for m in lins):
         return None
-    if not all(type(m) is nn.ReLU for m in mods[1::2]):
+    acts = mods[1::2]
+    if not (all(type(m) is nn.Hardtanh and m.min_val == 0.0 and m.max_val == clip for m in acts) if clip
+            else all(type(m) is nn.ReLU for m in acts)):
         return None
     return lins
 

@@ -4,6 +4,7 @@ The SRNN's only sequential part (models/srnn.py, ``SRNN._chain``) is, per step t
 
     a_p = W_pz z_{t-1} + pd_t,   u_p = MLP_p(relu(a_p)),  [mu_p, pre_p] = W_pg u_p + b_pg
     a_q = W_qz z_{t-1} + qa_t,   u_q = MLP_q(relu(a_q)),  [dmu,  pre_q] = W_qg u_q + b_qg
+    (relu clipped to [0, c] throughout with the model's ``transition_clip`` c > 0)
     s_p = softplus(pre_p) + floor,  s_q = softplus(pre_q) + floor,  mu_q = mu_p + dmu (Resq) or dmu
     z_t = mu_q + s_q * eps_t,  carried where ``keep`` (else z_{t-1}), resampled from ancestors[t]
 
@@ -29,6 +30,8 @@ different depths), falls back to the autograd loop.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,22 +43,38 @@ __all__ = ["chain", "supports", "ZChain"]
 
 
 def supports(model) -> bool:
-    bodies = [_linears(net.body) for net in (model.prior, model.encoder)]
+    clip = model.prior.clip
+    if model.encoder.clip != clip:
+        return False
+    bodies = [_linears(net.body, clip) for net in (model.prior, model.encoder)]
     if any(b is None for b in bodies) or len(bodies[0]) != len(bodies[1]):
         return False
     return model.prior.in_a.bias is None and model.encoder.in_a.bias is None
 
 
 def chain_args(model):
-    """(meta, weights) for ``ZChain.apply``: the prior's and the posterior's weights,
+    """(meta, weights) for ``ZChain.apply``: meta = (body depth, std floor, residual, clip:
+    the hidden units' upper bound, inf for plain ReLU); the prior's and the posterior's weights,
     layer by layer: [W_pz, W_qz, (W_p, b_p, W_q, b_q) per body layer, W_pg, b_pg, W_qg, b_qg]."""
     p, q = model.prior, model.encoder
-    body_p = _linears(p.body)
+    body_p = _linears(p.body, p.clip)
     params = [p.in_a.weight, q.in_a.weight]
-    for lp, lq in zip(body_p, _linears(q.body)):
+    for lp, lq in zip(body_p, _linears(q.body, q.clip)):
         params += [lp.weight, lp.bias, lq.weight, lq.bias]
     params += [p.gauss.out.weight, p.gauss.out.bias, q.gauss.out.weight, q.gauss.out.bias]
-    return (len(body_p), float(p.gauss.std_floor), bool(model.cfg.residual)), params
+    return (len(body_p), float(p.gauss.std_floor), bool(model.cfg.residual), p.clip or math.inf), params
+
+
+def _act(a: Tensor, clip: float) -> Tensor:
+    """The hidden units' activation: relu, or relu clipped at ``clip`` (finite)."""
+    return F.relu(a) if clip == math.inf else F.hardtanh(a, 0.0, clip)
+
+
+def _act_back(du: Tensor, u: Tensor, clip: float, out: Tensor) -> Tensor:
+    """d pre-activation from d u, u = _act(a): du where 0 < u < clip, written into ``out``."""
+    if clip == math.inf:
+        return _tb(du, u, 0, grad_input=out)
+    return torch.mul(du, (u > 0) & (u < clip), out=out)
 
 
 def chain(model, pd: Tensor, qa: Tensor, eps: Tensor, keep: Tensor | None, z0: Tensor, ancestors=None):
@@ -99,7 +118,7 @@ def _blocks(meta, params):
 class ZChain(torch.autograd.Function):
     """The SRNN's z-chain as one autograd node; see the module docstring.
 
-    Inputs: meta = (body depth, std floor, residual, compute dtype), pd (B,T,Wp), qa
+    Inputs: meta = (body depth, std floor, residual, clip, compute dtype), pd (B,T,Wp), qa
     (B,T,Wq), eps (R,T,Z), keep (R,T,1) bool or None, ancestors (T entries, None or (R,)
     row indices) or None, z0 (R,Z), then the weights in ``chain_args``' order. Outputs: z,
     mu_q, std_q, mu_p, std_p (R,T,Z), z_final (R,Z).
@@ -112,11 +131,11 @@ class ZChain(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, meta, pd, qa, eps, keep, anc, z0, *params):
-        ext = _compiled_for(meta[3], z0)
+        ext = _compiled_for(meta[-1], z0)
         ctx.compiled = ext is not None
         if ext is not None:
             return _forward_compiled(ext, ctx, meta, pd, qa, eps, keep, anc, z0, params)
-        n_body, floor, residual, cd = meta
+        n_body, floor, residual, clip, cd = meta
         sd = z0.dtype
         ctx.dtypes = (pd.dtype, qa.dtype, eps.dtype)
         params = tuple(p.to(cd) for p in params)
@@ -130,10 +149,10 @@ class ZChain(torch.autograd.Function):
         z = z0
         for pq_t, eps_t, keep_t, anc_t in zip(pq.unbind(1), eps.unbind(1), keeps, ancs):
             zs_in.append(z)
-            u = F.relu(add_shared(pq_t, F.linear(z.to(cd), w_z)))
+            u = _act(add_shared(pq_t, F.linear(z.to(cd), w_z)), clip)
             U[0].append(u)
             for k, (w, b) in enumerate(body):
-                u = F.relu(F.linear(u, w, b))
+                u = _act(F.linear(u, w, b), clip)
                 U[k + 1].append(u)
             o = F.linear(u, w_out, b_out)          # [mu_p, dmu, pre_p, pre_q]
             std = F.softplus(o[:, 2 * Z:]) + floor  # [std_p, std_q]
@@ -165,7 +184,7 @@ class ZChain(torch.autograd.Function):
     def _backward(ctx, gZ, gMuQ, gStdQ, gMuP, gStdP, gzf):
         if ctx.compiled:
             return _backward_compiled(ctx, gZ, gMuQ, gStdQ, gMuP, gStdP, gzf)
-        n_body, _, residual, cd = ctx.meta
+        n_body, _, residual, clip, cd = ctx.meta
         w_z, body, w_out, _, (Z, Wp, Wq) = _blocks(ctx.meta, ctx.params)
         (std_q,) = ctx.saved_tensors
         Zin, U, O, eps, keep, ancs = ctx.saved
@@ -199,9 +218,9 @@ class ZChain(torch.autograd.Function):
             d[:, 2 * Z:].mul_(sig[t])
             du = d @ w_out
             for k in range(n_body - 1, -1, -1):
-                da = _tb(du, U[k + 1][t], 0, grad_input=DA[k + 1][t])
+                da = _act_back(du, U[k + 1][t], clip, DA[k + 1][t])
                 du = da @ body[k][0]
-            _tb(du, U[0][t], 0, grad_input=DA[0][t])
+            _act_back(du, U[0][t], clip, DA[0][t])
             dz = (DA[0][t] @ w_z).to(sd)
             if carry is not None:
                 dz = dz + carry
@@ -212,7 +231,7 @@ def _input_grads(ctx, DA, DO, DZ, dz, Zin, U, sqT):
     """After the reverse loop: every weight gradient as one matmul over the T*R rows (the
     weights are its blocks), the gradients of pd and qa (summed over the samples of a
     sequence), eps and z_0. Stacks time-major (T, R, .)."""
-    n_body, _, residual, cd = ctx.meta
+    n_body, _, residual, _, cd = ctx.meta
     Z, Wp, Wq = ctx.sizes
     T, R = DZ.shape[:2]
     sd = Zin.dtype
@@ -241,7 +260,7 @@ def _input_grads(ctx, DA, DO, DZ, dz, Zin, U, sqT):
 
 # ------------------------------------------------------------ the compiled loops (csrc/scan.cpp)
 def _forward_compiled(ext, ctx, meta, pd, qa, eps, keep, anc, z0, params):
-    n_body, floor, residual, cd = meta
+    n_body, floor, residual, clip, cd = meta
     sd = z0.dtype
     ctx.dtypes = (pd.dtype, qa.dtype, eps.dtype)
     w_z, body, w_out, b_out, (Z, Wp, Wq) = _blocks(meta, params)
@@ -253,7 +272,7 @@ def _forward_compiled(ext, ctx, meta, pd, qa, eps, keep, anc, z0, params):
     anc_rows, pos = _ancestor_rows(anc, T)
     Zin, O, S, ZT, MUQ, z_fin, *U = ext.chain_forward(
         pq, epsT, keepT, anc_rows, pos, z0.contiguous(), w_z, [w for w, _ in body], [b for _, b in body],
-        w_out, b_out, bool(residual), floor)
+        w_out, b_out, bool(residual), floor, clip)
     bt = lambda x: x.transpose(0, 1).contiguous()  # noqa: E731  (batch-major outputs)
     std_q = bt(S[..., Z:])
     ctx.meta, ctx.seqs, ctx.sizes = meta, pd.shape[0], (Z, Wp, Wq)
@@ -272,5 +291,5 @@ def _backward_compiled(ctx, gZ, gMuQ, gStdQ, gMuP, gStdP, gzf):
     tm = lambda x: x.to(sd).transpose(0, 1).contiguous()  # noqa: E731
     DO, DZ, dz, *DA = compiled.loaded().chain_backward(
         Zin, U, O, epsT, keepT, anc_rows, pos, tm(gZ), tm(gMuQ), tm(gStdQ), tm(gMuP), tm(gStdP),
-        gzf.to(sd).contiguous(), w_z, body_w, w_out, bool(ctx.meta[2]))
+        gzf.to(sd).contiguous(), w_z, body_w, w_out, bool(ctx.meta[2]), ctx.meta[3])
     return _input_grads(ctx, DA, DO, DZ, dz, Zin, U, std_q.transpose(0, 1))

@@ -94,6 +94,8 @@ class TrainConfig:
     kl_warmup_steps: int = option(0, "KL weight rises linearly 0 -> 1 over this many optimiser "
                                      "steps (0: no warm-up); early stopping waits for its end", min=0,
                                   flag="--kl-warmup")
+    kl_warmup_start: float = option(0.0, "the KL weight the warm-up starts from (Fraccaro et al.: "
+                                         "0.2)", min=0.0, max=1.0, flag="--kl-warmup-start")
     free_bits: float = option(0.0, "nats of KL charged at least per latent dimension, clamped per "
                                    "sequence, step and dimension (not Kingma et al.'s minibatch "
                                    "average per group; ELBO only)", min=0.0, flag="--free-bits")
@@ -414,6 +416,14 @@ def nonfinite_report(tr, step: int, sequences: int) -> str | None:
     return None
 
 
+def kl_weight_at(step: int, warmup_steps: int, start: float = 0.0) -> float:
+    """The KL weight at optimiser step ``step`` (from 0): rising linearly from ``start`` to 1
+    over ``warmup_steps`` steps, 1 after them (and always, without a warm-up)."""
+    if not warmup_steps:
+        return 1.0
+    return start + (1.0 - start) * min(1.0, (step + 1) / warmup_steps)
+
+
 def noise_seed(seed: int, rank: int, step: int, phase: int = 0) -> int:
     """The seed of the noise of one optimiser step (or validation batch) on one process:
     every process draws its own noise, and a resumed run draws what the uninterrupted run
@@ -442,8 +452,8 @@ class VRNNModule(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.tc["lr"])
 
     def kl_weight(self) -> float:
-        warm = self.tc.get("kl_warmup_steps", 0)
-        return 1.0 if not warm else min(1.0, (self.global_step + 1) / warm)
+        return kl_weight_at(self.global_step, self.tc.get("kl_warmup_steps", 0),
+                            self.tc.get("kl_warmup_start", 0.0))
 
     def _objective(self, x, mask, state=None, normaliser=None, continues=None, kl_weight=1.0,
                    free_bits=0.0):
@@ -484,7 +494,7 @@ class VRNNModule(L.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.tc["grad_clip"])
             if not torch.isfinite(norm):
                 self._stop(f"non-finite gradient norm at optimiser step {self.global_step} "
-                           f"(loss {float(loss):.4g} was finite)")
+                           f"(loss {float(loss.detach()):.4g} was finite)")
             opt.step()
             state = tuple(s.detach() for s in tr.state)
             total_bound += float(tr.bound.sum())
@@ -532,6 +542,10 @@ class VRNNModule(L.LightningModule):
             path = Path(out) / "nonfinite-stop.ckpt"
             checkpoint.atomic_save({"state_dict": self.state_dict(), "vrnn": self.vrnn_meta["ckpt"]}, path)
             message += f"; weights before the failing step saved to {path}"
+        cfg = self.model.cfg
+        if cfg.family == "srnn" and not cfg.transition_clip:
+            message += ("; an SRNN's ReLU z-chain can grow geometrically along long sequences: "
+                        "--transition-clip 3 bounds it")
         raise NonFiniteLoss(message)
 
     def on_save_checkpoint(self, ckpt: dict) -> None:

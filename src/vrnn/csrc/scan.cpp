@@ -163,11 +163,26 @@ template <typename T> void relu_(T* __restrict__ x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] > T(0) ? x[i] : T(0);
 }
 
+// x (rows, n) <- min(relu(x), hi), in place (hi = inf: relu)
+template <typename T> void clip_relu_(T* __restrict__ x, int64_t n, T hi) {
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] > T(0) ? (x[i] < hi ? x[i] : hi) : T(0);
+}
+
 // d (rows, n) <- g * (y > 0), y a ReLU's output; d may have a row stride (ld)
 template <typename T>
 void relu_back(T* d, int64_t ld, const T* g, const T* y, int64_t rows, int64_t n) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < n; ++j) d[r * ld + j] = y[r * n + j] > T(0) ? g[r * n + j] : T(0);
+}
+
+// d (rows, n) <- g * (0 < y < hi), y = min(relu(.), hi)'s output
+template <typename T>
+void clip_relu_back(T* d, int64_t ld, const T* g, const T* y, int64_t rows, int64_t n, T hi) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = y[r * n + j];
+      d[r * ld + j] = v > T(0) && v < hi ? g[r * n + j] : T(0);
+    }
 }
 
 struct Weights {
@@ -592,7 +607,7 @@ std::vector<Tensor> scan_backward(Tensor HS, Tensor CS, std::vector<Tensor> U, s
 }
 
 // ------------------------------------------------------------------ the SRNN's z-chain
-// fast_srnn.py's ZChain: per step u = relu(pq_t + W_z z_{t-1}) through the block-diagonal
+// fast_srnn.py's ZChain: per step u = relu(pq_t + W_z z_{t-1}) (clipped at hi) through the block-diagonal
 // body, o = [mu_p, dmu, pre_p, pre_q] = W_out u + b_out, [std_p, std_q] = softplus + floor,
 // z_t = mu_q + std_q * eps_t (mu_q = mu_p + dmu with the residual posterior), carried where
 // keep, gathered by the ancestors. pq (T, Bs, W) is shared by the k samples of a sequence.
@@ -600,10 +615,11 @@ template <typename T>
 std::vector<Tensor> chain_forward_impl(const Tensor& pq, const Tensor& eps, const Tensor& keep, const Tensor& anc,
                                        const std::vector<int64_t>& pos, const Tensor& z0, const Tensor& w_z,
                                        const std::vector<Tensor>& body_w, const std::vector<Tensor>& body_b,
-                                       const Tensor& w_out, const Tensor& b_out, bool residual, double floor_) {
+                                       const Tensor& w_out, const Tensor& b_out, bool residual, double floor_,
+                                       double clip) {
   const int64_t Tn = eps.size(0), R = eps.size(1), Z = eps.size(2), Bs = pq.size(1), Wd = pq.size(2);
   const int64_t nb = body_w.size();
-  const T floor = static_cast<T>(floor_);
+  const T floor = static_cast<T>(floor_), hi = static_cast<T>(clip);
   auto opts = eps.options();
   Tensor ZIN = at::empty({Tn, R, Z}, opts), O = at::empty({Tn, R, 4 * Z}, opts), S = at::empty({Tn, R, 2 * Z}, opts);
   Tensor ZT = at::empty({Tn, R, Z}, opts), MUQ = at::empty({Tn, R, Z}, opts);
@@ -621,12 +637,12 @@ std::vector<Tensor> chain_forward_impl(const Tensor& pq, const Tensor& eps, cons
     fill_rows(u, Wd, ptr<T>(pq) + t * Bs * Wd, std::min(R, Bs), Wd, true);
     for (int64_t r = Bs; r < R; ++r) std::copy(u + (r % Bs) * Wd, u + (r % Bs + 1) * Wd, u + r * Wd);
     gemm<T>(R, Wd, Z, zin, Z, ptr<T>(w_z), true, T(1), u, Wd);
-    relu_(u, R * Wd);
+    clip_relu_(u, R * Wd, hi);
     for (int64_t k = 0; k < nb; ++k) {
       T* v = ptr<T>(U[k + 1]) + t * R * Wd;
       fill_rows(v, Wd, ptr<T>(body_b[k]), R, Wd, false);
       gemm<T>(R, Wd, Wd, ptr<T>(U[k]) + t * R * Wd, Wd, ptr<T>(body_w[k]), true, T(1), v, Wd);
-      relu_(v, R * Wd);
+      clip_relu_(v, R * Wd, hi);
     }
     T* o = ptr<T>(O) + t * R * 4 * Z;
     fill_rows(o, 4 * Z, ptr<T>(b_out), R, 4 * Z, false);
@@ -668,8 +684,9 @@ std::vector<Tensor> chain_backward_impl(const Tensor& ZIN, const std::vector<Ten
                                         const std::vector<int64_t>& pos, const Tensor& gZ, const Tensor& gMuQ,
                                         const Tensor& gStdQ, const Tensor& gMuP, const Tensor& gStdP,
                                         const Tensor& gzf, const Tensor& w_z, const std::vector<Tensor>& body_w,
-                                        const Tensor& w_out, bool residual) {
+                                        const Tensor& w_out, bool residual, double clip) {
   const int64_t Tn = eps.size(0), R = eps.size(1), Z = eps.size(2), Wd = U[0].size(2);
+  const T hi = static_cast<T>(clip);
   const int64_t nb = body_w.size();
   auto opts = eps.options();
   std::vector<Tensor> DA;
@@ -719,11 +736,11 @@ std::vector<Tensor> chain_backward_impl(const Tensor& ZIN, const std::vector<Ten
     gemm<T>(R, Wd, 4 * Z, d, 4 * Z, ptr<T>(w_out), false, T(0), du, Wd);
     for (int64_t k = nb - 1; k >= 0; --k) {
       T* da = ptr<T>(DA[k + 1]) + t * R * Wd;
-      relu_back(da, Wd, du, ptr<T>(U[k + 1]) + t * R * Wd, R, Wd);
+      clip_relu_back(da, Wd, du, ptr<T>(U[k + 1]) + t * R * Wd, R, Wd, hi);
       gemm<T>(R, Wd, Wd, da, Wd, ptr<T>(body_w[k]), false, T(0), du, Wd);
     }
     T* da0 = ptr<T>(DA[0]) + t * R * Wd;
-    relu_back(da0, Wd, du, ptr<T>(U[0]) + t * R * Wd, R, Wd);
+    clip_relu_back(da0, Wd, du, ptr<T>(U[0]) + t * R * Wd, R, Wd, hi);
     std::copy(carry, carry + R * Z, dzp);  // dz = da0 . W_z + carry
     gemm<T>(R, Z, Wd, da0, Wd, ptr<T>(w_z), false, T(1), dzp, Z);
   }
@@ -740,7 +757,7 @@ std::vector<Tensor> cont(std::vector<Tensor> ts) {
 std::vector<Tensor> chain_forward(Tensor pq, Tensor eps, c10::optional<Tensor> keep, c10::optional<Tensor> anc,
                                   std::vector<int64_t> pos, Tensor z0, Tensor w_z, std::vector<Tensor> body_w,
                                   std::vector<Tensor> body_b, Tensor w_out, Tensor b_out, bool residual,
-                                  double floor_) {
+                                  double floor_, double clip) {
   Tensor k = keep ? *keep : Tensor(), a = anc ? *anc : Tensor();
   for (auto* t : {&pq, &eps, &k, &a, &z0}) check(*t, eps, "vrnn chain input");
   TORCH_CHECK(int64_t(pos.size()) == eps.size(0), "vrnn chain: one ancestor position per step expected");
@@ -756,7 +773,7 @@ std::vector<Tensor> chain_forward(Tensor pq, Tensor eps, c10::optional<Tensor> k
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "vrnn_chain_forward", [&] {
     out = chain_forward_impl<scalar_t>(pq, eps, k, a, pos, z0, w_z.contiguous(), cont(body_w), cont(body_b),
-                                       w_out.contiguous(), b_out.contiguous(), residual, floor_);
+                                       w_out.contiguous(), b_out.contiguous(), residual, floor_, clip);
   });
   return out;
 }
@@ -764,7 +781,8 @@ std::vector<Tensor> chain_forward(Tensor pq, Tensor eps, c10::optional<Tensor> k
 std::vector<Tensor> chain_backward(Tensor ZIN, std::vector<Tensor> U, Tensor O, Tensor eps,
                                    c10::optional<Tensor> keep, c10::optional<Tensor> anc, std::vector<int64_t> pos,
                                    Tensor gZ, Tensor gMuQ, Tensor gStdQ, Tensor gMuP, Tensor gStdP, Tensor gzf,
-                                   Tensor w_z, std::vector<Tensor> body_w, Tensor w_out, bool residual) {
+                                   Tensor w_z, std::vector<Tensor> body_w, Tensor w_out, bool residual,
+                                   double clip) {
   Tensor k = keep ? *keep : Tensor(), a = anc ? *anc : Tensor();
   for (auto* t : {&ZIN, &O, &eps, &k, &a, &gZ, &gMuQ, &gStdQ, &gMuP, &gStdP, &gzf})
     check(*t, eps, "vrnn chain backward input");
@@ -772,7 +790,7 @@ std::vector<Tensor> chain_backward(Tensor ZIN, std::vector<Tensor> U, Tensor O, 
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "vrnn_chain_backward", [&] {
     out = chain_backward_impl<scalar_t>(ZIN, cont(U), O, eps, k, a, pos, gZ, gMuQ, gStdQ, gMuP, gStdP, gzf,
-                                        w_z.contiguous(), cont(body_w), w_out.contiguous(), residual);
+                                        w_z.contiguous(), cont(body_w), w_out.contiguous(), residual, clip);
   });
   return out;
 }

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+import torch.nn.functional as F
 
 from ..config import VRNNConfig
 from ..errors import ConfigError
@@ -76,11 +77,12 @@ def provides(verb: str):
     return put
 
 
-def mlp(in_dim: int, width: int, layers: int) -> nn.Sequential:
-    """``layers`` x (Linear -> ReLU)."""
+def mlp(in_dim: int, width: int, layers: int, clip: float = 0.0) -> nn.Sequential:
+    """``layers`` x (Linear -> ReLU), or ReLU clipped at ``clip`` (min(relu, clip)) when it is
+    positive."""
     mods: list[nn.Module] = []
     for i in range(layers):
-        mods += [nn.Linear(in_dim if i == 0 else width, width), nn.ReLU()]
+        mods += [nn.Linear(in_dim if i == 0 else width, width), nn.Hardtanh(0.0, clip) if clip else nn.ReLU()]
     return nn.Sequential(*mods)
 
 
@@ -126,17 +128,21 @@ class GaussianFromHidden(nn.Module):
 class SplitMLP(nn.Module):
     """An MLP of a concatenation [a; b] whose first layer is split, W [a; b] = W_a a + W_b b,
     so that the part of an input known for all steps at once runs outside the time loop:
-    ``first(a, b_part)`` with ``b_part = in_b(b)`` precomputed. The output is [mu, std]."""
+    ``first(a, b_part)`` with ``b_part = in_b(b)`` precomputed. The output is [mu, std].
+    ``clip`` > 0 clips every hidden unit to [0, clip] (a bounded output, whatever a is)."""
 
-    def __init__(self, a_dim: int, b_dim: int, width: int, layers: int, out_dim: int, std_floor: float):
+    def __init__(self, a_dim: int, b_dim: int, width: int, layers: int, out_dim: int, std_floor: float,
+                 clip: float = 0.0):
         super().__init__()
+        self.clip = float(clip)
         self.in_a = nn.Linear(a_dim, width, bias=False)
         self.in_b = nn.Linear(b_dim, width)
-        self.body = mlp(width, width, layers - 1)
+        self.body = mlp(width, width, layers - 1, self.clip)
         self.gauss = GaussianFromHidden(width, out_dim, std_floor)
 
     def from_parts(self, a: Tensor, b_part: Tensor) -> tuple[Tensor, Tensor]:
-        return self.gauss(self.body(torch.relu(add_shared(b_part, self.in_a(a)))))
+        pre = add_shared(b_part, self.in_a(a))
+        return self.gauss(self.body(F.hardtanh(pre, 0.0, self.clip) if self.clip else torch.relu(pre)))
 
     def forward(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         return self.from_parts(a, self.in_b(b))

@@ -10,6 +10,13 @@ state-space model, with a smoothing posterior.
                    z_t ~ q = N(mu_q, s_q)   [dmu, s_q] = phi_enc(z_{t-1}, a_t),
                    mu_q = mu_p + dmu ("Resq", the default) or dmu
 
+phi_prior and phi_enc are ReLU MLPs; with ``transition_clip`` c > 0 their hidden units are
+clipped to [0, c], as in Fraccaro et al.'s code (c = 3). A ReLU z-chain is positively
+homogeneous in z_{t-1}: once the gain of z_{t-1} -> mu_q passes 1 (it starts near 0.8 at
+the default initialisation), z grows geometrically along the sequence and a long piece
+overflows float32 (docs/guide/models.md); clipped units bound mu_p and mu_q whatever the
+weights and the length.
+
 What is sequential is the z-chain only (phi_prior and phi_enc, two small MLPs per step);
 both RNNs run as whole-sequence ``nn.LSTM``/``nn.GRU`` calls (``recurrent.run``), and the emission,
 the KL and the log-probabilities run batched over time after the chain. The first layers
@@ -71,9 +78,9 @@ class SRNN(SequenceModel):
         self.rnn = make_rnn(cfg.cell, cfg.phi_x_dim, cfg.h_dim, cfg.rnn_layers)                      # d_t
         self.inference_rnn = make_rnn(cfg.cell, cfg.h_dim + cfg.phi_x_dim, cfg.a_dim, cfg.rnn_layers)  # a_t
         self.prior = SplitMLP(cfg.z_dim, cfg.h_dim, cfg.prior_dim, cfg.prior_layers, cfg.z_dim,
-                              cfg.std_floor)
+                              cfg.std_floor, cfg.transition_clip)
         self.encoder = SplitMLP(cfg.z_dim, cfg.a_dim, cfg.enc_dim, cfg.enc_layers, cfg.z_dim,
-                                cfg.std_floor)
+                                cfg.std_floor, cfg.transition_clip)
         self.decoder = Emission(cfg)
         self.head = make_head(cfg, cfg.dec_dim)
 
