@@ -21,12 +21,14 @@ LABELS = {"rnn-gauss": "RNN (LSTM, Bernoulli)", "rnn-ar": "RNN, MADE output (RNN
           "srnn-gauss-freebits": "SRNN, KL warm-up and free bits (0.03)",
           "srnn-gauss-warmup-long": "SRNN, KL warm-up over 4,000 steps",
           "srnn-gauss-clip": "SRNN, transitions clipped at 3, KL warm-up from 0.2 (as its authors' code)",
+          "srnn-gauss-paper": "SRNN as the row above at its paper's sizes (d 300, z 100, MLPs 500)",
           "vrnn-gauss-warmup-long": "VRNN, ELBO, KL warm-up over 4,000 steps",
           "storn-gauss": "STORN", "dkf-gauss": "DKF (DMM), ST-R", "rvae-gauss": "RVAE, non-causal",
           "rvae-causal-gauss": "RVAE, causal", "rvae-gauss-warmup": "RVAE, non-causal, KL warm-up",
           "rvae-causal-gauss-warmup": "RVAE, causal, KL warm-up", "dsae-gauss": "DSAE", "kvae-gauss": "KVAE"}
 ORDER = list(LABELS)
-SRNN_ROWS = ("srnn-gauss-warmup", "srnn-gauss-freebits", "srnn-gauss-warmup-long", "srnn-gauss-clip")
+SRNN_ROWS = ("srnn-gauss-warmup", "srnn-gauss-freebits", "srnn-gauss-warmup-long", "srnn-gauss-clip",
+             "srnn-gauss-paper")
 DIGITS = 3
 
 

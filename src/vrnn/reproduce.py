@@ -72,6 +72,12 @@ class Row:
         return not self.preset.startswith("rnn-")
 
 
+def _mlps(h, z, width, layers):
+    return dict(h_dim=h, z_dim=z, phi_x_dim=width, phi_z_dim=width, enc_dim=width,
+                prior_dim=width, dec_dim=width, phi_x_layers=layers, phi_z_layers=layers,
+                enc_layers=layers, prior_layers=layers, dec_layers=layers)
+
+
 ROWS = {
     "rnn-gauss": Row("rnn-gauss", label="RNN-Gauss"),
     "rnn-gmm": Row("rnn-gmm", label="RNN-GMM"),
@@ -107,6 +113,11 @@ ROWS = {
                            train={"kl_warmup_steps": 4000, "kl_warmup_start": 0.2},
                            label="SRNN (smoothing, Resq), transitions clipped at 3, KL warm-up 0.2 -> 1 "
                                  "over 4,000 steps"),
+    # the same at the SRNN paper's music sizes: d 300, z 100, a 300, MLPs of 500
+    "srnn-gauss-paper": Row("srnn-gauss", model={"transition_clip": 3.0, **_mlps(300, 100, 500, 1), "a_dim": 300},
+                            train={"kl_warmup_steps": 4000, "kl_warmup_start": 0.2},
+                            label="SRNN at its paper's sizes (d 300, z 100, a 300, MLPs 500), clipped, "
+                                  "KL warm-up 0.2 -> 1 over 4,000 steps"),
     "storn-gauss": Row("storn-gauss", label="STORN"),
     "dkf-gauss": Row("dkf-gauss", label="DKF (DMM), ST-R combiner"),
     "rvae-gauss": Row("rvae-gauss", label="RVAE, non-causal (bidirectional)"),
@@ -127,6 +138,7 @@ WALLCLOCK_ROWS = ["vrnn-gmm", "vrnn-gmm-stepwise"]
 # the *-gauss presets take the Bernoulli head)
 POLYPHONIC_ROWS = ["rnn-gauss", "rnn-ar", "vrnn-gauss", "vrnn-gauss-iwae", "vrnn-gauss-fivo", "vrnn-ar",
                    "srnn-gauss-warmup", "srnn-gauss-freebits", "srnn-gauss-warmup-long", "srnn-gauss-clip",
+                   "srnn-gauss-paper",
                    "vrnn-gauss-warmup-long", "storn-gauss", "dkf-gauss", "rvae-gauss", "rvae-causal-gauss",
                    "rvae-gauss-warmup", "rvae-causal-gauss-warmup", "dsae-gauss", "kvae-gauss"]
 # the rest of the dynamical-VAE family (issue #20): on the speech table's asterisk-en
@@ -152,12 +164,6 @@ DATASETS = {
     "pianomidi": {"plays": "Piano-midi.de", "unit": "nats per step", "speech": False, "binary": True,
                   "polyphonic": True},
 }
-
-
-def _mlps(h, z, width, layers):
-    return dict(h_dim=h, z_dim=z, phi_x_dim=width, phi_z_dim=width, enc_dim=width,
-                prior_dim=width, dec_dim=width, phi_x_layers=layers, phi_z_layers=layers,
-                enc_layers=layers, prior_layers=layers, dec_layers=layers)
 
 
 # Per dataset: the model sizes of RNN-Gauss (the other rows are matched to its parameter
