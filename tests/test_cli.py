@@ -186,6 +186,10 @@ def test_bad_input_table(arrays, tiny_config, tmp_path, capsys):
     short = make_arrays(tmp_path / "short", n=4)
     np.save(short / "tiny.npy", np.zeros((1, 3), np.float32))
     _one_line_error(capsys, train(short, tmp_path / "o6", tiny_config), "tiny.npy")
+    _one_line_error(capsys, train(arrays, tmp_path / "o7", tiny_config, "vrnn-gauss", 1, "--transition-clip", 3),
+                    "--transition-clip", "SRNN")
+    _one_line_error(capsys, train(arrays, tmp_path / "o8", tiny_config, "srnn-gauss", 1, "--kl-warmup-start", 1.5),
+                    "--kl-warmup-start")
 
     truncated = tmp_path / "trunc.ckpt"
     truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])

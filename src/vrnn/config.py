@@ -135,6 +135,9 @@ class VRNNConfig:
         if self.family in ("srnn", "dkf", "dsae", "kvae") and self.prior != "learned":
             raise ConfigError(f"the {self.family.upper()}'s prior of z_t is always learned; "
                               "prior='standard' is the VRNN-I row")
+        if self.transition_clip and self.family != "srnn":
+            raise ConfigError(f"transition_clip (--transition-clip) applies to the SRNN's z-chain only "
+                              f"(the model is a {self.family.upper()})")
         if self.family in ("storn", "rvae") and self.prior != "standard":
             raise ConfigError(f"the {self.family.upper()}'s prior of z_t is always N(0, I): "
                               "use prior='standard'")
