@@ -20,7 +20,7 @@ LABELS = {"rnn-gauss": "RNN (LSTM, Bernoulli)", "rnn-ar": "RNN, MADE output (RNN
           "vrnn-ar": "VRNN, MADE output", "srnn-gauss-warmup": "SRNN (smoothing, Resq), KL warm-up",
           "srnn-gauss-freebits": "SRNN, KL warm-up and free bits (0.03)",
           "srnn-gauss-warmup-long": "SRNN, KL warm-up over 4,000 steps",
-          "srnn-gauss-clip": "SRNN, transitions clipped at 3, KL warm-up from 0.2 (as its authors' code)",
+          "srnn-gauss-clip": "SRNN, transitions clipped at 3, KL warm-up over 4,000 steps",
           "srnn-gauss-paper": "SRNN as the row above at its paper's sizes (d 300, z 100, MLPs 500)",
           "vrnn-gauss-warmup-long": "VRNN, ELBO, KL warm-up over 4,000 steps",
           "storn-gauss": "STORN", "dkf-gauss": "DKF (DMM), ST-R", "rvae-gauss": "RVAE, non-causal",
@@ -138,9 +138,9 @@ def targets(records, dataset: str) -> list[str]:
                    f"{fmt(d[0], d[1], DIGITS)} nats per step, the SRNN ahead in {d[2]} of {d[3]} seeds")
     d = paired(recs, "srnn-gauss-clip", "srnn-gauss-warmup-long", "log_likelihood_smc")
     if d is not None:
-        out.append(f"- SRNN with clipped transitions and the KL weight from 0.2 against the plain one (both "
-                   f"warmed up over 4,000 steps; SMC, K=40): {fmt(d[0], d[1], DIGITS)} nats per step over "
-                   f"the {d[3]} seed(s) both finished, the clipped one ahead in {d[2]}")
+        out.append(f"- SRNN with clipped transitions against the plain one (both warmed up over 4,000 "
+                   f"steps; SMC, K=40): {fmt(d[0], d[1], DIGITS)} nats per step over the {d[3]} seed(s) "
+                   f"both finished, the clipped one ahead in {d[2]}")
     best = {row: float(np.mean(v)) for row in ORDER  # the issue asks it on Nottingham and JSB at least
             if (v := [best_estimate(r) for r in recs if r["model"] == row]) and None not in v}
     top = max(best, key=best.get) if best else None
