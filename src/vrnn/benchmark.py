@@ -132,10 +132,11 @@ def targets(records, dataset: str) -> list[str]:
     say("SRNN's ELBO at or above its paper's bound", srnn.get(top_srnn) if top_srnn else None,
         pub.get("SRNN (smoothing + Resq)"),
         f"; {LABELS[top_srnn]}, the best SRNN row, at the VRNN's widths, not the paper's" if top_srnn else "")
-    d = paired(recs, "srnn-gauss-warmup-long", "vrnn-gauss-warmup-long", "log_likelihood_smc")
-    if d is not None:
-        out.append(f"- SRNN against the VRNN, both with the KL weight rising over 4,000 steps (SMC, K=40): "
-                   f"{fmt(d[0], d[1], DIGITS)} nats per step, the SRNN ahead in {d[2]} of {d[3]} seeds")
+    for row, what in (("srnn-gauss-warmup-long", "SRNN"), ("srnn-gauss-clip", "SRNN with clipped transitions")):
+        d = paired(recs, row, "vrnn-gauss-warmup-long", "log_likelihood_smc")
+        if d is not None:
+            out.append(f"- {what} against the VRNN, both with the KL weight rising over 4,000 steps (SMC, "
+                       f"K=40): {fmt(d[0], d[1], DIGITS)} nats per step, the SRNN ahead in {d[2]} of {d[3]} seeds")
     d = paired(recs, "srnn-gauss-clip", "srnn-gauss-warmup-long", "log_likelihood_smc")
     if d is not None:
         out.append(f"- SRNN with clipped transitions against the plain one (both warmed up over 4,000 "
