@@ -545,7 +545,7 @@ class VRNNModule(L.LightningModule):
         cfg = self.model.cfg
         if cfg.family == "srnn" and not cfg.transition_clip:
             message += ("; an SRNN's ReLU z-chain can grow geometrically along long sequences: "
-                        "--transition-clip 3 bounds it")
+                        "--transition-clip 10 bounds it")
         raise NonFiniteLoss(message)
 
     def on_save_checkpoint(self, ckpt: dict) -> None:
