@@ -98,7 +98,8 @@ class VRNNConfig:
     transition_clip: float = option(0.0, "SRNN: clip the hidden units of the prior and the posterior "
                                          "networks (the ones that read z_{t-1}) to [0, c], which bounds "
                                          "z_t on sequences of any length (Fraccaro et al.'s code clips at "
-                                         "3); 0: plain ReLU", min=0.0, flag="--transition-clip")
+                                         "3; 10 cost nothing on Nottingham); 0: plain ReLU", min=0.0,
+                                   flag="--transition-clip")
     # DKF, RVAE, DSAE, KVAE only
     combiner: str = option("st-r", "DKF: q(z_t | z_{t-1}, x_{t:T}) from a backward RNN (st-r) or "
                                    "q(z_t | z_{t-1}, x_{1:T}) from a bidirectional one (st-lr)",

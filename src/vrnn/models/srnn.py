@@ -11,11 +11,11 @@ state-space model, with a smoothing posterior.
                    mu_q = mu_p + dmu ("Resq", the default) or dmu
 
 phi_prior and phi_enc are ReLU MLPs; with ``transition_clip`` c > 0 their hidden units are
-clipped to [0, c], as in Fraccaro et al.'s code (c = 3). A ReLU z-chain is positively
-homogeneous in z_{t-1}: once the gain of z_{t-1} -> mu_q passes 1 (it starts near 0.8 at
-the default initialisation), z grows geometrically along the sequence and a long piece
-overflows float32 (docs/guide/models.md); clipped units bound mu_p and mu_q whatever the
-weights and the length.
+clipped to [0, c], as in Fraccaro et al.'s code (c = 3; 10 costs less: reproducing guide).
+A ReLU z-chain is positively homogeneous in z_{t-1}: once the gain of z_{t-1} -> mu_q
+passes 1 (it starts near 0.8 at the default initialisation), z grows geometrically along
+the sequence and a long piece overflows float32 (docs/guide/models.md); clipped units bound
+mu_p and mu_q whatever the weights and the length.
 
 What is sequential is the z-chain only (phi_prior and phi_enc, two small MLPs per step);
 both RNNs run as whole-sequence ``nn.LSTM``/``nn.GRU`` calls (``recurrent.run``), and the emission,
