@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 using at::Tensor;
@@ -158,26 +159,16 @@ template <typename T> void fill_rows(T* C, int64_t ldc, const T* b, int64_t rows
   for (int64_t r = 0; r < rows; ++r) std::copy(b + (per_row ? r * n : 0), b + (per_row ? r * n : 0) + n, C + r * ldc);
 }
 
-// x (rows, n) <- relu(x), in place
-template <typename T> void relu_(T* __restrict__ x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = x[i] > T(0) ? x[i] : T(0);
-}
-
-// x (rows, n) <- min(relu(x), hi), in place (hi = inf: relu)
-template <typename T> void clip_relu_(T* __restrict__ x, int64_t n, T hi) {
+// x (rows, n) <- min(relu(x), hi), in place (hi = inf, the default: relu)
+template <typename T>
+void relu_(T* __restrict__ x, int64_t n, T hi = std::numeric_limits<T>::infinity()) {
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] > T(0) ? (x[i] < hi ? x[i] : hi) : T(0);
 }
 
-// d (rows, n) <- g * (y > 0), y a ReLU's output; d may have a row stride (ld)
+// d (rows, n) <- g * (0 < y < hi), y that ReLU's output; d may have a row stride (ld)
 template <typename T>
-void relu_back(T* d, int64_t ld, const T* g, const T* y, int64_t rows, int64_t n) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < n; ++j) d[r * ld + j] = y[r * n + j] > T(0) ? g[r * n + j] : T(0);
-}
-
-// d (rows, n) <- g * (0 < y < hi), y = min(relu(.), hi)'s output
-template <typename T>
-void clip_relu_back(T* d, int64_t ld, const T* g, const T* y, int64_t rows, int64_t n, T hi) {
+void relu_back(T* d, int64_t ld, const T* g, const T* y, int64_t rows, int64_t n,
+               T hi = std::numeric_limits<T>::infinity()) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < n; ++j) {
       const T v = y[r * n + j];
@@ -637,12 +628,12 @@ std::vector<Tensor> chain_forward_impl(const Tensor& pq, const Tensor& eps, cons
     fill_rows(u, Wd, ptr<T>(pq) + t * Bs * Wd, std::min(R, Bs), Wd, true);
     for (int64_t r = Bs; r < R; ++r) std::copy(u + (r % Bs) * Wd, u + (r % Bs + 1) * Wd, u + r * Wd);
     gemm<T>(R, Wd, Z, zin, Z, ptr<T>(w_z), true, T(1), u, Wd);
-    clip_relu_(u, R * Wd, hi);
+    relu_(u, R * Wd, hi);
     for (int64_t k = 0; k < nb; ++k) {
       T* v = ptr<T>(U[k + 1]) + t * R * Wd;
       fill_rows(v, Wd, ptr<T>(body_b[k]), R, Wd, false);
       gemm<T>(R, Wd, Wd, ptr<T>(U[k]) + t * R * Wd, Wd, ptr<T>(body_w[k]), true, T(1), v, Wd);
-      clip_relu_(v, R * Wd, hi);
+      relu_(v, R * Wd, hi);
     }
     T* o = ptr<T>(O) + t * R * 4 * Z;
     fill_rows(o, 4 * Z, ptr<T>(b_out), R, 4 * Z, false);
@@ -736,11 +727,11 @@ std::vector<Tensor> chain_backward_impl(const Tensor& ZIN, const std::vector<Ten
     gemm<T>(R, Wd, 4 * Z, d, 4 * Z, ptr<T>(w_out), false, T(0), du, Wd);
     for (int64_t k = nb - 1; k >= 0; --k) {
       T* da = ptr<T>(DA[k + 1]) + t * R * Wd;
-      clip_relu_back(da, Wd, du, ptr<T>(U[k + 1]) + t * R * Wd, R, Wd, hi);
+      relu_back(da, Wd, du, ptr<T>(U[k + 1]) + t * R * Wd, R, Wd, hi);
       gemm<T>(R, Wd, Wd, da, Wd, ptr<T>(body_w[k]), false, T(0), du, Wd);
     }
     T* da0 = ptr<T>(DA[0]) + t * R * Wd;
-    clip_relu_back(da0, Wd, du, ptr<T>(U[0]) + t * R * Wd, R, Wd, hi);
+    relu_back(da0, Wd, du, ptr<T>(U[0]) + t * R * Wd, R, Wd, hi);
     std::copy(carry, carry + R * Z, dzp);  // dz = da0 . W_z + carry
     gemm<T>(R, Z, Wd, da0, Wd, ptr<T>(w_z), false, T(1), dzp, Z);
   }

@@ -54,7 +54,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-import torch.nn.functional as F
 
 from ..config import VRNNConfig
 from ..errors import ConfigError
@@ -77,12 +76,16 @@ def provides(verb: str):
     return put
 
 
+def hidden_activation(clip: float = 0.0) -> nn.Module:
+    """ReLU, or ReLU clipped at ``clip`` (min(relu, clip)) when it is positive."""
+    return nn.Hardtanh(0.0, clip) if clip else nn.ReLU()
+
+
 def mlp(in_dim: int, width: int, layers: int, clip: float = 0.0) -> nn.Sequential:
-    """``layers`` x (Linear -> ReLU), or ReLU clipped at ``clip`` (min(relu, clip)) when it is
-    positive."""
+    """``layers`` x (Linear -> ``hidden_activation(clip)``)."""
     mods: list[nn.Module] = []
     for i in range(layers):
-        mods += [nn.Linear(in_dim if i == 0 else width, width), nn.Hardtanh(0.0, clip) if clip else nn.ReLU()]
+        mods += [nn.Linear(in_dim if i == 0 else width, width), hidden_activation(clip)]
     return nn.Sequential(*mods)
 
 
@@ -137,12 +140,12 @@ class SplitMLP(nn.Module):
         self.clip = float(clip)
         self.in_a = nn.Linear(a_dim, width, bias=False)
         self.in_b = nn.Linear(b_dim, width)
+        self.act = hidden_activation(self.clip)
         self.body = mlp(width, width, layers - 1, self.clip)
         self.gauss = GaussianFromHidden(width, out_dim, std_floor)
 
     def from_parts(self, a: Tensor, b_part: Tensor) -> tuple[Tensor, Tensor]:
-        pre = add_shared(b_part, self.in_a(a))
-        return self.gauss(self.body(F.hardtanh(pre, 0.0, self.clip) if self.clip else torch.relu(pre)))
+        return self.gauss(self.body(self.act(add_shared(b_part, self.in_a(a)))))
 
     def forward(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         return self.from_parts(a, self.in_b(b))
