@@ -190,6 +190,12 @@ def test_bad_input_table(arrays, tiny_config, tmp_path, capsys):
                     "--transition-clip", "SRNN")
     _one_line_error(capsys, train(arrays, tmp_path / "o8", tiny_config, "srnn-gauss", 1, "--kl-warmup-start", 1.5),
                     "--kl-warmup-start")
+    for i, (model, extra, words) in enumerate((
+            ("vrnn-gauss", ("--free-bits", 0.1), ("--kl-estimator", "--free-bits")),
+            ("vrnn-gauss", ("--objective", "iwae", "--particles", 2), ("--kl-estimator", "ELBO")),
+            ("rnn-gauss", (), ("--kl-estimator", "no latent")))):
+        _one_line_error(capsys, train(arrays, tmp_path / f"o9{i}", tiny_config, model, 1, "--kl-estimator",
+                                      "sampled", *extra), *words)
 
     truncated = tmp_path / "trunc.ckpt"
     truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])

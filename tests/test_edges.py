@@ -147,6 +147,21 @@ def test_resuming_with_another_objective_is_refused(trained, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--objective" in err and "elbo" in err
 
 
+
+def test_the_sampled_kl_trains_and_a_resume_keeps_it(trained, tmp_path, capsys):
+    import shutil
+    data, cfg, out = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert train(data, copy, cfg, "vrnn-gauss", 2, "--resume", "--kl-estimator", "sampled") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--kl-estimator" in err and "analytic" in err
+    fresh = tmp_path / "sampled"
+    assert train(data, fresh, cfg, "vrnn-gauss", 1, "--kl-estimator", "sampled") == 0
+    meta = torch.load(fresh / "last.ckpt", weights_only=True)["vrnn"]
+    assert meta["train"]["kl_estimator"] == "sampled"
+
+
 def _record(model="vrnn-gauss", seed=0, **kw):
     rec = {"table": "paper", "dataset": "lasa", "model": model, "preset": model, "seed": seed,
            "params": 1000, "split": {"seed": 0, "fractions": [0.8, 0.1, 0.1], "data_options": {},

@@ -197,6 +197,7 @@ def test_polyphonic_report_puts_published_figures_beside_ours(tmp_path):
                  poly_record("srnn-gauss-warmup", s, -7.2), poly_record("srnn-gauss-warmup-long", s, -6.9 + 0.1 * s),
                  poly_record("vrnn-gauss-warmup-long", s, -7.0)]
     recs += [poly_record("srnn-gauss-clip", s, -7.0) for s in (0, 1)]  # seed 2 not finished
+    recs += [poly_record("vrnn-gauss-elbo-sampled", s, -6.95 - 0.01 * s) for s in (0, 1)]
     out = tmp_path
     for r in recs:
         p = out / "records" / "polyphonic" / r["dataset"]
@@ -213,6 +214,13 @@ def test_polyphonic_report_puts_published_figures_beside_ours(tmp_path):
     assert "published N=5 FIVO: met (-7.000 against -7.51)" in md
     assert ("ordering FIVO >= IWAE >= ELBO, paired per seed: by each row's own bound met (FIVO - IWAE "
             "0.100 ± 0.000, 3 of 3 seeds; IWAE - ELBO 0.200 ± 0.000, 3 of 3)") in md
+    # against the ELBO trained on the sampled KL, on the two seeds it has (SMC: IWAE -6.9 + 0.2)
+    assert ("the same ordering with the ELBO trained on the sampled KL (as the FIVO paper's code): paired "
+            "per seed: by each row's own bound met (FIVO - IWAE 0.100 ± 0.000, 3 of 3 seeds; IWAE - ELBO "
+            "0.155 ± 0.005, 2 of 2)") in md
+    assert ("the ELBO trained on the sampled KL against the analytic KL (SMC, K=40): 0.045 ± 0.005 nats per "
+            "step, the sampled one ahead in 2 of 2 seeds") in md
+    assert "| VRNN, ELBO with the sampled KL | 1,000 |" in md
     # the best SRNN row's ELBO (-6.9 + 0.1 s - 0.3: -7.1), and the SRNN paired with the VRNN at one schedule
     assert ("SRNN's ELBO at or above its paper's bound: missed (-7.100 against -4.74; SRNN, KL warm-up over "
             "4,000 steps, the best SRNN row") in md

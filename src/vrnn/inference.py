@@ -4,7 +4,8 @@ and the particle-filter log-likelihood, latents, unit conversions.
 With log w = sum_t log p(x_t | .) + log p(z_t | .) - log q(z_t | .) the log-weight of one
 posterior draw z ~ q (a whole sequence):
 
-    ELBO   E_q[sum_t log p(x_t | .) - KL(q_t || p_t)]            (KL analytic; RNN rows: exact)
+    ELBO   E_q[sum_t log p(x_t | .) - KL(q_t || p_t)]            (KL analytic; RNN rows: exact;
+                                                                  or sampled: see ``objective``)
     IWAE   log (1/K) sum_k w_k                                    K draws, no resampling
     FIVO   log Z of a particle filter with K particles (smc.py)   resampling where the ESS is low
 
@@ -25,6 +26,7 @@ from .models.base import provides
 from .smc import last_step_events, log_z_from_weights, particle_filter
 
 BOUNDS = ("elbo", "iwae", "fivo")
+KL_ESTIMATORS = ("analytic", "sampled")
 METHODS = ("is", "smc")
 
 
@@ -44,7 +46,7 @@ def log_ratio(tr) -> Tensor:
 def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weight: float = 1.0,
               free_bits: float = 0.0, bound: str = "elbo", num_samples: int = 1,
               normaliser=None, continues: Tensor | None = None, resample: str = "ess",
-              threshold: float = 0.5, resampler: str = "systematic"):
+              threshold: float = 0.5, resampler: str = "systematic", kl_estimator: str = "analytic"):
     """The training loss: minus the bound, summed over the batch, per real step.
 
     ``bound``: "elbo" (with ``num_samples`` K > 1: the mean of K single-draw ELBOs),
@@ -55,7 +57,10 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
     > 0 charges each latent dimension at each step of each sequence at least that many
     nats of KL: a clamp per sequence, step and dimension, stricter than Kingma et al.
     (2016), who clamp the minibatch average of each group's KL; it applies to the ELBO's analytic KL only, and is refused for IWAE/FIVO
-    with K > 1. ``normaliser``: what the summed bound is divided by (default: this batch's
+    with K > 1. ``kl_estimator`` "sampled" trains the ELBO (any K, and IWAE/FIVO at K = 1)
+    on the single-draw log-ratio log q(z_t | .) - log p(z_t | .) in place of the analytic KL:
+    the same expectation, more variance; it is the ELBO of the FIVO paper's code (its IWAE
+    at K = 1), for comparisons with it. ``normaliser``: what the summed bound is divided by (default: this batch's
     real steps; training passes the whole batch's over all processes, divided by the
     number of processes, whose gradients DDP averages). ``continues`` (B,)
     (FIVO under truncated BPTT): sequences that go on after this chunk, resampled at its
@@ -76,18 +81,24 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
         raise ValueError(f"kl_weight must be in [0, 1], got {kl_weight}")
     if not free_bits >= 0.0:
         raise ValueError(f"free_bits must be >= 0, got {free_bits}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
     B = x.shape[0]
     if not model.latent or bound == "elbo" or K == 1:
         tr = model(x, mask, state=state, samples=K if model.latent else 1)
         kl = tr.kl
-        if free_bits > 0.0 and tr.kl_dims is not None:
+        if kl_estimator == "sampled" and model.latent:
+            if free_bits > 0.0:
+                raise ValueError("free bits clamp the analytic KL per dimension; the sampled KL has none")
+            kl = -log_ratio(tr)
+        elif free_bits > 0.0 and tr.kl_dims is not None:
             kl = tr.kl_dims.clamp(min=free_bits).sum(-1) * tr.mask
             if tr.v is not None:  # a static latent's KL (in kl[:, 0], not in kl_dims) is charged whole
                 kl = kl + (tr.kl - tr.kl_dims.sum(-1))
         elif free_bits > 0.0 and model.latent:
             model.refuse("free_bits")
         per_seq = (tr.log_px - kl_weight * kl).sum(1).view(-1, B).mean(0)
-        reported = (tr.log_px - tr.kl).sum(1).view(-1, B).mean(0)
+        reported = (tr.log_px - tr.kl).sum(1).view(-1, B).mean(0)  # (sampled or not: the analytic KL)
     else:
         if free_bits > 0.0:
             raise ValueError("free bits apply to the ELBO's KL term; IWAE and FIVO weigh sampled "

@@ -45,7 +45,7 @@ from .config import VRNNConfig
 from .data import DATASETS, Normalizer, SequenceSet, load, pad_batch, split
 from .errors import ConfigError, DataError, Interrupted, VRNNError
 from .fast import SCAN_IMPLS, set_scan
-from .inference import BOUNDS, log_likelihood, objective
+from .inference import BOUNDS, KL_ESTIMATORS, log_likelihood, objective
 from .models import build, cannot
 from .options import check_instance, option
 from .smc import RESAMPLERS, SCHEDULES
@@ -99,6 +99,10 @@ class TrainConfig:
     free_bits: float = option(0.0, "nats of KL charged at least per latent dimension, clamped per "
                                    "sequence, step and dimension (not Kingma et al.'s minibatch "
                                    "average per group; ELBO only)", min=0.0, flag="--free-bits")
+    kl_estimator: str = option("analytic", "the ELBO's KL term: analytic, or sampled (log q - log p "
+                                           "at the posterior draw: the FIVO paper's ELBO, for "
+                                           "comparisons with it)", choices=KL_ESTIMATORS,
+                               flag="--kl-estimator")
     tbptt: int | None = option(None, "truncated BPTT: chunks of this many steps, the state "
                                      "carried across", min=1, flag="--tbptt")
     patience: int = option(10, "early stopping: epochs without a better validation bound",
@@ -146,6 +150,12 @@ class TrainConfig:
         if self.objective != "elbo" and self.particles > 1 and self.free_bits > 0:
             raise ConfigError(f"--free-bits applies to the ELBO's KL term, not to --objective "
                               f"{self.objective} (use --kl-warmup to temper it)")
+        if self.kl_estimator == "sampled" and self.free_bits > 0:
+            raise ConfigError("--kl-estimator sampled: --free-bits clamps the analytic KL per "
+                              "dimension; the sampled KL has no dimensions to clamp")
+        if self.kl_estimator == "sampled" and self.objective != "elbo" and self.particles > 1:
+            raise ConfigError(f"--kl-estimator sampled: --objective {self.objective} with --particles "
+                              f"{self.particles} already weighs the sampled log-ratio; it applies to the ELBO")
         if self.strategy == "auto" and self.devices * self.num_nodes > 1:
             self.strategy = "ddp"
 
@@ -461,7 +471,8 @@ class VRNNModule(L.LightningModule):
         return objective(self.model, x, mask, state, kl_weight=kl_weight, free_bits=free_bits,
                          bound=tc.get("objective", "elbo"), num_samples=tc.get("particles", 1),
                          normaliser=normaliser, continues=continues, resample=tc.get("resample", "ess"),
-                         threshold=tc.get("ess_threshold", 0.5), resampler=tc.get("resampler", "systematic"))
+                         threshold=tc.get("ess_threshold", 0.5), resampler=tc.get("resampler", "systematic"),
+                         kl_estimator=tc.get("kl_estimator", "analytic"))
 
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
@@ -666,15 +677,15 @@ def _check_out(out: Path, resume: bool) -> None:
         raise ConfigError(f"{out}: cannot write here ({exc.strerror or exc})") from None
 
 
-BOUND_OPTIONS = ("objective", "particles", "resample", "ess_threshold", "resampler")
+BOUND_OPTIONS = ("objective", "particles", "kl_estimator", "resample", "ess_threshold", "resampler")
 
 
 def check_same_bound(last: Path, old: dict | None, tc: TrainConfig) -> None:
     """A resumed run trains, monitors and labels the same bound as before: its objective,
-    particles (and FIVO's resampling) cannot change. ConfigError naming the option."""
+    particles, KL estimator (and FIVO's resampling) cannot change. ConfigError naming the option."""
     if not isinstance(old, dict):
         return
-    names = BOUND_OPTIONS if tc.objective == "fivo" else BOUND_OPTIONS[:2]
+    names = BOUND_OPTIONS if tc.objective == "fivo" else BOUND_OPTIONS[:3]
     for name in names:
         before, now = old.get(name, getattr(TrainConfig, name)), getattr(tc, name)
         if before != now:
@@ -739,6 +750,9 @@ def fit(spec: str, model_name: str, out: str | Path, tc: TrainConfig,
                              ("free_bits", "--free-bits", tc.free_bits > 0)):
         if used and cannot(cfg, verb):
             raise ConfigError(f"{flag}: {cannot(cfg, verb)}")
+    if not cfg.latent and tc.kl_estimator != "analytic":
+        raise ConfigError(f"--kl-estimator {tc.kl_estimator}: {model_name} has no latent variable, "
+                          "so no KL term")
     check_memory(cfg, tc, int(max(prepared.data.lengths)), machine_memory(tc.accelerator))
     check_cluster(tc, say)
     if not cfg.latent and tc.objective != "elbo" and say is not None:
