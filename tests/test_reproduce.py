@@ -134,6 +134,41 @@ def test_samples_come_from_the_lowest_seed_with_a_checkpoint(tmp_path):
         ("lasa", "vrnn-gauss"): tmp_path / "runs" / "main" / "lasa" / "vrnn-gauss-seed1"}
 
 
+def test_a_finished_runs_record_is_written_whole_with_its_curve(tmp_path, monkeypatch):
+    """The record is written once, curve facts included: reporting later does not rewrite it
+    (a rewritten record is a second commit of the same result)."""
+    import subprocess
+
+    import torch
+    job = rp.plan("cpu", tmp_path, ["lasa"], X_DIMS, None, 1.0, rows=["vrnn-gauss"], seeds=1)[0]
+    ckpt = Path(job["dir"]) / "ckpt"
+    (ckpt / "logs" / "csv").mkdir(parents=True)
+    (ckpt / "summary.json").write_text(json.dumps({"stopped": "early", "converged": True, "steps": 30,
+                                                   "epochs": 3, "seconds": 2.0, "best_valid_bound": -5.0}))
+    (ckpt / "logs" / "csv" / "metrics.csv").write_text(
+        "epoch,step,train/bound,train/kl,valid/bound,valid/kl\n0,9,-9.0,1.0,,\n0,9,,,-8.0,2.0\n"
+        "1,19,-6.0,1.5,,\n1,19,,,-5.0,2.5\n2,29,-5.5,1.6,,\n2,29,,,-5.5,2.6\n")
+    torch.save({"vrnn": {"data": {"split_seed": 0, "fractions": [0.8, 0.1, 0.1], "load_opts": {}}}},
+               ckpt / "best.ckpt")
+    fig = {"per_sequence": -5.0, "per_sequence_raw": -4.0, "per_step": -0.1, "per_step_raw": -0.1}
+    res = {"estimators": {"elbo": fig, "is": fig, "smc": fig}, "exact": False, "num_sequences": 3,
+           "num_steps": 30, "family": "vrnn"}
+
+    def fake_run(cmd, **kw):
+        assert "evaluate" in cmd  # training has finished: only scoring runs
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(res), stderr="")
+
+    monkeypatch.setattr(rp.subprocess, "run", fake_run)
+    rec = rp.run_job(job, tmp_path, log=lambda *_: None)
+    assert rec["curve"] == {"best_epoch": 1, "epochs_logged": 3, "valid_bound_best": -5.0, "valid_kl_best": 2.5,
+                            "train_bound_at_best": -6.0, "train_kl_at_best": 1.5, "valid_bound_last": -5.5}
+    path = rp.record_path(tmp_path, job)
+    written = path.read_text()
+    assert json.loads(written) == rec
+    rp.load_records(tmp_path)
+    assert path.read_text() == written
+
+
 def test_a_run_stopped_before_its_first_checkpoint_starts_afresh(tmp_path, monkeypatch):
     """Killed before the first epoch ended, a run leaves logs but no last.ckpt: `vrnn train`
     would refuse that folder without --resume, and there is nothing to resume."""

@@ -426,6 +426,9 @@ def run_job(job: dict, out: Path, log=print) -> dict:
     data = load(job["dataset"], **(desc.get("load_opts") or {}))
     test_index, _ = split_sequences(data, _Identity(data.dim), desc, "test")
     rec = make_record(job, res, summary, split_id(desc, test_index), trained)
+    facts = training_curve_facts(ckpt / "logs" / "csv" / "metrics.csv")
+    if facts is not None:  # written whole at once: the record is not rewritten by the report
+        rec["curve"] = facts
     write_text(rec_path, json.dumps(rec, indent=1) + "\n")
     log(f"[reproduce] {job['table']:9s} {job['dataset']:11s} {job['row']:17s} seed {job['seed']}: "
         f"{'IS' if rec['exact'] is False else 'exact'} {rec['log_likelihood']}, SMC {rec['log_likelihood_smc']}, "
