@@ -56,11 +56,12 @@ def objective(model, x: Tensor, mask: Tensor | None = None, state=None, kl_weigh
     part log p(z) - log q(z) of every IWAE/FIVO weight (a tempered weight). ``free_bits``
     > 0 charges each latent dimension at each step of each sequence at least that many
     nats of KL: a clamp per sequence, step and dimension, stricter than Kingma et al.
-    (2016), who clamp the minibatch average of each group's KL; it applies to the ELBO's analytic KL only, and is refused for IWAE/FIVO
-    with K > 1. ``kl_estimator`` "sampled" trains the ELBO (any K, and IWAE/FIVO at K = 1)
-    on the single-draw log-ratio log q(z_t | .) - log p(z_t | .) in place of the analytic KL:
-    the same expectation, more variance; it is the ELBO of the FIVO paper's code (its IWAE
-    at K = 1), for comparisons with it. ``normaliser``: what the summed bound is divided by (default: this batch's
+    (2016), who clamp the minibatch average of each group's KL; it applies to the ELBO's
+    analytic KL only, and is refused for IWAE/FIVO with K > 1. ``kl_estimator`` "sampled"
+    trains the ELBO (any K, and IWAE/FIVO at K = 1) on the single-draw log-ratio
+    log q(z_t | .) - log p(z_t | .) in place of the analytic KL: the same expectation, more
+    variance; it is the ELBO of the FIVO paper's code (its IWAE at K = 1), for comparisons
+    with it. ``normaliser``: what the summed bound is divided by (default: this batch's
     real steps; training passes the whole batch's over all processes, divided by the
     number of processes, whose gradients DDP averages). ``continues`` (B,)
     (FIVO under truncated BPTT): sequences that go on after this chunk, resampled at its
