@@ -147,7 +147,6 @@ def test_resuming_with_another_objective_is_refused(trained, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--objective" in err and "elbo" in err
 
 
-
 def test_the_sampled_kl_trains_and_a_resume_keeps_it(trained, tmp_path, capsys):
     import shutil
     data, cfg, out = trained
