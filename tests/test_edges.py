@@ -413,13 +413,19 @@ def test_a_signal_stops_training_cleanly(arrays, tiny_config, tmp_path, capsys, 
 
     monkeypatch.setattr(VRNNModule, "training_step", step)
     out = tmp_path / "r"
-    assert train(arrays, out, tiny_config, "vrnn-gauss", 5) == code
+    # as in a foreground shell: a suite started in the background (`make test &` in a script)
+    # inherits SIGINT ignored, and training rightly leaves an ignored signal ignored
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert train(arrays, out, tiny_config, "vrnn-gauss", 5) == code
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, before)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"interrupted by {signame}" in err[0] and "--resume" in err[0]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped"] == "interrupted" and summary["epochs"] >= 1
     assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 0  # the whole first epoch
-    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
     monkeypatch.setattr(VRNNModule, "training_step", real)
     assert train(arrays, out, tiny_config, "vrnn-gauss", 3, "--resume") == 0
     assert json.loads((out / "summary.json").read_text())["stopped"] == "epochs"
