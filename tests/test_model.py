@@ -271,6 +271,34 @@ def test_masked_recurrence_matches_the_packed_call(cell):
     for g, r in zip(grads(out, final), grads(ref_out, ref_final)):
         torch.testing.assert_close(g, r)
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bidirectional_recurrence_matches_the_packed_call(cell):
+    """A bidirectional module over padded rows (each direction unpacked, the backward one
+    from each row's own end) gives the PackedSequence call's outputs, final states of
+    every layer and direction, and gradients (the DSAE's, RVAE's and ST-LR DKF's encoders)."""
+    from torch import nn
+
+    from vrnn.models.recurrent import make_rnn, run_bidirectional
+    torch.manual_seed(4)
+    rnn = make_rnn(cell, 4, 6, 2, bidirectional=True).double()
+    lengths = torch.tensor([5, 2, 3, 5, 1])
+    inp = torch.randn(5, 5, 4, dtype=DT, requires_grad=True)
+    live = (torch.arange(5).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1)
+
+    out, top = run_bidirectional(rnn, inp, lengths)
+    packed = nn.utils.rnn.pack_padded_sequence(inp, lengths, batch_first=True, enforce_sorted=False)
+    ref_out, ref_last = rnn(packed)
+    ref_out, _ = nn.utils.rnn.pad_packed_sequence(ref_out, batch_first=True, total_length=5)
+    ref_h = ref_last[0] if cell == "lstm" else ref_last
+    ref_top = torch.cat([ref_h[-2], ref_h[-1]], -1)
+    torch.testing.assert_close(out, ref_out)
+    assert (out[1, 2:] == 0).all() and (out[4, 1:] == 0).all()
+    torch.testing.assert_close(top, ref_top)
+    for g, r in zip(torch.autograd.grad((out * live).pow(2).sum() + top.sum(), [inp, *rnn.parameters()]),
+                    torch.autograd.grad((ref_out * live).pow(2).sum() + ref_top.sum(), [inp, *rnn.parameters()])):
+        torch.testing.assert_close(g, r)
+
+
 def test_full_mask_equals_no_mask():
     model = make_model("vrnn-gmm", seed=7)
     x, noise = make_x(model, 2, 5), make_noise(model, 2, 5)
