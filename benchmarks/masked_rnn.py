@@ -9,9 +9,10 @@ backward one from each row's own end; the DSAE's, RVAE's and ST-LR DKF's encoder
 Forward and backward of a 1-layer LSTM (width 97, the RNN rows of the piano-roll table)
 over a batch of 16 rows whose lengths are spread like a length-bucketed batch (the last
 10% of the steps); the bidirectional one at width 64 (the family's rows), 16 rows whose
-lengths are spread over the whole range (a batch that is not length-bucketed). Both ways are timed interleaved in one run and the ratio is printed
-(shared machines are noisy: compare the ratio, not the times); outputs and gradients are
-checked equal first.
+lengths are spread over the whole range (a batch that is not length-bucketed). Both ways
+are timed interleaved in one run and the ratio is printed (shared machines are noisy:
+compare the ratio, not the times); outputs and final states are checked equal first
+(gradients too: tests/test_model.py).
 """
 
 from __future__ import annotations

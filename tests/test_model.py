@@ -271,6 +271,7 @@ def test_masked_recurrence_matches_the_packed_call(cell):
     for g, r in zip(grads(out, final), grads(ref_out, ref_final)):
         torch.testing.assert_close(g, r)
 
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_bidirectional_recurrence_matches_the_packed_call(cell):
     """A bidirectional module over padded rows (each direction unpacked, the backward one
@@ -278,7 +279,7 @@ def test_bidirectional_recurrence_matches_the_packed_call(cell):
     every layer and direction, and gradients (the DSAE's, RVAE's and ST-LR DKF's encoders)."""
     from torch import nn
 
-    from vrnn.models.recurrent import make_rnn, run_bidirectional
+    from vrnn.models.recurrent import _run, make_rnn, run_bidirectional
     torch.manual_seed(4)
     rnn = make_rnn(cell, 4, 6, 2, bidirectional=True).double()
     lengths = torch.tensor([5, 2, 3, 5, 1])
@@ -294,6 +295,9 @@ def test_bidirectional_recurrence_matches_the_packed_call(cell):
     torch.testing.assert_close(out, ref_out)
     assert (out[1, 2:] == 0).all() and (out[4, 1:] == 0).all()
     torch.testing.assert_close(top, ref_top)
+    _, last = _run(rnn, inp, lengths)  # (layers * 2, rows, H): every layer, both directions
+    for a, b in zip(last if cell == "lstm" else (last,), ref_last if cell == "lstm" else (ref_last,)):
+        torch.testing.assert_close(a, b)
     for g, r in zip(torch.autograd.grad((out * live).pow(2).sum() + top.sum(), [inp, *rnn.parameters()]),
                     torch.autograd.grad((ref_out * live).pow(2).sum() + ref_top.sum(), [inp, *rnn.parameters()])):
         torch.testing.assert_close(g, r)

@@ -51,7 +51,7 @@ def _run(rnn: nn.Module, inp: Tensor, lengths: Tensor | None, h0=None, call=None
     on the CPU, whose backward is 3x (JSB lengths) to 46x (Piano-midi.de lengths) slower
     than the unpacked call's (benchmarks/masked_rnn.py); the results are the same. On the
     CPU a bidirectional module runs layer by layer, each direction the same way on its own
-    weights (``_run_bidirectional``; 12x faster in a DSAE's training step on ragged rows);
+    weights (``_run_bidirectional``; a DSAE's backward on a ragged batch 12x faster);
     elsewhere it is packed. ``call`` stands in for ``rnn``'s own forward (a direction's
     weights, for ``_run_bidirectional``)."""
     if lengths is None:
