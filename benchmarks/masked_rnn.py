@@ -40,10 +40,6 @@ def packed_bidirectional(rnn, inp, lengths):
     return out, torch.cat([h[-2], h[-1]], -1)
 
 
-def unpacked_bidirectional(rnn, inp, lengths):
-    return run_bidirectional(rnn, inp, lengths)
-
-
 def timed(fns, loss, repeats):
     """Median seconds of each of ``fns`` (name -> callable), interleaved; the first round warms up."""
     times = {k: [] for k in fns}
@@ -53,11 +49,6 @@ def timed(fns, loss, repeats):
             loss(fn()).backward()
             times[key].append(time.perf_counter() - t0)
     return {k: statistics.median(v[1:]) * 1000 for k, v in times.items()}
-
-
-def step(fn, rnn, inp, lengths):
-    out, (h, c) = fn(rnn, inp, lengths)
-    (out.square().sum() + h.sum() + c.sum()).backward()
 
 
 def main(argv=None) -> int:
@@ -76,25 +67,20 @@ def main(argv=None) -> int:
         a, b = packed(rnn, inp, lengths), run(rnn, inp, lengths)
         torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a[1][1], b[1][1], rtol=1e-4, atol=1e-5)
-        times = {"packed": [], "run": []}
-        for _ in range(args.repeats + 1):  # the first round warms up
-            for key, fn in (("packed", packed), ("run", run)):
-                t0 = time.perf_counter()
-                step(fn, rnn, inp, lengths)
-                times[key].append(time.perf_counter() - t0)
-        p, r = (statistics.median(times[k][1:]) * 1000 for k in ("packed", "run"))
-        print(f"{name:<34} {p:>10.1f} {r:>8.1f} {p / r:>12.1f}x")
+        t = timed({"packed": lambda: packed(rnn, inp, lengths), "run": lambda: run(rnn, inp, lengths)},
+                  lambda r: r[0].square().sum() + r[1][0].sum() + r[1][1].sum(), args.repeats)
+        print(f"{name:<34} {t['packed']:>10.1f} {t['run']:>8.1f} {t['packed'] / t['run']:>12.1f}x")
     rnn = make_rnn("lstm", 64, 64, 1, bidirectional=True)
     print("\nbidirectional, lengths over the whole range")
     print(f"{'shape':<34} {'packed ms':>10} {'unpacked ms':>12} {'packed / unpacked':>18}")
     for name, T in (("JSB (T 64)", 64), ("Nottingham (T 400)", 400), ("Piano-midi.de (T 1000)", 1000)):
         inp = torch.randn(16, T, 64, requires_grad=True)
         lengths = torch.linspace(T // 4, T, 16).long()
-        a, b = packed_bidirectional(rnn, inp, lengths), unpacked_bidirectional(rnn, inp, lengths)
+        a, b = packed_bidirectional(rnn, inp, lengths), run_bidirectional(rnn, inp, lengths)
         torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-5)
         t = timed({"packed": lambda: packed_bidirectional(rnn, inp, lengths),
-                   "unpacked": lambda: unpacked_bidirectional(rnn, inp, lengths)},
+                   "unpacked": lambda: run_bidirectional(rnn, inp, lengths)},
                   lambda r: r[0].square().sum() + r[1].sum(), args.repeats)
         print(f"{name:<34} {t['packed']:>10.1f} {t['unpacked']:>12.1f} {t['packed'] / t['unpacked']:>17.1f}x")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
