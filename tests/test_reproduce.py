@@ -334,3 +334,27 @@ def test_a_row_without_smc_shows_not_offered_with_the_reason(tmp_path):
     assert "| 2 | vrnn-gauss | -20.0 ± 0.0 | ref | | ref | |" in beyond
     assert "| 3 | dsae-gauss | -25.0 ± 0.0 | -5.0 ± 0.0 | 0 of 2 | not offered | |" in beyond
     assert "not run on fillets-cs, lasa, chorales (no compute for them)" in beyond
+
+
+@pytest.mark.parametrize("no_report", [False, True])
+def test_no_report_trains_and_records_but_leaves_the_tables(tmp_path, monkeypatch, no_report):
+    """`--no-report` (queued runs): each finished run's record is written, the tables are
+    not rewritten (they are, without it), and the log says which command writes them."""
+    job = {"dir": str(tmp_path / "runs" / "x"), "table": "polyphonic", "dataset": "jsb",
+           "row": "rnn-gauss", "params": 1}
+    ran, reported, lines = [], [], []
+    monkeypatch.setattr(rp, "plan", lambda *a, **k: [job])
+    monkeypatch.setattr(rp, "describe_plan", lambda *a, **k: None)
+    monkeypatch.setattr(rp, "run_job", lambda j, out, log: ran.append(j) or {"record": 1})
+    monkeypatch.setattr(rp, "report", lambda *a, **k: reported.append(a) or {"runs": []})
+    monkeypatch.setattr(rp, "figures", lambda *a, **k: [])
+    js = rp.reproduce("cpu", tmp_path, datasets=["jsb"], rows=["rnn-gauss"], seeds=1,
+                      no_report=no_report, log=lines.append)
+    assert ran == [job]
+    assert bool(reported) is not no_report and (js is None) is no_report
+    assert ("--report-only` writes them" in lines[-1]) is no_report
+
+
+def test_no_report_contradicts_report_only(tmp_path):
+    with pytest.raises(rp.ConfigError, match="--no-report"):
+        rp.reproduce("cpu", tmp_path, report_only=True, no_report=True, log=lambda *_: None)

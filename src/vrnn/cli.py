@@ -162,6 +162,9 @@ class ReproduceOptions:
     plan: bool = option(False, "print the plan and its time estimate, run nothing", flag="--plan")
     report_only: bool = option(False, "write the tables, figure and samples from the finished "
                                       "records only, training nothing", flag="--report-only")
+    no_report: bool = option(False, "train and write the records, leave the tables as they are "
+                                    "(for queued runs; --report-only writes them later)",
+                             flag="--no-report")
 
 
 @dataclass
@@ -690,7 +693,7 @@ def cmd_reproduce(a) -> int:
 
     reproduce(o.setup, o.out, o.jobs, split(o.datasets, "--datasets"), o.accelerator, o.budget_scale,
               log=print, rows=split(o.rows, "--rows"), tables=split(o.tables, "--tables"), seeds=o.seeds,
-              plan_only=o.plan, report_only=o.report_only)
+              plan_only=o.plan, report_only=o.report_only, no_report=o.no_report)
     return 0
 
 

@@ -962,10 +962,12 @@ def prepared_here(dataset: str) -> bool:
 def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
               accelerator: str | None = None, budget_scale: float = 1.0, log=print, rows=None,
               tables=None, seeds: int | None = None, plan_only: bool = False,
-              report_only: bool = False) -> dict | None:
+              report_only: bool = False, no_report: bool = False) -> dict | None:
     from .data import fetch, load
     if setup not in SETUPS:
         raise ConfigError(f"--setup: unknown setup {setup!r}; choose {' or '.join(SETUPS)}")
+    if report_only and no_report:
+        raise ConfigError("--no-report: contradicts --report-only (which trains nothing); give one")
     out = Path(out)
     datasets = list(datasets or DATASETS)
     for name, given, known in (("--datasets", datasets, DATASETS), ("--rows", rows or [], ROWS),
@@ -1028,11 +1030,17 @@ def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
     with ThreadPoolExecutor(max_workers=2) as pool:
         outcomes += list(pool.map(attempt, wall))
     failed = [j["dir"] for j, r in zip(rest + wall, outcomes) if r is None]
-    js = report(out, setup, list(DATASETS), command, log)  # every record, whatever this run's subset
-    js["wall_minutes"] = round((time.time() - t0) / 60, 1)
-    written = figures(out, js["runs"], log)
-    log(f"[reproduce] wrote the tables, {out / 'table1.json'} and {len(written)} figures/samples "
-        f"in {js['wall_minutes']} min")
+    minutes = round((time.time() - t0) / 60, 1)
+    if no_report:  # queued runs: the tables once, at the end (`--report-only`), not after every row
+        js = None
+        log(f"[reproduce] {len(todo) - len(failed)} run(s) recorded in {minutes} min; the tables are left "
+            f"as they are (`vrnn reproduce --setup {setup} --report-only` writes them)")
+    else:
+        js = report(out, setup, list(DATASETS), command, log)  # every record, whatever this run's subset
+        js["wall_minutes"] = minutes
+        written = figures(out, js["runs"], log)
+        log(f"[reproduce] wrote the tables, {out / 'table1.json'} and {len(written)} figures/samples "
+            f"in {minutes} min")
     if failed:
         raise VRNNError(f"{len(failed)} run(s) failed ({', '.join(failed)}); see their train.log, "
                         "fix and run the same command again: finished runs are kept")
