@@ -340,19 +340,26 @@ def test_a_row_without_smc_shows_not_offered_with_the_reason(tmp_path):
 def test_no_report_trains_and_records_but_leaves_the_tables(tmp_path, monkeypatch, no_report):
     """`--no-report` (queued runs): each finished run's record is written, the tables are
     not rewritten (they are, without it), and the log says which command writes them."""
-    job = {"dir": str(tmp_path / "runs" / "x"), "table": "polyphonic", "dataset": "jsb",
-           "row": "rnn-gauss", "params": 1}
+    jobs = [{"dir": str(tmp_path / "runs" / f"s{k}"), "table": "polyphonic", "table_dir": "polyphonic",
+             "dataset": "jsb", "row": "rnn-gauss", "seed": k, "params": 1} for k in (0, 1)]
+    done = rp.record_path(tmp_path, jobs[0])  # seed 0 was recorded by an earlier run
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
     ran, reported, lines = [], [], []
-    monkeypatch.setattr(rp, "plan", lambda *a, **k: [job])
+    monkeypatch.setattr(rp, "plan", lambda *a, **k: jobs)
     monkeypatch.setattr(rp, "describe_plan", lambda *a, **k: None)
     monkeypatch.setattr(rp, "run_job", lambda j, out, log: ran.append(j) or {"record": 1})
     monkeypatch.setattr(rp, "report", lambda *a, **k: reported.append(a) or {"runs": []})
     monkeypatch.setattr(rp, "figures", lambda *a, **k: [])
-    js = rp.reproduce("cpu", tmp_path, datasets=["jsb"], rows=["rnn-gauss"], seeds=1,
+    js = rp.reproduce("cpu", tmp_path, datasets=["jsb"], rows=["rnn-gauss"], seeds=2,
                       no_report=no_report, log=lines.append)
-    assert ran == [job]
+    assert ran == jobs  # run_job itself skips what is recorded
     assert bool(reported) is not no_report and (js is None) is no_report
-    assert ("--report-only` writes them" in lines[-1]) is no_report
+    if no_report:
+        assert "1 run(s) trained and recorded" in lines[-1] and "(1 recorded before)" in lines[-1]
+        assert "--report-only` writes them" in lines[-1]
+    else:
+        assert "wrote the tables" in lines[-1]
 
 
 def test_no_report_contradicts_report_only(tmp_path):

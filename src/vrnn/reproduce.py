@@ -1013,6 +1013,7 @@ def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
     if plan_only:
         return None
     t0 = time.time()
+    recorded_before = sum(record_path(out, j).exists() for j in todo)
 
     def attempt(job):  # one failed run must not cancel the others
         try:
@@ -1033,8 +1034,9 @@ def reproduce(setup: str = "cpu", out="results", jobs: int = 2, datasets=None,
     minutes = round((time.time() - t0) / 60, 1)
     if no_report:  # queued runs: the tables once, at the end (`--report-only`), not after every row
         js = None
-        log(f"[reproduce] {len(todo) - len(failed)} run(s) recorded in {minutes} min; the tables are left "
-            f"as they are (`vrnn reproduce --setup {setup} --report-only` writes them)")
+        log(f"[reproduce] {len(todo) - len(failed) - recorded_before} run(s) trained and recorded in "
+            f"{minutes} min ({recorded_before} recorded before); the tables are left as they are "
+            f"(`vrnn reproduce --setup {setup} --report-only` writes them)")
     else:
         js = report(out, setup, list(DATASETS), command, log)  # every record, whatever this run's subset
         js["wall_minutes"] = minutes
