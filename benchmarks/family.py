@@ -2,11 +2,13 @@
 one run (ratios; never an absolute time as a pass mark).
 
     PYTHONPATH=src python benchmarks/family.py [--repeats 5] [--workloads lasa,asterisk-en]
+                                               [--models vrnn-gauss,kvae-gauss]
                                                [--out benchmarks/results/family_cpu.json]
 
 Every model is sized as ``vrnn reproduce`` sizes its rows: all MLP widths (and the
 inference RNN's width a_dim) bisected so that the parameter count matches RNN-Gauss's at
-the reproduction's sizes (``reproduce.match_params``). A training step is forward, ELBO,
+the reproduction's sizes (``reproduce.match_params``; on the ``musedata`` workload, a
+piano-roll set's, the latent rows keep its published sizes, h = z = 64). A training step is forward, ELBO,
 backward, gradient-norm clipping and an Adam step on a full (unpadded) batch, in float32
 with one intra-op thread; the models are interleaved round-robin after a warm-up and the
 median of the repeats reported, with each model's ratio to VRNN-Gauss (fused chain).
@@ -33,7 +35,7 @@ from vrnn.reproduce import SETUPS, Row, match_params  # noqa: E402
 MODELS = ["vrnn-gauss", "srnn-gauss", "dkf-gauss", "storn-gauss", "rvae-causal-gauss", "rvae-gauss", "dsae-gauss",
           "kvae-gauss"]
 # (dataset whose reproduction sizes are used, x_dim, T, B)
-WORKLOADS = {"asterisk-en": (200, 40, 32), "lasa": (2, 124, 16)}
+WORKLOADS = {"asterisk-en": (200, 40, 32), "lasa": (2, 124, 16), "musedata": (88, 400, 16)}
 
 
 def _step(model, x, mask, opt):
@@ -50,9 +52,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--workloads", default="asterisk-en,lasa", help=f"of {', '.join(WORKLOADS)}")
+    ap.add_argument("--models", default=",".join(MODELS), help="vrnn-gauss always included (the ratios' base)")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
+    models = ["vrnn-gauss"] + [m for m in args.models.split(",") if m != "vrnn-gauss"]
+    if bad := sorted(set(models) - set(MODELS)) + sorted(set(args.workloads.split(",")) - set(WORKLOADS)):
+        ap.error(f"unknown model or workload: {', '.join(bad)}")
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} thread, load average at start "
           f"{os.getloadavg()[0]:.2f}")
@@ -66,14 +72,14 @@ def main(argv=None) -> int:
         x = torch.randn(B, T, x_dim)
         mask = torch.ones(B, T)
         fns, params = {}, {}
-        for preset in MODELS:
+        for preset in models:
             fields = match_params(Row(preset), name, x_dim, base)
             torch.manual_seed(1)
             model = build(VRNNConfig.preset(preset, x_dim=x_dim, **fields))
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
             fns[preset], params[preset] = _step(model, x, mask, opt), model.num_parameters()
         med = interleaved(fns, "cpu", args.warmup, args.repeats)
-        for preset in MODELS:
+        for preset in models:
             r = dict(workload=name, x_dim=x_dim, T=T, B=B, model=preset, params=params[preset],
                      ms=1e3 * med[preset], vs_vrnn=med[preset] / med["vrnn-gauss"])
             rows.append(r)
