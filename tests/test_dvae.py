@@ -85,7 +85,7 @@ CASES = {
                                          phi_x_layers=2)),
     "dsae-lstm2": ("dsae-gauss", dict(rnn_layers=2)),
     "kvae-bernoulli": ("kvae-gauss", dict(output="bernoulli", x_dim=4, state_dim=3, mixtures=2)),
-    # codes wider than the state (the piano-roll sets' regime): S = U U^T + R has rank n + diagonal
+    # codes wider than the state (the piano-roll sets' regime): S = U U^T + R, a diagonal plus rank n
     "kvae-wide-codes": ("kvae-gauss", dict(z_dim=6, state_dim=2, mixtures=2)),
 }
 

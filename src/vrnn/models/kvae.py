@@ -20,16 +20,18 @@ the full-covariance predictive (the paper's bound with p(s | a) integrated exact
 Rao-Blackwellised version of its sampled smoother term). The Kalman smoother
 (``smooth``) gives p(s_t | a_{1:T}) for analysis.
 
-The predictive covariance S_t = C_t P_t C_t^T + R is Z x Z but of rank n plus a diagonal:
-with P_t = L_P L_P^T and U = C_t L_P, S_t = U U^T + R, so every solve and determinant goes
-through the n x n matrix G = I + U^T R^-1 U (Woodbury, the determinant lemma), and the
-filtered covariance is the information form L_P G^-1 L_P^T. The filter's work per step is
-O(Z n^2), not O(Z^3) (z_dim 64 against state_dim 4 on the piano-roll sets).
+The predictive covariance S_t = C_t P_t C_t^T + R is Z x Z, but a diagonal plus a matrix
+of rank n: with P_t = L_P L_P^T and U = C_t L_P, S_t = U U^T + R, so every solve and
+determinant goes through the n x n matrix G = I + U^T R^-1 U (Woodbury, the determinant
+lemma), and the filtered covariance is the information form L_P G^-1 L_P^T. The filter's
+work per step is O(Z n^2), not O(Z^3) (z_dim 64 against state_dim 4 on the piano-roll
+sets).
 
 What is sequential: the filter's recursion (m_t, P_t: small n x n matrix products per
 step); the predictive's log-densities and KLs, q, the mixing RNN (one nn.LSTM/nn.GRU call
-over the drawn codes), the emission and the heads run batched over time. The particle filter and FIVO are offered: the joint factors step by
-step (p(a_t | a_{<t}) p(x_t | a_t)), and the proposal q(a_t | x_t) reads no latent; each
+over the drawn codes), the emission and the heads run batched over time. The particle
+filter and FIVO are offered: the joint factors step by step (p(a_t | a_{<t})
+p(x_t | a_t)), and the proposal q(a_t | x_t) reads no latent; each
 particle carries its Kalman mean and covariance. Generation is online (s_t and a_t drawn
 from the state space, x_t from the head).
 
