@@ -8,10 +8,11 @@ one run (ratios; never an absolute time as a pass mark).
 Every model is sized as ``vrnn reproduce`` sizes its rows: all MLP widths (and the
 inference RNN's width a_dim) bisected so that the parameter count matches RNN-Gauss's at
 the reproduction's sizes (``reproduce.match_params``; on the ``musedata`` workload, a
-piano-roll set's, the latent rows keep its published sizes, h = z = 64). A training step is forward, ELBO,
-backward, gradient-norm clipping and an Adam step on a full (unpadded) batch, in float32
-with one intra-op thread; the models are interleaved round-robin after a warm-up and the
-median of the repeats reported, with each model's ratio to VRNN-Gauss (fused chain).
+piano-roll set's, the latent rows keep its published sizes, h = z = 64). A training step
+is forward, ELBO, backward, gradient-norm clipping and an Adam step on a full (unpadded)
+batch, in float32 with one intra-op thread; the models are interleaved round-robin after
+a warm-up and the median of the repeats reported, with each model's ratio to VRNN-Gauss
+(fused chain).
 """
 
 from __future__ import annotations

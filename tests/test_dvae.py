@@ -498,7 +498,7 @@ def test_kvae_smoother_is_the_exact_gaussian_posterior():
 @pytest.mark.parametrize("r_pre", [-1.0, -9.0])
 def test_kvae_float32_filter_keeps_float64s_figures_when_the_code_noise_is_tiny(r_pre):
     """R's std 0.31, and 2.2e-4 (softplus(-9) + floor), where S = C P C^T + R has a
-    condition number near 1e8: in float32 the dense Z x Z Cholesky lost 3e-3 of the
+    condition number above 1e7: in float32 the dense Z x Z Cholesky lost 3e-3 of the
     log-density at std 2.6e-3 and failed (not positive-definite) at 2.2e-4. The factored
     filter (solves through I + U^T R^-1 U, quadratic forms as sums of non-negative terms)
     keeps log p(a_t | a_{<t}) and the KL within 1e-5 of float64's, relative."""
