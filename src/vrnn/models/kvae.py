@@ -99,14 +99,18 @@ class KVAE(SequenceModel):
         return A, C
 
     @staticmethod
+    def predict_state(A, m, P, Qd):
+        """The predicted state m' = A m and the Cholesky factor L_P of P' = A P A^T + Q."""
+        return (A @ m.unsqueeze(-1)).squeeze(-1), torch.linalg.cholesky(A @ P @ _t(A) + torch.diag(Qd))
+
+    @staticmethod
     def predict(A, C, m, P, Qd, Rd):
-        """The predicted state m' = A m, P' = A P A^T + Q = L_P L_P^T and the code's
-        predictive N(C m', S), S = C P' C^T + R = U U^T + R with U = C L_P (Z x n), kept in
-        that factored form: every solve against S goes through the n x n matrix
-        G = I + U^T R^-1 U = L_G L_G^T (Woodbury), never a Z x Z one. Returns m', L_P, the
-        predictive mean (rows, Z), U and L_G."""
-        m = (A @ m.unsqueeze(-1)).squeeze(-1)
-        L_P = torch.linalg.cholesky(A @ P @ _t(A) + torch.diag(Qd))
+        """The predicted state (``predict_state``) and the code's predictive N(C m', S),
+        S = C P' C^T + R = U U^T + R with U = C L_P (Z x n), kept in that factored form:
+        every solve against S goes through the n x n matrix G = I + U^T R^-1 U = L_G L_G^T
+        (Woodbury), never a Z x Z one. Returns m', L_P, the predictive mean (rows, Z), U and
+        L_G."""
+        m, L_P = KVAE.predict_state(A, m, P, Qd)
         U = C @ L_P
         G = _t(U) @ (U / Rd.unsqueeze(-1)) + torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
         return m, L_P, (C @ m.unsqueeze(-1)).squeeze(-1), U, torch.linalg.cholesky(G)
@@ -144,16 +148,18 @@ class KVAE(SequenceModel):
         T, Z = a.shape[1], a.shape[2]
         keeps = [None] * T if keep is None else keep.unbind(1)
         ancestors = [None] * T if ancestors is None else ancestors
-        means, Us, LGs = [], [], []
+        means, Us, LGs, xs = [], [], [], []
         # (time indexed by unbind: slicing a tensor that needs grad per step would cost a
         # full-size gradient buffer per step in backward)
         A, C, a_t = (v.unbind(1) for v in (A, C, a))
         for t in range(T):
             m_p, L_P, mean_a, U, L_G = self.predict(A[t], C[t], m, P, Qd, Rd)
-            m_new, P_new = self.update(m_p, L_P, L_G, self.whiten(U, L_G, Rd, a_t[t] - mean_a))
+            x = self.whiten(U, L_G, Rd, a_t[t] - mean_a)
+            m_new, P_new = self.update(m_p, L_P, L_G, x)
             means.append(mean_a)
             Us.append(U)
             LGs.append(L_G)
+            xs.append(x)
             if keeps[t] is not None:
                 m = torch.where(keeps[t], m_new, m)
                 P = torch.where(keeps[t].unsqueeze(-1), P_new, P)
@@ -161,10 +167,10 @@ class KVAE(SequenceModel):
                 m, P = m_new, P_new
             if ancestors[t] is not None:
                 m, P = m.index_select(0, ancestors[t]), P.index_select(0, ancestors[t])
-        mean_a, U, L_G = (torch.stack(v, 1) for v in (means, Us, LGs))
+        mean_a, U, L_G, x_a = (torch.stack(v, 1) for v in (means, Us, LGs, xs))
         half_logdet = self.half_logdet(L_G, Rd)
         d_a, d_q = a - mean_a, mu_q - mean_a
-        quad_a = self.mahalanobis(U, Rd, d_a, self.whiten(U, L_G, Rd, d_a))
+        quad_a = self.mahalanobis(U, Rd, d_a, x_a)
         quad_q = self.mahalanobis(U, Rd, d_q, self.whiten(U, L_G, Rd, d_q))
         logp = -0.5 * quad_a - half_logdet - 0.5 * Z * LOG_2PI
         # tr(S^-1 diag(var_q)): diag(S^-1) = 1/R - rowsum(V^2), V^T = L_G^-1 U^T R^-1
@@ -274,9 +280,8 @@ class KVAE(SequenceModel):
         h, c, m, P = state[0], state[1], state[2][0], state[3][0]
         A, C = self.matrices(h[-1])
         Qd, Rd = self.noise_vars(m.dtype)
-        m_p = (A @ m.unsqueeze(-1)).squeeze(-1)
-        P_p = A @ P @ _t(A) + torch.diag_embed(Qd)
-        s = m_p + (torch.linalg.cholesky(0.5 * (P_p + _t(P_p))) @ torch.randn_like(m_p).unsqueeze(-1)).squeeze(-1)
+        m_p, L_P = self.predict_state(A, m, P, Qd)
+        s = m_p + (L_P @ torch.randn_like(m_p).unsqueeze(-1)).squeeze(-1)
         a = (C @ s.unsqueeze(-1)).squeeze(-1) + Rd.sqrt() * torch.randn(m.shape[0], self.cfg.z_dim, dtype=m.dtype,
                                                                           device=m.device)
         params = self.head(self.decoder(a))
