@@ -17,7 +17,7 @@ from torch.distributions import (Bernoulli, Categorical, Independent, MixtureSam
 
 from reference_dvae import generative, reference
 from test_model import adam_improves, toy_waves
-from vrnn import ConfigError, VRNNConfig, build
+from vrnn import ConfigError, VRNNConfig, build, compiled
 from vrnn.inference import SequenceDraws, log_ratio, objective
 from vrnn.smc import particle_filter
 
@@ -495,8 +495,86 @@ def test_kvae_smoother_is_the_exact_gaussian_posterior():
         assert (ms[b, L:] == 0).all()
 
 
+@pytest.fixture(params=["compiled", "python"])
+def kalman_loop(request):
+    """Runs a test with the KVAE's compiled filter (csrc/kalman.cpp) and with its Python loop."""
+    on = request.param == "compiled"
+    if on and not compiled.available():
+        pytest.skip(f"the compiled loops did not build here: {compiled._state['error']}")
+    with compiled.using(on, float64=on):
+        yield on
+
+
+def _filter_inputs(dtype, rows=4, T=7, n=3, Z=5, seed=0):
+    """Leaves of the filter's inputs (A, C, R, a, q, m_0, a factor of P_0), all with grad."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, dtype=DT, generator=g)  # noqa: E731
+    leaves = [torch.eye(n, dtype=DT) + 0.3 * rnd(rows, T, n, n), rnd(rows, T, Z, n), 0.2 + torch.rand(Z, dtype=DT,
+              generator=g), rnd(rows, T, Z), 0.1 + torch.rand(n, dtype=DT, generator=g), rnd(rows, n),
+              0.5 * rnd(rows, n, n)]
+    return [t.to(dtype).requires_grad_() for t in leaves]
+
+
+def _run_filter(model, leaves, keep):
+    A, C, Rd, a, q, m0, F0 = leaves
+    P0 = F0 @ F0.transpose(-1, -2) + 0.5 * torch.eye(m0.shape[-1], dtype=m0.dtype)
+    J, y = model.information(C, Rd, a)
+    return model._filter(A, J, y, q, m0, P0, keep, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kvae_compiled_filter_matches_the_python_loop_and_its_gradients(dtype):
+    """csrc/kalman.cpp's forward and hand-written backward against the Python loop under
+    autograd: every output (m'_t, P'_t, the last m and P) and the gradient of a random
+    weighting of all of them with respect to A_t, C_t, R, a_t, Q and the initial state,
+    rows ending early (keep) included."""
+    if not compiled.available():
+        pytest.skip(f"the compiled loops did not build here: {compiled._state['error']}")
+    model = make_model("kvae-gauss", z_dim=5, state_dim=3).to(dtype)
+    keep = torch.ones(4, 7, dtype=torch.bool)
+    keep[1, 4:] = False
+    keep[3, 1:] = False
+    out, grads = {}, {}
+    for on in (True, False):
+        leaves = _filter_inputs(dtype)
+        with compiled.using(on, float64=True):
+            res = _run_filter(model, leaves, keep)
+        assert (type(res[0].grad_fn).__name__ == "KalmanFilterBackward") == on
+        g = torch.Generator().manual_seed(9)
+        loss = sum((r * torch.randn(r.shape, dtype=DT, generator=g).to(dtype)).sum() for r in res)
+        grads[on] = torch.autograd.grad(loss, leaves)
+        out[on] = [r.detach() for r in res]
+    tol = TIGHT if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(grads[True], grads[False]):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_kvae_training_step_is_the_same_with_the_compiled_filter():
+    """The whole loss and every parameter's gradient, masked batch, float64: the compiled
+    filter changes nothing but the time."""
+    if not compiled.available():
+        pytest.skip(f"the compiled loops did not build here: {compiled._state['error']}")
+    model = make_model("kvae-gauss", seed=3, z_dim=6, state_dim=3, x_dim=5, h_dim=8)
+    x = make_x(model, 4, 9)
+    mask = lengths_mask([9, 6, 9, 2], 9)
+    result = {}
+    for on in (True, False):
+        m = copy.deepcopy(model)
+        with compiled.using(on, float64=True):
+            torch.manual_seed(1)
+            loss, _ = objective(m, x, mask)
+            loss.backward()
+        result[on] = [loss.detach()] + [p.grad for p in m.parameters()]
+    assert all(g is not None for g in result[True])
+    for a, b in zip(result[True], result[False]):
+        torch.testing.assert_close(a, b, **TIGHT)
+
+
 @pytest.mark.parametrize("r_pre", [-1.0, -9.0])
-def test_kvae_float32_filter_keeps_float64s_figures_when_the_code_noise_is_tiny(r_pre):
+def test_kvae_float32_filter_keeps_float64s_figures_when_the_code_noise_is_tiny(r_pre, kalman_loop):
     """R's std 0.31, and 2.2e-4 (softplus(-9) + floor), where S = C P C^T + R has a
     condition number above 1e7: in float32 the dense Z x Z Cholesky lost 3e-3 of the
     log-density at std 2.6e-3 and failed (not positive-definite) at 2.2e-4. The factored

@@ -1,7 +1,10 @@
-"""The compiled loops of the fused scans (``csrc/scan.cpp``), built at first use.
+"""The compiled loops of the fused scans (``csrc/scan.cpp``) and of the KVAE's Kalman
+filter (``csrc/kalman.cpp``), one extension built at first use.
 
 ``fast.FusedScan`` runs its forward and reverse loops in C++ when this module can provide
-them, and in Python (the same steps, one torch call per op) otherwise. The extension is
+them, and in Python (the same steps, one torch call per op) otherwise; so do
+``fast_srnn.ZChain`` and ``fast_kvae.KalmanFilter`` (the KVAE's Python loop runs under
+plain autograd). The extension is
 compiled once with ``torch.utils.cpp_extension.load`` (g++ or clang, and ninja) into a
 cache folder outside the package, so a read-only install works:
 ``$VRNN_CACHE/extensions/<name>`` if ``VRNN_CACHE`` is set, else
@@ -34,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["extension", "loaded", "available", "enabled", "set_enabled", "using", "cache_dir", "SOURCE"]
+__all__ = ["extension", "loaded", "available", "enabled", "set_enabled", "using", "cache_dir", "SOURCES"]
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "scan.cpp"
+SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / f for f in ("scan.cpp", "kalman.cpp"))
 _ENV = os.environ.get("VRNN_COMPILED", "1").strip().lower()
 _state: dict = {"module": None, "tried": False, "error": None,
                 "enabled": _ENV not in ("0", "false", "no", "off"), "float64": _ENV == "all"}
@@ -70,7 +73,7 @@ def _cpu() -> str:
 
 
 def _name() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES))
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{sys.platform}|{_cpu()}|{FLAGS}".encode())
     return f"vrnn_scan_{h.hexdigest()[:12]}"
 
@@ -108,7 +111,7 @@ def _build():
     try:
         for i, flags in enumerate(FLAGS):
             try:
-                mod = load(name=name, sources=[str(SOURCE)], build_directory=str(build),
+                mod = load(name=name, sources=[str(s) for s in SOURCES], build_directory=str(build),
                            extra_cflags=flags, verbose=False)
                 _state["flags"] = flags
                 return mod

@@ -788,9 +788,18 @@ std::vector<Tensor> chain_backward(Tensor ZIN, std::vector<Tensor> U, Tensor O, 
 
 }  // namespace
 
+// csrc/kalman.cpp: the KVAE's Kalman filter, built into the same module
+std::vector<Tensor> kalman_forward(Tensor A, Tensor J, Tensor y, Tensor q, Tensor m0, Tensor P0,
+                                   c10::optional<Tensor> keep);
+std::vector<Tensor> kalman_backward(Tensor A, Tensor J, Tensor y, c10::optional<Tensor> keep, Tensor mp, Tensor mf,
+                                    Tensor Pf, Tensor LP, Tensor LG, c10::optional<Tensor> gmp,
+                                    c10::optional<Tensor> gPp, c10::optional<Tensor> gmT, c10::optional<Tensor> gPT);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_forward", &scan_forward, "the VRNN scan's forward loop");
   m.def("scan_backward", &scan_backward, "the VRNN scan's reverse loop");
   m.def("chain_forward", &chain_forward, "the SRNN z-chain's forward loop");
   m.def("chain_backward", &chain_backward, "the SRNN z-chain's reverse loop");
+  m.def("kalman_forward", &kalman_forward, "the KVAE's Kalman filter, forward");
+  m.def("kalman_backward", &kalman_backward, "the KVAE's Kalman filter, reverse");
 }

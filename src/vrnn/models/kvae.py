@@ -100,20 +100,40 @@ class KVAE(SequenceModel):
 
     @staticmethod
     def predict_state(A, m, P, Qd):
-        """The predicted state m' = A m and the Cholesky factor L_P of P' = A P A^T + Q."""
-        return (A @ m.unsqueeze(-1)).squeeze(-1), torch.linalg.cholesky(A @ P @ _t(A) + torch.diag(Qd))
+        """The predicted state: m' = A m and P' = A P A^T + Q."""
+        return (A @ m.unsqueeze(-1)).squeeze(-1), A @ P @ _t(A) + torch.diag(Qd)
 
     @staticmethod
-    def predict(A, C, m, P, Qd, Rd):
-        """The predicted state (``predict_state``) and the code's predictive N(C m', S),
-        S = C P' C^T + R = U U^T + R with U = C L_P (Z x n), kept in that factored form:
-        every solve against S goes through the n x n matrix G = I + U^T R^-1 U = L_G L_G^T
-        (Woodbury), never a Z x Z one. Returns m', L_P, the predictive mean (rows, Z), U and
-        L_G."""
-        m, L_P = KVAE.predict_state(A, m, P, Qd)
-        U = C @ L_P
+    def information(C, Rd, a):
+        """What a code a_t tells about the state: J = C^T R^-1 C (..., n, n) and
+        y = C^T R^-1 a (..., n), so that the update below never touches a Z-sized array."""
+        CR = C / Rd.unsqueeze(-1)
+        return _t(C) @ CR, (_t(CR) @ a.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def filter_step(A, J, y, m, P, Qd):
+        """One step of the filter: the prediction (m', P') and the update given the code
+        (information form): with P' = L_P L_P^T and G = I + L_P^T J L_P = L_G L_G^T,
+        m = m' + L_P G^-1 L_P^T (y - J m') and P = L_P G^-1 L_P^T = W^T W, W = L_G^-1 L_P^T
+        (symmetric by construction; P = (P'^-1 + J)^-1). Returns m', P', m, P. The
+        compiled loop (csrc/kalman.cpp, ``fast_kvae``) runs the same equations."""
+        m_p, P_p = KVAE.predict_state(A, m, P, Qd)
+        L_P = torch.linalg.cholesky(P_p)
+        eye = torch.eye(L_P.shape[-1], dtype=L_P.dtype, device=L_P.device)
+        L_G = torch.linalg.cholesky(_t(L_P) @ J @ L_P + eye)
+        b = _t(L_P) @ (y - (J @ m_p.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)
+        W = torch.linalg.solve_triangular(L_G, _t(L_P), upper=False)
+        return m_p, P_p, m_p + (L_P @ torch.cholesky_solve(b, L_G)).squeeze(-1), _t(W) @ W
+
+    @staticmethod
+    def predictive(C, m_p, P_p, Rd):
+        """The code's predictive N(C m', S), S = C P' C^T + R = U U^T + R with U = C L_P
+        (Z x n), kept in that factored form: every solve against S goes through the n x n
+        matrix G = I + U^T R^-1 U = L_G L_G^T (Woodbury), never a Z x Z one. Returns the
+        mean (..., Z), U and L_G; batched over any leading dimensions."""
+        U = C @ torch.linalg.cholesky(P_p)
         G = _t(U) @ (U / Rd.unsqueeze(-1)) + torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
-        return m, L_P, (C @ m.unsqueeze(-1)).squeeze(-1), U, torch.linalg.cholesky(G)
+        return (C @ m_p.unsqueeze(-1)).squeeze(-1), U, torch.linalg.cholesky(G)
 
     @staticmethod
     def whiten(U, L_G, Rd, d):
@@ -128,51 +148,58 @@ class KVAE(SequenceModel):
         return ((d - (U @ x.unsqueeze(-1)).squeeze(-1)) ** 2 / Rd).sum(-1) + (x ** 2).sum(-1)
 
     @staticmethod
-    def update(m, L_P, L_G, x):
-        """The filtered state given a_t (information form): m = m' + L_P x,
-        P = L_P G^-1 L_P^T = W^T W with W = L_G^-1 L_P^T (symmetric by construction)."""
-        W = torch.linalg.solve_triangular(L_G, _t(L_P), upper=False)
-        return m + (L_P @ x.unsqueeze(-1)).squeeze(-1), _t(W) @ W
-
-    @staticmethod
     def half_logdet(L_G, Rd):
         """0.5 log det S = 0.5 sum log R + log det L_G (matrix determinant lemma)."""
         return 0.5 * torch.log(Rd).sum() + torch.log(torch.diagonal(L_G, dim1=-2, dim2=-1)).sum(-1)
 
-    def _kalman(self, A, C, a, mu_q, std_q, m, P, keep, ancestors):
-        """The sequential part, the filter (n x n work per step); then, batched over time,
-        the predictive p(a_t | a_{<t}): its log-density at a_t, KL(q || it). Returns log p
-        (rows, T), KL (rows, T), the predictive mean and std (rows, T, Z), and the last
-        (m, P)."""
-        Qd, Rd = self.noise_vars(a.dtype)
-        T, Z = a.shape[1], a.shape[2]
+    def log_predictive(self, mean_a, U, L_G, Rd, a):
+        """log N(a; mean_a, S) with S as in ``predictive``."""
+        d = a - mean_a
+        return (-0.5 * self.mahalanobis(U, Rd, d, self.whiten(U, L_G, Rd, d)) - self.half_logdet(L_G, Rd)
+                - 0.5 * a.shape[-1] * LOG_2PI)
+
+    def _filter(self, A, J, y, Qd, m, P, keep, ancestors):
+        """The sequential part: m'_t, P'_t (rows, T, n), (rows, T, n, n) for every step and
+        the last filtered (m, P); a row whose ``keep`` (rows, T) is False at t carries its
+        state. The compiled loop (``fast_kvae``, a hand-written backward) where it applies,
+        else this Python loop under autograd."""
+        if ancestors is None:
+            from ..fast_kvae import kalman_filter
+            out = kalman_filter(A, J, y, Qd, m, P, keep)
+            if out is not None:
+                return out
+        T = A.shape[1]
         keeps = [None] * T if keep is None else keep.unbind(1)
         ancestors = [None] * T if ancestors is None else ancestors
-        means, Us, LGs, xs = [], [], [], []
+        mps, Pps = [], []
         # (time indexed by unbind: slicing a tensor that needs grad per step would cost a
         # full-size gradient buffer per step in backward)
-        A, C, a_t = (v.unbind(1) for v in (A, C, a))
-        for t in range(T):
-            m_p, L_P, mean_a, U, L_G = self.predict(A[t], C[t], m, P, Qd, Rd)
-            x = self.whiten(U, L_G, Rd, a_t[t] - mean_a)
-            m_new, P_new = self.update(m_p, L_P, L_G, x)
-            means.append(mean_a)
-            Us.append(U)
-            LGs.append(L_G)
-            xs.append(x)
+        for t, (A_t, J_t, y_t) in enumerate(zip(A.unbind(1), J.unbind(1), y.unbind(1))):
+            m_p, P_p, m_new, P_new = self.filter_step(A_t, J_t, y_t, m, P, Qd)
+            mps.append(m_p)
+            Pps.append(P_p)
             if keeps[t] is not None:
-                m = torch.where(keeps[t], m_new, m)
-                P = torch.where(keeps[t].unsqueeze(-1), P_new, P)
+                m = torch.where(keeps[t].unsqueeze(-1), m_new, m)
+                P = torch.where(keeps[t].view(-1, 1, 1), P_new, P)
             else:
                 m, P = m_new, P_new
             if ancestors[t] is not None:
                 m, P = m.index_select(0, ancestors[t]), P.index_select(0, ancestors[t])
-        mean_a, U, L_G, x_a = (torch.stack(v, 1) for v in (means, Us, LGs, xs))
+        return torch.stack(mps, 1), torch.stack(Pps, 1), m, P
+
+    def _kalman(self, A, C, a, mu_q, std_q, m, P, keep, ancestors):
+        """The filter (``_filter``), then, batched over time, the predictive
+        p(a_t | a_{<t}): its log-density at a_t, KL(q || it). Returns log p (rows, T), KL
+        (rows, T), the predictive mean and std (rows, T, Z), and the last (m, P)."""
+        Qd, Rd = self.noise_vars(a.dtype)
+        Z = a.shape[2]
+        J, y = self.information(C, Rd, a)
+        m_p, P_p, m, P = self._filter(A, J, y, Qd, m, P, keep, ancestors)
+        mean_a, U, L_G = self.predictive(C, m_p, P_p, Rd)
         half_logdet = self.half_logdet(L_G, Rd)
-        d_a, d_q = a - mean_a, mu_q - mean_a
-        quad_a = self.mahalanobis(U, Rd, d_a, x_a)
+        logp = self.log_predictive(mean_a, U, L_G, Rd, a)
+        d_q = mu_q - mean_a
         quad_q = self.mahalanobis(U, Rd, d_q, self.whiten(U, L_G, Rd, d_q))
-        logp = -0.5 * quad_a - half_logdet - 0.5 * Z * LOG_2PI
         # tr(S^-1 diag(var_q)): diag(S^-1) = 1/R - rowsum(V^2), V^T = L_G^-1 U^T R^-1
         Vt = torch.linalg.solve_triangular(L_G, _t(U / Rd.unsqueeze(-1)), upper=False)
         var_q = std_q ** 2
@@ -230,7 +257,7 @@ class KVAE(SequenceModel):
         a = mu_q + std_q * noise
         h_used, hc = self._mixing_rnn(a, lengths, tuple(state[:2]), ancestors)
         params = self.head(self.decoder(a))
-        keep = None if mask is None else mask.unsqueeze(-1) > 0
+        keep = None if mask is None else mask > 0
         with torch.autocast(x.device.type, enabled=False):
             a32, mu_q, std_q = (t.to(x.dtype) for t in (a, mu_q, std_q))
             A, C = self.matrices(h_used.to(x.dtype))
@@ -256,12 +283,12 @@ class KVAE(SequenceModel):
         A, C = self.matrices(h_used)
         Qd, Rd = self.noise_vars(x.dtype)
         m, P = state[2][0], state[3][0]
+        J, y = self.information(C, Rd, mu_q)
         filt, pred = [], []
         for t in range(T):
-            m_p, L_P, mean_a, U, L_G = self.predict(A[:, t], C[:, t], m, P, Qd, Rd)
-            m, P = self.update(m_p, L_P, L_G, self.whiten(U, L_G, Rd, mu_q[:, t] - mean_a))
+            m_p, P_p, m, P = self.filter_step(A[:, t], J[:, t], y[:, t], m, P, Qd)
             filt.append((m, P))
-            pred.append((m_p, L_P @ _t(L_P)))
+            pred.append((m_p, P_p))
         L = torch.full((B,), T, device=x.device, dtype=torch.long) if mask is None else mask.sum(1).long()
         ms, Ps = [f[0] for f in filt], [f[1] for f in filt]
         for t in range(T - 2, -1, -1):  # s_t | a_{1:T} from s_{t+1} | a_{1:T}; rows ending at t keep the filter
@@ -280,8 +307,8 @@ class KVAE(SequenceModel):
         h, c, m, P = state[0], state[1], state[2][0], state[3][0]
         A, C = self.matrices(h[-1])
         Qd, Rd = self.noise_vars(m.dtype)
-        m_p, L_P = self.predict_state(A, m, P, Qd)
-        s = m_p + (L_P @ torch.randn_like(m_p).unsqueeze(-1)).squeeze(-1)
+        m_p, P_p = self.predict_state(A, m, P, Qd)
+        s = m_p + (torch.linalg.cholesky(P_p) @ torch.randn_like(m_p).unsqueeze(-1)).squeeze(-1)
         a = (C @ s.unsqueeze(-1)).squeeze(-1) + Rd.sqrt() * torch.randn(m.shape[0], self.cfg.z_dim, dtype=m.dtype,
                                                                           device=m.device)
         params = self.head(self.decoder(a))
@@ -310,11 +337,8 @@ class KVAE(SequenceModel):
         h, c = h.transpose(0, 1).contiguous(), c.transpose(0, 1).contiguous()
         A, C = self.matrices(h[-1])
         Qd, Rd = self.noise_vars(a.dtype)
-        m_p, L_P, mean_a, U, L_G = self.predict(A, C, m, P, Qd, Rd)
-        d = a - mean_a
-        x = self.whiten(U, L_G, Rd, d)
-        logp = -0.5 * self.mahalanobis(U, Rd, d, x) - self.half_logdet(L_G, Rd) - 0.5 * a.shape[-1] * LOG_2PI
-        m, P = self.update(m_p, L_P, L_G, x)
+        m_p, P_p, m, P = self.filter_step(A, *self.information(C, Rd, a), m, P, Qd)
+        logp = self.log_predictive(*self.predictive(C, m_p, P_p, Rd), Rd, a)
         params = self.head(self.decoder(a)).to(a.dtype)
         log_px = rows_log_prob(self.head, params, features["x"][t])
         _, (h, c) = step(self.rnn, a, (h, c))
