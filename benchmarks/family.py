@@ -12,7 +12,8 @@ piano-roll set's, the latent rows keep its published sizes, h = z = 64). A train
 is forward, ELBO, backward, gradient-norm clipping and an Adam step on a full (unpadded)
 batch, in float32 with one intra-op thread; the models are interleaved round-robin after
 a warm-up and the median of the repeats reported, with each model's ratio to VRNN-Gauss
-(fused chain).
+(fused chain). The KVAE runs twice, with its compiled filter (csrc/kalman.cpp, the
+default where it builds) and with the Python loop under autograd (row "kvae-gauss/python").
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import interleaved  # noqa: E402
 
-from vrnn import VRNNConfig, build  # noqa: E402
+from vrnn import VRNNConfig, build, compiled  # noqa: E402
 from vrnn.inference import objective  # noqa: E402
 from vrnn.reproduce import SETUPS, Row, match_params  # noqa: E402
 
@@ -46,6 +47,13 @@ def _step(model, x, mask, opt):
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
+    return run
+
+
+def _python_loops(fn):
+    def run():
+        with compiled.using(False):
+            fn()
     return run
 
 
@@ -79,8 +87,11 @@ def main(argv=None) -> int:
             model = build(VRNNConfig.preset(preset, x_dim=x_dim, **fields))
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
             fns[preset], params[preset] = _step(model, x, mask, opt), model.num_parameters()
+        if "kvae-gauss" in fns:
+            fns["kvae-gauss/python"] = _python_loops(fns["kvae-gauss"])
+            params["kvae-gauss/python"] = params["kvae-gauss"]
         med = interleaved(fns, "cpu", args.warmup, args.repeats)
-        for preset in models:
+        for preset in fns:
             r = dict(workload=name, x_dim=x_dim, T=T, B=B, model=preset, params=params[preset],
                      ms=1e3 * med[preset], vs_vrnn=med[preset] / med["vrnn-gauss"])
             rows.append(r)

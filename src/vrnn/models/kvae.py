@@ -23,17 +23,19 @@ Rao-Blackwellised version of its sampled smoother term). The Kalman smoother
 The predictive covariance S_t = C_t P_t C_t^T + R is Z x Z, but a diagonal plus a matrix
 of rank n: with P_t = L_P L_P^T and U = C_t L_P, S_t = U U^T + R, so every solve and
 determinant goes through the n x n matrix G = I + U^T R^-1 U (Woodbury, the determinant
-lemma), and the filtered covariance is the information form L_P G^-1 L_P^T. The filter's
-work per step is O(Z n^2), not O(Z^3) (z_dim 64 against state_dim 4 on the piano-roll
-sets).
+lemma), never a Z x Z one (z_dim 64 against state_dim 4 on the piano-roll sets). The
+filter's update reads the code through J_t = C_t^T R^-1 C_t and y_t = C_t^T R^-1 a_t
+(information form: P_t = (P'_t^-1 + J_t)^-1 = L_P G^-1 L_P^T), computed for all steps
+before the loop, so the loop itself is n x n work only.
 
-What is sequential: the filter's recursion (m_t, P_t: small n x n matrix products per
-step); the predictive's log-densities and KLs, q, the mixing RNN (one nn.LSTM/nn.GRU call
-over the drawn codes), the emission and the heads run batched over time. The particle
-filter and FIVO are offered: the joint factors step by step (p(a_t | a_{<t})
-p(x_t | a_t)), and the proposal q(a_t | x_t) reads no latent; each
-particle carries its Kalman mean and covariance. Generation is online (s_t and a_t drawn
-from the state space, x_t from the head).
+What is sequential: the filter's recursion (``_filter``: m_t, P_t, a few n x n products
+per step), compiled with a hand-written backward in training (``fast_kvae``,
+csrc/kalman.cpp), the Python loop here otherwise; J_t and y_t, the predictive's
+log-densities and KLs, q, the mixing RNN (one nn.LSTM/nn.GRU call over the drawn codes),
+the emission and the heads run batched over time. The particle filter and FIVO are
+offered: the joint factors step by step (p(a_t | a_{<t}) p(x_t | a_t)), and the proposal
+q(a_t | x_t) reads no latent; each particle carries its Kalman mean and covariance.
+Generation is online (s_t and a_t drawn from the state space, x_t from the head).
 
 The trace: ``z`` is a_t; ``mu_p``, ``std_p`` the predictive's mean and the square roots of
 its diagonal (for display); ``log_prior`` the exact log p(a_t | a_{<t}); ``kl_dims`` None
@@ -126,14 +128,14 @@ class KVAE(SequenceModel):
         return m_p, P_p, m_p + (L_P @ torch.cholesky_solve(b, L_G)).squeeze(-1), _t(W) @ W
 
     @staticmethod
-    def predictive(C, m_p, P_p, Rd):
+    def predictive(C, J, m_p, P_p):
         """The code's predictive N(C m', S), S = C P' C^T + R = U U^T + R with U = C L_P
         (Z x n), kept in that factored form: every solve against S goes through the n x n
-        matrix G = I + U^T R^-1 U = L_G L_G^T (Woodbury), never a Z x Z one. Returns the
-        mean (..., Z), U and L_G; batched over any leading dimensions."""
-        U = C @ torch.linalg.cholesky(P_p)
-        G = _t(U) @ (U / Rd.unsqueeze(-1)) + torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
-        return (C @ m_p.unsqueeze(-1)).squeeze(-1), U, torch.linalg.cholesky(G)
+        matrix G = I + U^T R^-1 U = I + L_P^T J L_P = L_G L_G^T (Woodbury), never a Z x Z
+        one. Returns the mean (..., Z), U and L_G; batched over any leading dimensions."""
+        L_P = torch.linalg.cholesky(P_p)
+        G = _t(L_P) @ J @ L_P + torch.eye(L_P.shape[-1], dtype=L_P.dtype, device=L_P.device)
+        return (C @ m_p.unsqueeze(-1)).squeeze(-1), C @ L_P, torch.linalg.cholesky(G)
 
     @staticmethod
     def whiten(U, L_G, Rd, d):
@@ -195,7 +197,7 @@ class KVAE(SequenceModel):
         Z = a.shape[2]
         J, y = self.information(C, Rd, a)
         m_p, P_p, m, P = self._filter(A, J, y, Qd, m, P, keep, ancestors)
-        mean_a, U, L_G = self.predictive(C, m_p, P_p, Rd)
+        mean_a, U, L_G = self.predictive(C, J, m_p, P_p)
         half_logdet = self.half_logdet(L_G, Rd)
         logp = self.log_predictive(mean_a, U, L_G, Rd, a)
         d_q = mu_q - mean_a
@@ -337,8 +339,9 @@ class KVAE(SequenceModel):
         h, c = h.transpose(0, 1).contiguous(), c.transpose(0, 1).contiguous()
         A, C = self.matrices(h[-1])
         Qd, Rd = self.noise_vars(a.dtype)
-        m_p, P_p, m, P = self.filter_step(A, *self.information(C, Rd, a), m, P, Qd)
-        logp = self.log_predictive(*self.predictive(C, m_p, P_p, Rd), Rd, a)
+        J, y = self.information(C, Rd, a)
+        m_p, P_p, m, P = self.filter_step(A, J, y, m, P, Qd)
+        logp = self.log_predictive(*self.predictive(C, J, m_p, P_p), Rd, a)
         params = self.head(self.decoder(a)).to(a.dtype)
         log_px = rows_log_prob(self.head, params, features["x"][t])
         _, (h, c) = step(self.rnn, a, (h, c))
