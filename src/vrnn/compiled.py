@@ -103,7 +103,8 @@ def _build():
     build = cache_dir() / name
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob(f"{name}*.so")) and not any(build.glob(f"{name}*.pyd")):
-        print(f"vrnn: compiling the scan's loops (once, into {build}) ...", file=sys.stderr, flush=True)
+        print(f"vrnn: compiling the time loops (the scans, the Kalman filter; once, into {build}) ...",
+              file=sys.stderr, flush=True)
     _ninja_on_path()
     log = logging.getLogger("torch.utils.cpp_extension")  # its warnings: ours says one line
     level = log.level
