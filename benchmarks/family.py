@@ -12,13 +12,16 @@ piano-roll set's, the latent rows keep its published sizes, h = z = 64). A train
 is forward, ELBO, backward, gradient-norm clipping and an Adam step on a full (unpadded)
 batch, in float32 with one intra-op thread; the models are interleaved round-robin after
 a warm-up and the median of the repeats reported, with each model's ratio to VRNN-Gauss
-(fused chain). The KVAE runs twice, with its compiled filter (csrc/kalman.cpp, the
-default where it builds) and with the Python loop under autograd (row "kvae-gauss/python").
+(fused chain). The KVAE and the RVAEs run twice: the KVAE with its compiled filter
+(csrc/kalman.cpp, the default where it builds) and with its Python loop under autograd
+(row "kvae-gauss/python"), each RVAE with its chain through the fused scan (the default)
+and under plain autograd (rows "rvae-.../autograd").
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import interleaved  # noqa: E402
 
 from vrnn import VRNNConfig, build, compiled  # noqa: E402
+from vrnn.fast import set_scan  # noqa: E402
 from vrnn.inference import objective  # noqa: E402
 from vrnn.reproduce import SETUPS, Row, match_params  # noqa: E402
 
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} thread, load average at start "
           f"{os.getloadavg()[0]:.2f}")
     print(f"Training step (ELBO, float32) at matched parameter counts, median of {args.repeats}")
-    print(f"{'workload':<12} {'model':<18} {'params':>9} {'step ms':>9} {'vs VRNN':>8}")
+    print(f"{'workload':<12} {'model':<26} {'params':>9} {'step ms':>9} {'vs VRNN':>8}")
     rows = []
     for name in args.workloads.split(","):
         x_dim, T, B = WORKLOADS[name]
@@ -87,6 +91,10 @@ def main(argv=None) -> int:
             model = build(VRNNConfig.preset(preset, x_dim=x_dim, **fields))
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
             fns[preset], params[preset] = _step(model, x, mask, opt), model.num_parameters()
+            if preset.startswith("rvae"):
+                plain = set_scan(copy.deepcopy(model), "autograd")
+                fns[preset + "/autograd"] = _step(plain, x, mask, torch.optim.Adam(plain.parameters(), lr=1e-4))
+                params[preset + "/autograd"] = params[preset]
         if "kvae-gauss" in fns:
             fns["kvae-gauss/python"] = _python_loops(fns["kvae-gauss"])
             params["kvae-gauss/python"] = params["kvae-gauss"]
@@ -95,7 +103,7 @@ def main(argv=None) -> int:
             r = dict(workload=name, x_dim=x_dim, T=T, B=B, model=preset, params=params[preset],
                      ms=1e3 * med[preset], vs_vrnn=med[preset] / med["vrnn-gauss"])
             rows.append(r)
-            print(f"{name:<12} {preset:<18} {r['params']:>9,} {r['ms']:>9.1f} {r['vs_vrnn']:>7.2f}x")
+            print(f"{name:<12} {preset:<26} {r['params']:>9,} {r['ms']:>9.1f} {r['vs_vrnn']:>7.2f}x")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1) + "\n")

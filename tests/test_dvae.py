@@ -496,8 +496,9 @@ def test_kvae_smoother_is_the_exact_gaussian_posterior():
 
 
 @pytest.fixture(params=["compiled", "python"])
-def kalman_loop(request):
-    """Runs a test with the KVAE's compiled filter (csrc/kalman.cpp) and with its Python loop."""
+def loops(request):
+    """Runs a test with the compiled loops (csrc/: the KVAE's filter, the scan the RVAE's
+    chain runs through) and with the Python ones."""
     on = request.param == "compiled"
     if on and not compiled.available():
         pytest.skip(f"the compiled loops did not build here: {compiled._state['error']}")
@@ -573,8 +574,39 @@ def test_kvae_training_step_is_the_same_with_the_compiled_filter():
         torch.testing.assert_close(a, b, **TIGHT)
 
 
+@pytest.mark.parametrize("preset,cell,bound", [("rvae-causal-gauss", "lstm", "elbo"), ("rvae-causal-gauss", "gru", "fivo"),
+                                               ("rvae-gauss", "lstm", "iwae"), ("rvae-gauss", "gru", "elbo")])
+def test_rvae_chain_through_the_fused_scan_matches_its_autograd_loop(preset, cell, bound, loops):
+    """The RVAE's chain (phi_enc -> z_t -> a step of the z-RNN) through the VRNN's fused
+    scan with no phi_z (fast_rvae.py): the loss and every parameter's gradient equal the
+    autograd loop's (float64; ragged rows, K samples per sequence, FIVO's resampling
+    gathers), on the compiled and the Python loops."""
+    from vrnn.fast import set_scan
+    model = make_model(preset, seed=3, z_dim=3, x_dim=4, h_dim=6, cell=cell)
+    x, mask = make_x(model, 3, 8), lengths_mask([8, 5, 2], 8)
+    result = {}
+    for impl in ("fused", "autograd"):
+        m = set_scan(copy.deepcopy(model), impl)
+        torch.manual_seed(1)
+        loss, _ = objective(m, x, mask, bound=bound, num_samples=1 if bound == "elbo" else 3)
+        loss.backward()
+        result[impl] = [loss.detach()] + [p.grad for p in m.parameters()]
+        torch.manual_seed(1)
+        z = m(x, mask, samples=2).z
+        assert (type(z.grad_fn).__name__ == "FusedScanBackward") == (impl == "fused"), z.grad_fn
+    assert all(g is not None for g in result["fused"])
+    for a, b in zip(result["fused"], result["autograd"]):
+        torch.testing.assert_close(a, b, **TIGHT)
+
+
+def test_rvae_with_stacked_z_rnns_keeps_its_autograd_loop():
+    model = make_model("rvae-causal-gauss", z_dim=3, rnn_layers=2)
+    z = model(make_x(model, 2, 4)).z
+    assert type(z.grad_fn).__name__ != "FusedScanBackward"
+
+
 @pytest.mark.parametrize("r_pre", [-1.0, -9.0])
-def test_kvae_float32_filter_keeps_float64s_figures_when_the_code_noise_is_tiny(r_pre, kalman_loop):
+def test_kvae_float32_filter_keeps_float64s_figures_when_the_code_noise_is_tiny(r_pre, loops):
     """R's std 0.31, and 2.2e-4 (softplus(-9) + floor), where S = C P C^T + R has a
     condition number above 1e7: in float32 the dense Z x Z Cholesky lost 3e-3 of the
     log-density at std 2.6e-3 and failed (not positive-definite) at 2.2e-4. The factored

@@ -272,6 +272,24 @@ def test_masked_recurrence_matches_the_packed_call(cell):
         torch.testing.assert_close(g, r)
 
 
+def test_a_masked_bidirectional_pass_draws_nothing_from_the_global_rng():
+    """The one-direction template that a masked bidirectional pass builds at first use
+    (recurrent._direction) initialises its own unused weights: that must not consume the
+    global RNG, or the first pass of a process after ``torch.manual_seed`` drew other noise
+    than every later one (the non-causal RVAE's z, found comparing two passes)."""
+    from vrnn.models import recurrent
+    recurrent._ONE_WAY.clear()
+    rnn = recurrent.make_rnn("lstm", 3, 5, 1, bidirectional=True).double()
+    inp = torch.randn(2, 4, 3, dtype=DT)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        recurrent.run_bidirectional(rnn, inp, torch.tensor([4, 2]))
+        draws.append(torch.randn(3))
+    assert len(recurrent._ONE_WAY) == 1  # the first pass built the template
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_bidirectional_recurrence_matches_the_packed_call(cell):
     """A bidirectional module over padded rows (each direction unpacked, the backward one

@@ -21,10 +21,12 @@ weight gradients come back in float32. Outputs mu, std, z, fz are in the autocas
 float32.
 
 Supported: a latent VRNN with a 1-layer LSTM or GRU recurrence (``rnn_layers == 1``), an
-encoder of any depth, a phi_z of depth >= 1, std = softplus + floor. Anything else, and
-any call without grad (evaluation, sampling: the plain loop is fastest there), falls back
-to the autograd loop. It is ``VRNN``'s default (``VRNN.scan_impl = "fused"``); choose per
-model with ``set_scan(model, "autograd" | "fused")``.
+encoder of any depth, a phi_z of depth >= 1, std = softplus + floor; and, with a phi_z
+of depth 0 (the cell reads z itself; the output fz is then empty), the RVAE's chain
+(``fast_rvae``). Anything else, and any call without grad (evaluation, sampling: the
+plain loop is fastest there), falls back to the autograd loop. It is the default of the
+VRNN and the RVAE (``scan_impl = "fused"``); choose per model with ``set_scan(model,
+"autograd" | "fused")``.
 
 The two loops (forward, reverse) run compiled (``csrc/scan.cpp`` through
 ``vrnn.compiled``: the same steps without a Python call per op) on the CPU in float32
@@ -55,7 +57,7 @@ _tb = torch.ops.aten.threshold_backward.grad_input  # relu backward, written int
 
 
 def set_scan(model: nn.Module, impl: str) -> nn.Module:
-    """Choose how ``model`` (a ``vrnn.VRNN``) runs its sequential chain in training:
+    """Choose how ``model`` (a ``vrnn.VRNN``, SRNN or RVAE) runs its sequential chain in training:
     ``"autograd"`` (the plain loop), ``"fused"`` (this module; falls back to the loop where
     unsupported) or ``"stepwise"`` (every network inside the loop, as the public
     implementations do: for comparisons). Sets the instance attribute ``scan_impl``
@@ -248,7 +250,8 @@ class FusedScan(torch.autograd.Function):
             hs.append(h)
             cs.append(c)
         st = lambda xs: torch.stack(xs, dim=1)  # noqa: E731
-        h_prev, std_s, z_s, fz_s = st(hs[:-1]), st(stds), st(zs), st(Q[-1])
+        h_prev, std_s, z_s = st(hs[:-1]), st(stds), st(zs)
+        fz_s = st(Q[-1]) if n_phiz else z_s  # what w_z reads (z itself without a phi_z)
         del hs, stds, zs
         # (T, B, .) stacks of the layer inputs that the weight gradients need
         U = [torch.stack(u) for u in U]
@@ -263,7 +266,7 @@ class FusedScan(torch.autograd.Function):
         ctx.save_for_backward(h_prev, std_s, z_s, fz_s)
         ctx.saved = (cs[:-1], U, Q, pres, acts, eps, keep, ancs)
         ctx.params = params
-        return (h_prev, st(mus), std_s, z_s, fz_s, torch.stack([h]), torch.stack([c]))
+        return (h_prev, st(mus), std_s, z_s, _fz_out(fz_s, n_phiz), torch.stack([h]), torch.stack([c]))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -337,7 +340,10 @@ class FusedScan(torch.autograd.Function):
             if lo:
                 DGI[t].copy_(ds)
             # phi_z, then z = mu + std * eps
-            dq = torch.addmm(gFz[t], DGI[t], w_z)
+            if not n_phiz:  # the cell reads z itself
+                torch.addmm(gZ[t], DGI[t], w_z, out=DZ[t])
+            else:
+                dq = torch.addmm(gFz[t], DGI[t], w_z)
             for k in range(n_phiz - 1, -1, -1):
                 dp = _tb(dq, Q[k][t], 0, grad_input=DP[k][t])
                 wk = phiz[k][0]
@@ -360,6 +366,12 @@ class FusedScan(torch.autograd.Function):
                 dh.add_(ch)
         return _input_grads(ctx, DEG, DGI, DA, DO, DZ, DP, dh, dc, hpT, U, Q[:-1], z_s.transpose(0, 1),
                             fz_s.transpose(0, 1), std_s)
+
+
+def _fz_out(fz_s: Tensor, n_phiz: int) -> Tensor:
+    """The output fz: phi_z(z), or, without a phi_z (the RVAE's chain), an empty (rows, T, 0)
+    (z is an output already; one tensor is not returned twice)."""
+    return fz_s if n_phiz else fz_s.new_zeros(*fz_s.shape[:2], 0)
 
 
 def _input_grads(ctx, DEG, DGI, DA, DO, DZ, DP, dh, dc, hpT, U, Q, zT, fzT, std_s):
@@ -444,12 +456,14 @@ def _forward_compiled(ext, ctx, meta, ax, gx, eps, keep, anc, h0, c0, params):
     HS, CS, MU, PRE, STD, ZS, ACT = out[:7]
     U, Q = out[7:8 + n_body], out[8 + n_body:]
     bt = lambda x: x.transpose(0, 1).contiguous()  # noqa: E731  (batch-major outputs)
-    h_prev, std_s, z_s, fz_s = bt(HS[:-1]), bt(STD), bt(ZS), bt(Q[-1])
+    h_prev, std_s, z_s = bt(HS[:-1]), bt(STD), bt(ZS)
+    fz_s = bt(Q[-1]) if n_phiz else z_s
     ctx.meta, ctx.shape, ctx.seqs = meta, (R, T, E, H, Z), ax.shape[0]
     ctx.save_for_backward(std_s)  # an output: through save_for_backward (no reference cycle)
     ctx.saved = (HS, CS, U, Q, PRE, ACT, ZS, epsT, keepT, anc_rows, pos)
     ctx.weights = (w_cat, [w for w, _ in body], w_g, [w for w, _ in phiz], w_z)
-    return (h_prev, bt(MU), std_s, z_s, fz_s, HS[-1].unsqueeze(0).clone(), CS[-1].unsqueeze(0).clone())
+    return (h_prev, bt(MU), std_s, z_s, _fz_out(fz_s, n_phiz), HS[-1].unsqueeze(0).clone(),
+            CS[-1].unsqueeze(0).clone())
 
 
 def _backward_compiled(ctx, gHp, gMu, gStd, gZ, gFz, gh_fin, gc_fin):
@@ -467,4 +481,4 @@ def _backward_compiled(ctx, gHp, gMu, gStd, gZ, gFz, gh_fin, gc_fin):
     DEG, DGI, DO, DZ, dh, dc = out[:6]
     n_body = ctx.meta[1]
     DA, DP = out[6:7 + n_body], out[7 + n_body:]
-    return _input_grads(ctx, DEG, DGI, DA, DO, DZ, DP, dh, dc, HS[:-1], U, Q[:-1], ZS, Q[-1], std_s)
+    return _input_grads(ctx, DEG, DGI, DA, DO, DZ, DP, dh, dc, HS[:-1], U, Q[:-1], ZS, Q[-1] if Q else ZS, std_s)

@@ -442,8 +442,12 @@ std::vector<Tensor> backward_impl(const Tensor& HS, const Tensor& CS, const std:
         }
       }
     }
-    // phi_z (np >= 1 layers), then z = mu + std * eps
-    {
+    // phi_z (np >= 0 layers: none in the RVAE's chain, whose cell reads z), then z = mu + std * eps
+    if (np == 0) {
+      T* dz = ptr<T>(DZ) + t * R * Z;
+      fill_rows(dz, Z, ptr<T>(gZ) + t * R * Z, R, Z, true);
+      gemm<T>(R, Z, G, dgi, ldg, ptr<T>(W.w_z), false, T(1), dz, Z);
+    } else {
       const int64_t F = Q[np - 1].size(2);
       T* dq = ptr<T>(DQ[np - 1]);
       fill_rows(dq, F, ptr<T>(gFz) + t * R * F, R, F, true);
@@ -566,7 +570,7 @@ std::vector<Tensor> scan_forward(Tensor ax, Tensor gx, Tensor eps, c10::optional
               R % Bs == 0 && c0.sizes() == h0.sizes(), "vrnn scan: inconsistent shapes");
   TORCH_CHECK(!k.defined() || (k.size(0) == T && k.size(1) == R), "vrnn scan: keep must be (T, rows)");
   TORCH_CHECK(w_cat.size(0) == E + G && w_cat.size(1) == H && w_z.size(0) == G && w_g.size(0) == 2 * Z &&
-              !phiz_w.empty() && phiz_w[0].size(1) == Z && body_w.size() == body_b.size() &&
+              (phiz_w.empty() ? w_z.size(1) == Z : phiz_w[0].size(1) == Z) && body_w.size() == body_b.size() &&
               phiz_w.size() == phiz_b.size(), "vrnn scan: weight shapes");
   check_ancestors(a, pos, R);
   auto W = weights(w_cat, b_cat, body_w, body_b, w_g, b_g, phiz_w, phiz_b, w_z);

@@ -100,7 +100,8 @@ def _direction(rnn: nn.Module, layer: int, reverse: bool, in_dim: int):
     template whose own weights are never used."""
     key = (type(rnn), in_dim, rnn.hidden_size)
     if key not in _ONE_WAY:
-        _ONE_WAY[key] = type(rnn)(in_dim, rnn.hidden_size, 1, batch_first=True)
+        with torch.random.fork_rng(devices=[]):  # its initial weights must not draw from the global RNG
+            _ONE_WAY[key] = type(rnn)(in_dim, rnn.hidden_size, 1, batch_first=True)
     suffix = "_reverse" if reverse else ""
     weights = {f"{n}_l0": getattr(rnn, f"{n}_l{layer}{suffix}") for n in _WEIGHTS}
     one_way = _ONE_WAY[key]

@@ -46,6 +46,7 @@ class RVAE(SequenceModel):
     makes one for family "rvae"."""
 
     family = "rvae"
+    scan_impl = "fused"  # or "autograd": how the chain runs in training (vrnn.fast.set_scan)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -86,7 +87,14 @@ class RVAE(SequenceModel):
 
     def _chain(self, gq: Tensor, eps: Tensor, keep: Tensor | None, s, ancestors=None):
         """The sequential part: phi_enc from s_{t-1} (its g-part ``gq`` precomputed), z_t,
-        then one step of the z-RNN. Returns z, mu_q, std_q (rows, T, Z) and the z-RNN state."""
+        then one step of the z-RNN. Returns z, mu_q, std_q (rows, T, Z) and the z-RNN state.
+        The VRNN's fused scan (fast_rvae.py: a hand-written backward through time, compiled
+        loops) runs it where it applies; this loop under plain autograd otherwise."""
+        if self.scan_impl == "fused":
+            from ..fast_rvae import chain
+            out = chain(self, gq, eps, keep, s, ancestors)
+            if out is not None:
+                return out
         T = eps.shape[1]
         keeps = [None] * T if keep is None else keep.unbind(1)
         ancestors = [None] * T if ancestors is None else ancestors
