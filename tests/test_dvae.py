@@ -523,21 +523,21 @@ def _run_filter(model, leaves, keep):
     return model._filter(A, J, y, q, m0, P0, keep, None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_kvae_compiled_filter_matches_the_python_loop_and_its_gradients(dtype):
+@pytest.mark.parametrize("dtype,n", [(torch.float64, 3), (torch.float32, 3), (torch.float64, 1)])
+def test_kvae_compiled_filter_matches_the_python_loop_and_its_gradients(dtype, n):
     """csrc/kalman.cpp's forward and hand-written backward against the Python loop under
     autograd: every output (m'_t, P'_t, the last m and P) and the gradient of a random
     weighting of all of them with respect to A_t, C_t, R, a_t, Q and the initial state,
     rows ending early (keep) included."""
     if not compiled.available():
         pytest.skip(f"the compiled loops did not build here: {compiled._state['error']}")
-    model = make_model("kvae-gauss", z_dim=5, state_dim=3).to(dtype)
+    model = make_model("kvae-gauss", z_dim=5, state_dim=n).to(dtype)
     keep = torch.ones(4, 7, dtype=torch.bool)
     keep[1, 4:] = False
     keep[3, 1:] = False
     out, grads = {}, {}
     for on in (True, False):
-        leaves = _filter_inputs(dtype)
+        leaves = _filter_inputs(dtype, n=n)
         with compiled.using(on, float64=True):
             res = _run_filter(model, leaves, keep)
         assert (type(res[0].grad_fn).__name__ == "KalmanFilterBackward") == on
