@@ -1,22 +1,25 @@
 """The compiled loops of the fused scans (``csrc/scan.cpp``) and of the KVAE's Kalman
 filter (``csrc/kalman.cpp``), one extension built at first use.
 
-``fast.FusedScan`` runs its forward and reverse loops in C++ when this module can provide
-them, and in Python (the same steps, one torch call per op) otherwise; so do
-``fast_srnn.ZChain`` and ``fast_kvae.KalmanFilter`` (the KVAE's Python loop runs under
-plain autograd). The extension is
-compiled once with ``torch.utils.cpp_extension.load`` (g++ or clang, and ninja) into a
-cache folder outside the package, so a read-only install works:
-``$VRNN_CACHE/extensions/<name>`` if ``VRNN_CACHE`` is set, else
-``~/.cache/vrnn/extensions/<name>``, the name carrying a hash of the source, the torch
-version and the Python version (a change of any of them builds anew).
+``fast.FusedScan`` (the VRNN's chain, and the RVAE's through ``fast_rvae``) and
+``fast_srnn.ZChain`` run their forward and reverse loops in C++ when this module can
+provide them, and in Python (the same steps, one torch call per op) otherwise;
+``fast_kvae.KalmanFilter`` runs only compiled (without it, ``KVAE._filter``'s Python loop
+runs under plain autograd). The extension is compiled once with
+``torch.utils.cpp_extension.load`` (g++ or clang, and ninja) into a cache folder outside
+the package, so a read-only install works: ``$VRNN_CACHE/extensions/<name>`` if
+``VRNN_CACHE`` is set, else ``~/.cache/vrnn/extensions/<name>``, the name carrying a hash
+of the sources, the torch version and the Python version (a change of any of them builds
+anew).
 
 Where no compiler is found or the build fails, one line says so (a ``RuntimeWarning``,
 once per process) and the Python loops run. ``VRNN_COMPILED=0`` in the environment, or
 ``set_enabled(False)``, forces the Python loops (tests run both).
 
 The compiled loops run float32 by default; float64 keeps the Python loops, whose values
-are bit for bit those of the plain autograd loop and of the no-grad path (the compiled
+are bit for bit those of the plain autograd loop and of the no-grad path (for the VRNN
+and the SRNN; the RVAE's chain through the VRNN's scan agrees with its own loop to
+rounding: its loop's cell is ``torch.lstm_cell``/``gru_cell``) (the compiled
 loops' exp/tanh/log1p are the C library's, not ATen's vectorised ones, so they agree to
 rounding only), a property the library's float64 checks rely on (a filtered prefix equals
 the training trace's state, FIVO's gradient pass repeats its gradient-free pass).

@@ -6,7 +6,8 @@ gradient matmul per weight per step. ``FusedScan`` does what cuDNN does for an L
 
 * forward runs the loop without autograd, keeping each step's activations (it repeats
   ``_scan``'s arithmetic op for op, so its outputs are bit-identical to the autograd
-  loop's and to the no-grad path's);
+  loop's and to the no-grad path's; the RVAE's chain, run through it by ``fast_rvae``,
+  agrees with the RVAE's own loop to rounding only);
 * backward runs the reverse loop computing only the per-step gradients of the
   pre-activations and the state (what the recurrence needs), then every weight gradient
   afterwards as ONE matmul over T*B rows per weight, plus the gradients of the loop inputs
@@ -297,7 +298,7 @@ class FusedScan(torch.autograd.Function):
         DGI = DEG[:, :, E:] if lstm else new(T, B, G)  # d input gates (= d (w_h h) for LSTM)
         DA = [DEG[:, :, :E]] + [new(T, B, E) for _ in range(n_body)]
         DO, DZ = new(T, B, 2 * Z), new(T, B, Z)
-        DP = [new(T, B, q.shape[-1]) for q in Q]
+        DP = [new(T, B, q.shape[-1]) for q in Q[:n_phiz]]
         w_cat = torch.cat([w_eh, w_hh], 0)  # (E+G, H): one matmul back into h_{t-1}
         one = h_prev.new_ones(())
         dsf = h_prev.new_empty(B, G) if lo else None

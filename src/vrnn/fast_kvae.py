@@ -50,12 +50,13 @@ class KalmanFilter(torch.autograd.Function):
         keep = None if keep is None else keep.contiguous()
         mp, Pp, mT, PT, mf, Pf, LP, LG = ext.kalman_forward(A, J, y, q, m0, P0, keep)
         ctx.ext, ctx.keep = ext, keep
-        ctx.save_for_backward(A, J, y, mp, mf, Pf, LP, LG)
+        ctx.save_for_backward(A, J, y, mf, Pf, LP, LG)
         return mp, Pp, mT, PT
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gmp, gPp, gmT, gPT):
-        A, J, y, mp, mf, Pf, LP, LG = ctx.saved_tensors
+        A, J, y, mf, Pf, LP, LG = ctx.saved_tensors
         grads = [None if g is None else g.to(A.dtype).contiguous() for g in (gmp, gPp, gmT, gPT)]
-        gA, gJ, gy, gq, gm0, gP0 = ctx.ext.kalman_backward(A, J, y, ctx.keep, mp, mf, Pf, LP, LG, *grads)
+        gA, gJ, gy, gq, gm0, gP0 = ctx.ext.kalman_backward(A, J, y, ctx.keep, mf, Pf, LP, LG, *grads)
         return None, gA, gJ, gy, gq, gm0, gP0, None

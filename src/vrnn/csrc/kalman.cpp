@@ -25,6 +25,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -119,7 +120,7 @@ std::vector<Tensor> forward_impl(const Tensor& A, const Tensor& J, const Tensor&
   T *mp_ = mp.data_ptr<T>(), *Pp_ = Pp.data_ptr<T>();
   double *mf_ = mf.data_ptr<double>(), *Pf_ = Pf.data_ptr<double>(), *LP_ = LP.data_ptr<double>(),
          *LG_ = LG.data_ptr<double>();
-  bool failed = false;
+  std::atomic<bool> failed{false};
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> Am(nn), Jm(nn), yv(n), AP(nn), P1(nn), G(nn), W(nn), m1(n), r(n), b(n);
     for (int64_t row = begin; row < end; ++row) {
@@ -167,13 +168,14 @@ std::vector<Tensor> forward_impl(const Tensor& A, const Tensor& J, const Tensor&
     }
   });
   TORCH_CHECK(!failed, "vrnn: the Kalman filter's covariance is not positive-definite");
-  Tensor mT = mf.select(1, T_).to(A.scalar_type()), PT = Pf.select(1, T_).to(A.scalar_type());
+  // copies (in float64 a plain .to would return views of the buffers saved for backward)
+  Tensor mT = mf.select(1, T_).to(A.scalar_type(), false, true), PT = Pf.select(1, T_).to(A.scalar_type(), false, true);
   return {mp, Pp, mT, PT, mf, Pf, LP, LG};
 }
 
 template <typename T>
 std::vector<Tensor> backward_impl(const Tensor& A, const Tensor& J, const Tensor& y, const Tensor& keep,
-                                  const Tensor& mp, const Tensor& mf, const Tensor& Pf, const Tensor& LP,
+                                  const Tensor& mf, const Tensor& Pf, const Tensor& LP,
                                   const Tensor& LG, const Tensor& gmp, const Tensor& gPp, const Tensor& gmT,
                                   const Tensor& gPT) {
   const int64_t R = A.size(0), T_ = A.size(1);
@@ -182,7 +184,7 @@ std::vector<Tensor> backward_impl(const Tensor& A, const Tensor& J, const Tensor
   Tensor gA = at::empty_like(A), gJ = at::empty_like(J), gy = at::empty_like(y);
   Tensor gq = at::zeros({R, n}, A.options().dtype(at::kDouble));
   Tensor gm0 = at::empty({R, n}, A.options()), gP0 = at::empty({R, n, n}, A.options());
-  const T *a_ = A.data_ptr<T>(), *j_ = J.data_ptr<T>(), *y_ = y.data_ptr<T>(), *mp_ = mp.data_ptr<T>();
+  const T *a_ = A.data_ptr<T>(), *j_ = J.data_ptr<T>(), *y_ = y.data_ptr<T>();
   const T* gmp_ = gmp.defined() ? gmp.data_ptr<T>() : nullptr;
   const T* gPp_ = gPp.defined() ? gPp.data_ptr<T>() : nullptr;
   const T* gmT_ = gmT.defined() ? gmT.data_ptr<T>() : nullptr;
@@ -207,11 +209,12 @@ std::vector<Tensor> backward_impl(const Tensor& A, const Tensor& J, const Tensor
         if (gmp_) load(gmp_ + st * n, Gm.data(), n); else std::fill(Gm.begin(), Gm.end(), 0.0);
         if (gPp_) load(gPp_ + st * nn, GP.data(), nn); else std::fill(GP.begin(), GP.end(), 0.0);
         const bool kept = !keep_ || keep_[st];
+        load(a_ + st * nn, Am.data(), nn);
         if (kept) {
           const double *L = LP_ + st * nn, *Lg = LG_ + st * nn;
           load(j_ + st * nn, Jm.data(), nn);
           sym(Jm.data(), n);
-          load(mp_ + st * n, m1.data(), n);
+          mv(Am.data(), m_prev, m1.data(), n, false);                          // m' = A m (as the forward had it)
           load(y_ + st * n, r.data(), n);
           mv(Jm.data(), m1.data(), rb.data(), n, false);
           for (int i = 0; i < n; ++i) r[i] -= rb[i];                        // r = y - J m'
@@ -243,7 +246,6 @@ std::vector<Tensor> backward_impl(const Tensor& A, const Tensor& J, const Tensor
         }
         sym(GP.data(), n);
         for (int i = 0; i < n; ++i) gq_[row * n + i] += GP[i * n + i];
-        load(a_ + st * nn, Am.data(), nn);
         for (int i = 0; i < n; ++i)
           for (int j = 0; j < n; ++j) tmp[i * n + j] = P_prev[i * n + j] + P_prev[j * n + i];
         mm(GP.data(), Am.data(), X.data(), n, false, false);
@@ -279,7 +281,14 @@ std::vector<Tensor> kalman_forward(Tensor A, Tensor J, Tensor y, Tensor q, Tenso
                                    c10::optional<Tensor> keep) {
   for (auto* p : {&A, &J, &y, &q, &m0, &P0}) check(*p, A, "every input");
   Tensor k = keep.has_value() ? keep->contiguous() : Tensor();
-  TORCH_CHECK(!k.defined() || k.scalar_type() == at::kBool, "vrnn kalman: keep must be bool");
+  TORCH_CHECK(A.dim() == 4 && A.size(2) == A.size(3), "vrnn kalman: A must be (rows, T, n, n)");
+  const int64_t R = A.size(0), T = A.size(1), n = A.size(2);
+  TORCH_CHECK(J.sizes() == A.sizes() && y.dim() == 3 && y.size(0) == R && y.size(1) == T && y.size(2) == n &&
+              q.dim() == 1 && q.size(0) == n && m0.dim() == 2 && m0.size(0) == R && m0.size(1) == n &&
+              P0.dim() == 3 && P0.size(0) == R && P0.size(1) == n && P0.size(2) == n,
+              "vrnn kalman: inconsistent shapes");
+  TORCH_CHECK(!k.defined() || (k.scalar_type() == at::kBool && k.dim() == 2 && k.size(0) == R && k.size(1) == T),
+              "vrnn kalman: keep must be bool (rows, T)");
   at::NoGradGuard ng;
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "vrnn_kalman_forward", [&] {
@@ -288,14 +297,14 @@ std::vector<Tensor> kalman_forward(Tensor A, Tensor J, Tensor y, Tensor q, Tenso
   return out;
 }
 
-std::vector<Tensor> kalman_backward(Tensor A, Tensor J, Tensor y, c10::optional<Tensor> keep, Tensor mp, Tensor mf,
+std::vector<Tensor> kalman_backward(Tensor A, Tensor J, Tensor y, c10::optional<Tensor> keep, Tensor mf,
                                     Tensor Pf, Tensor LP, Tensor LG, c10::optional<Tensor> gmp,
                                     c10::optional<Tensor> gPp, c10::optional<Tensor> gmT, c10::optional<Tensor> gPT) {
   auto opt = [](const c10::optional<Tensor>& t) { return t.has_value() ? t->contiguous() : Tensor(); };
   at::NoGradGuard ng;
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "vrnn_kalman_backward", [&] {
-    out = backward_impl<scalar_t>(A, J, y, opt(keep), mp, mf, Pf, LP, LG, opt(gmp), opt(gPp), opt(gmT), opt(gPT));
+    out = backward_impl<scalar_t>(A, J, y, opt(keep), mf, Pf, LP, LG, opt(gmp), opt(gPp), opt(gmT), opt(gPT));
   });
   return out;
 }

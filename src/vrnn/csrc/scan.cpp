@@ -795,7 +795,7 @@ std::vector<Tensor> chain_backward(Tensor ZIN, std::vector<Tensor> U, Tensor O, 
 // csrc/kalman.cpp: the KVAE's Kalman filter, built into the same module
 std::vector<Tensor> kalman_forward(Tensor A, Tensor J, Tensor y, Tensor q, Tensor m0, Tensor P0,
                                    c10::optional<Tensor> keep);
-std::vector<Tensor> kalman_backward(Tensor A, Tensor J, Tensor y, c10::optional<Tensor> keep, Tensor mp, Tensor mf,
+std::vector<Tensor> kalman_backward(Tensor A, Tensor J, Tensor y, c10::optional<Tensor> keep, Tensor mf,
                                     Tensor Pf, Tensor LP, Tensor LG, c10::optional<Tensor> gmp,
                                     c10::optional<Tensor> gPp, c10::optional<Tensor> gmT, c10::optional<Tensor> gPT);
 
