@@ -10,6 +10,18 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(params=["compiled", "python"])
+def loops(request):
+    """Runs a test with the compiled loops (csrc/: the fused scans, the KVAE's filter) and
+    with the Python ones; the float64 checks run the compiled loops too."""
+    from vrnn import compiled
+    on = request.param == "compiled"
+    if on and not compiled.available():
+        pytest.skip(f"the compiled loops did not build here: {compiled._state['error']}")
+    with compiled.using(on, float64=on):
+        yield request.param
+
+
 @pytest.fixture
 def arrays(tmp_path):
     """12 random-walk sequences of 3 dimensions as .npy files."""

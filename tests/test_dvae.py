@@ -495,17 +495,6 @@ def test_kvae_smoother_is_the_exact_gaussian_posterior():
         assert (ms[b, L:] == 0).all()
 
 
-@pytest.fixture(params=["compiled", "python"])
-def loops(request):
-    """Runs a test with the compiled loops (csrc/: the KVAE's filter, the scan the RVAE's
-    chain runs through) and with the Python ones."""
-    on = request.param == "compiled"
-    if on and not compiled.available():
-        pytest.skip(f"the compiled loops did not build here: {compiled._state['error']}")
-    with compiled.using(on, float64=on):
-        yield on
-
-
 def _filter_inputs(dtype, rows=4, T=7, n=3, Z=5, seed=0):
     """Leaves of the filter's inputs (A, C, R, a, q, m_0, a factor of P_0), all with grad."""
     g = torch.Generator().manual_seed(seed)

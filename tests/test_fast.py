@@ -11,16 +11,6 @@ from vrnn.fast import FusedScan, scan, scan_args, set_scan, supports
 CASES = [(cell, enc, masked) for cell in ("lstm", "gru") for enc in (1, 2) for masked in (False, True)]
 
 
-@pytest.fixture(params=["compiled", "python"])
-def loops(request):
-    """Runs a test with the compiled loops (csrc/scan.cpp) and with the Python ones."""
-    on = request.param == "compiled"
-    if on and not compiled.available():
-        pytest.skip(f"the compiled loops did not build here: {compiled._state['error']}")
-    with compiled.using(on, float64=on):  # the float64 checks run the compiled loops too
-        yield request.param
-
-
 def ran_compiled(t) -> bool:
     return bool(getattr(t.grad_fn, "compiled", False))
 

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from .rows import add_shared
 
-__all__ = ["set_scan", "get_scan", "supports", "scan", "scan_args", "FusedScan", "SCAN_IMPLS"]
+__all__ = ["set_scan", "get_scan", "supports", "scan", "scan_args", "run_scan", "FusedScan", "SCAN_IMPLS"]
 
 SCAN_IMPLS = ("autograd", "fused", "stepwise")
 _tb = torch.ops.aten.threshold_backward.grad_input  # relu backward, written into a buffer
@@ -130,9 +130,18 @@ def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 def scan(model, ax: Tensor, gx: Tensor, eps: Tensor, keep: Tensor | None, state, ancestors=None):
     """The fused scan of ``model``, or None where the autograd loop should run instead."""
-    if not torch.is_grad_enabled() or not supports(model) or state[0].shape[1] % ax.shape[0]:
+    if not torch.is_grad_enabled() or not supports(model):
         return None
-    meta, params = scan_args(model)
+    return run_scan(*scan_args(model), ax, gx, eps, keep, state, ancestors)
+
+
+def run_scan(meta: tuple, params: list[Tensor], ax: Tensor, gx: Tensor, eps: Tensor, keep: Tensor | None, state,
+             ancestors=None):
+    """``FusedScan`` on (meta without the compute dtype, weights) as ``scan_args`` makes them
+    (or ``fast_rvae`` for the RVAE's chain), or None where the autograd loop should run:
+    nothing to differentiate, mixed devices or weight dtypes, rows not a multiple of ax's."""
+    if state[0].shape[1] % ax.shape[0]:
+        return None
     tensors = [ax, gx, eps, state[0], state[1], *params]
     if not any(t.requires_grad for t in tensors):
         return None  # nothing to differentiate: the plain loop is as fast

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .fast import _compiled_for
+
 __all__ = ["kalman_filter", "KalmanFilter"]
 
 
@@ -29,14 +31,9 @@ def kalman_filter(A: Tensor, J: Tensor, y: Tensor, q: Tensor, m0: Tensor, P0: Te
     None."""
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (A, J, y, q, m0, P0)):
         return None
-    dtype = A.dtype
-    if A.device.type != "cpu" or dtype not in (torch.float32, torch.float64) or \
-            any(t.dtype != dtype or t.device != A.device for t in (J, y, q, m0, P0)):
+    if any(t.dtype != A.dtype or t.device != A.device for t in (J, y, q, m0, P0)):
         return None
-    from . import compiled
-    if dtype == torch.float64 and not compiled.float64():
-        return None
-    ext = compiled.extension()
+    ext = _compiled_for(A.dtype, A)  # CPU, float32 (float64 where vrnn.compiled.float64()), built
     if ext is None:
         return None
     return KalmanFilter.apply(ext, A, J, y, q, m0, P0, keep)

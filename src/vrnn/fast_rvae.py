@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .fast import FusedScan, _linears, compute_dtype
+from .fast import _linears, run_scan
 
 __all__ = ["chain", "supports"]
 
@@ -37,7 +37,7 @@ def supports(model) -> bool:
 def chain(model, gq: Tensor, eps: Tensor, keep: Tensor | None, s, ancestors=None):
     """(z, mu_q, std_q, (s_h, s_c)) from the fused scan, or None where the autograd loop
     should run."""
-    if not torch.is_grad_enabled() or not supports(model) or s[0].shape[1] % gq.shape[0]:
+    if not torch.is_grad_enabled() or not supports(model):
         return None
     enc, rnn = model.encoder, model.z_rnn
     lstm = isinstance(rnn, nn.LSTM)
@@ -48,16 +48,9 @@ def chain(model, gq: Tensor, eps: Tensor, keep: Tensor | None, s, ancestors=None
     params += [enc.gauss.out.weight, enc.gauss.out.bias, rnn.weight_ih_l0]
     bias = rnn.bias_ih_l0 + rnn.bias_hh_l0 if lstm else rnn.bias_ih_l0  # a GRU's b_hh is inside r * (.)
     gx = bias.to(gq.dtype).expand(gq.shape[0], gq.shape[1], bias.shape[0])
-    tensors = [gq, eps, s[0], s[1], *params]
-    if not any(t.requires_grad for t in tensors):
+    meta = ("lstm" if lstm else "gru", len(body), 0, float(enc.gauss.std_floor))
+    out = run_scan(meta, params, gq, gx, eps, keep, s, ancestors)
+    if out is None:
         return None
-    sd = params[0].dtype
-    cd = compute_dtype(gq.device, sd)
-    if len({t.device for t in tensors}) != 1 or not sd.is_floating_point:
-        return None
-    if any(t.dtype != sd for t in (s[0], s[1], *params)) or any(t.dtype not in (sd, cd) for t in (gq, eps)):
-        return None
-    anc = None if ancestors is None or all(a is None for a in ancestors) else tuple(ancestors)
-    meta = ("lstm" if lstm else "gru", len(body), 0, float(enc.gauss.std_floor), cd)
-    _, mu, std, z, _, h_fin, c_fin = FusedScan.apply(meta, gq, gx, eps, keep, anc, s[0], s[1], *params)
-    return z, mu, std, (h_fin, c_fin)
+    _, mu, std, z, _, final = out
+    return z, mu, std, final
