@@ -15,7 +15,8 @@ a warm-up and the median of the repeats reported, with each model's ratio to VRN
 (fused chain). The KVAE and the RVAEs run twice: the KVAE with its compiled filter
 (csrc/kalman.cpp, the default where it builds) and with its Python loop under autograd
 (row "kvae-gauss/python"), each RVAE with its chain through the fused scan (the default)
-and under plain autograd (rows "rvae-.../autograd").
+and under plain autograd (rows "rvae-.../autograd"), the DKF with its fused combiner chain
+(the default) and under plain autograd (row "dkf-gauss/autograd").
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
             model = build(VRNNConfig.preset(preset, x_dim=x_dim, **fields))
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
             fns[preset], params[preset] = _step(model, x, mask, opt), model.num_parameters()
-            if preset.startswith("rvae"):
+            if preset.startswith(("rvae", "dkf")):
                 plain = set_scan(copy.deepcopy(model), "autograd")
                 fns[preset + "/autograd"] = _step(plain, x, mask, torch.optim.Adam(plain.parameters(), lr=1e-4))
                 params[preset + "/autograd"] = params[preset]

@@ -594,6 +594,55 @@ def test_rvae_with_stacked_z_rnns_keeps_its_autograd_loop():
     assert type(z.grad_fn).__name__ != "FusedScanBackward"
 
 
+@pytest.mark.parametrize("combiner,cell,bound", [("st-r", "lstm", "elbo"), ("st-r", "gru", "fivo"),
+                                                 ("st-lr", "lstm", "iwae"), ("st-lr", "gru", "fivo")])
+def test_dkf_fused_combiner_chain_matches_its_autograd_loop(combiner, cell, bound, loops):
+    """The DKF's combiner chain fused (fast_dkf.py, a hand-written backward through time):
+    the loss and every parameter's gradient equal the autograd loop's (float64; ragged rows,
+    K samples per sequence, FIVO's resampling gathers), on the compiled and the Python loops;
+    the Python loop's forward is the autograd loop's bit for bit."""
+    from vrnn.fast import set_scan
+    model = make_model("dkf-gauss", seed=3, z_dim=3, x_dim=4, h_dim=6, a_dim=5, cell=cell, combiner=combiner)
+    x, mask = make_x(model, 3, 8), lengths_mask([8, 5, 2], 8)
+    result, z = {}, {}
+    for impl in ("fused", "autograd"):
+        m = set_scan(copy.deepcopy(model), impl)
+        torch.manual_seed(1)
+        loss, _ = objective(m, x, mask, bound=bound, num_samples=1 if bound == "elbo" else 3)
+        loss.backward()
+        result[impl] = [loss.detach()] + [p.grad for p in m.parameters()]
+        torch.manual_seed(1)
+        z[impl] = m(x, mask, samples=2).z
+        assert (type(z[impl].grad_fn).__name__ == "CombinerChainBackward") == (impl == "fused")
+    assert all(g is not None for g in result["fused"])
+    for a, b in zip(result["fused"], result["autograd"]):
+        torch.testing.assert_close(a, b, **TIGHT)
+    if loops == "python":  # the same ops as DKF._chain: bit for bit
+        assert torch.equal(z["fused"], z["autograd"])
+
+
+def test_dkf_fused_chain_in_float32_matches_its_loop_and_is_off_without_grad(loops):
+    """float32 (the compiled loop where it builds): the loss and gradients equal the autograd
+    loop's to float32 rounding; without grad the chain declines (the plain loop runs)."""
+    from vrnn.fast import set_scan
+    model = make_model("dkf-gauss", seed=4, dtype=torch.float32, z_dim=4, x_dim=5, h_dim=8, a_dim=6)
+    x, mask = make_x(model, 4, 10, dtype=torch.float32), lengths_mask([10, 7, 10, 3], 10)
+    result = {}
+    for impl in ("fused", "autograd"):
+        m = set_scan(copy.deepcopy(model), impl)
+        torch.manual_seed(2)
+        loss, _ = objective(m, x, mask, bound="iwae", num_samples=2)
+        loss.backward()
+        result[impl] = [loss.detach()] + [p.grad for p in m.parameters()]
+    for a, b in zip(result["fused"], result["autograd"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    from vrnn.fast_dkf import chain
+    a, eps, z0 = model.inference(x, mask), torch.randn(4, 10, 4), torch.zeros(4, 4)
+    assert chain(model, a, eps, None, z0) is not None
+    with torch.no_grad():
+        assert chain(model, a, eps, None, z0) is None
+
+
 @pytest.mark.parametrize("r_pre", [-1.0, -9.0])
 def test_kvae_float32_filter_keeps_float64s_figures_when_the_code_noise_is_tiny(r_pre, loops):
     """R's std 0.31, and 2.2e-4 (softplus(-9) + floor), where S = C P C^T + R has a

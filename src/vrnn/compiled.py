@@ -1,9 +1,10 @@
 """The compiled loops of the fused scans (``csrc/scan.cpp``) and of the KVAE's Kalman
 filter (``csrc/kalman.cpp``), one extension built at first use.
 
-``fast.FusedScan`` (the VRNN's chain, and the RVAE's through ``fast_rvae``) and
-``fast_srnn.ZChain`` run their forward and reverse loops in C++ when this module can
-provide them, and in Python (the same steps, one torch call per op) otherwise;
+``fast.FusedScan`` (the VRNN's chain, and the RVAE's through ``fast_rvae``),
+``fast_srnn.ZChain`` and ``fast_dkf.CombinerChain`` run their forward and reverse loops in
+C++ when this module can provide them, and in Python (the same steps, one torch call per
+op) otherwise;
 ``fast_kvae.KalmanFilter`` runs only compiled (without it, ``KVAE._filter``'s Python loop
 runs under plain autograd). The extension is compiled once with
 ``torch.utils.cpp_extension.load`` (g++ or clang, and ninja) into a cache folder outside
@@ -17,8 +18,8 @@ once per process) and the Python loops run. ``VRNN_COMPILED=0`` in the environme
 ``set_enabled(False)``, forces the Python loops (tests run both).
 
 The compiled loops run float32 by default; float64 keeps the Python loops, whose values
-are bit for bit those of the plain autograd loop and of the no-grad path (for the VRNN
-and the SRNN; the RVAE's chain through the VRNN's scan agrees with its own loop to
+are bit for bit those of the plain autograd loop and of the no-grad path (for the VRNN,
+the SRNN and the DKF; the RVAE's chain through the VRNN's scan agrees with its own loop to
 rounding: its loop's cell is ``torch.lstm_cell``/``gru_cell``) (the compiled
 loops' exp/tanh/log1p are the C library's, not ATen's vectorised ones, so they agree to
 rounding only), a property the library's float64 checks rely on (a filtered prefix equals

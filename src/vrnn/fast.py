@@ -58,7 +58,7 @@ _tb = torch.ops.aten.threshold_backward.grad_input  # relu backward, written int
 
 
 def set_scan(model: nn.Module, impl: str) -> nn.Module:
-    """Choose how ``model`` (a ``vrnn.VRNN``, SRNN or RVAE) runs its sequential chain in training:
+    """Choose how ``model`` (a ``vrnn.VRNN``, SRNN, RVAE or DKF) runs its sequential chain in training:
     ``"autograd"`` (the plain loop), ``"fused"`` (this module; falls back to the loop where
     unsupported) or ``"stepwise"`` (every network inside the loop, as the public
     implementations do: for comparisons). Sets the instance attribute ``scan_impl``

@@ -108,7 +108,7 @@ class TrainConfig:
     patience: int = option(10, "early stopping: epochs without a better validation bound",
                            min=1, flag="--patience")
     bucket: bool | None = option(None, "length-bucketed batches (default: when lengths vary a lot)")
-    scan: str = option("fused", "the VRNN's, SRNN's and RVAE's time loop: fused (hand-written "
+    scan: str = option("fused", "the VRNN's, SRNN's, RVAE's and DKF's time loop: fused (hand-written "
                                 "backward), autograd, or stepwise (the VRNN's every network inside "
                                 "the loop, as the public implementations: for comparisons)",
                        choices=SCAN_IMPLS)

@@ -1,5 +1,6 @@
-// The loops of vrnn's fused scans (fast.py: the VRNN's encoder -> z -> phi_z -> cell chain),
-// forward and hand-written backward through time, compiled. What the loops compute is
+// The loops of vrnn's fused scans (fast.py: the VRNN's encoder -> z -> phi_z -> cell chain;
+// fast_srnn.py: the SRNN's z-chain; fast_dkf.py: the DKF's combiner chain), forward and
+// hand-written backward through time, compiled. What the loops compute is
 // written out in Python in fast.py (FusedScan._forward / _backward, the reference this file
 // is tested against); here the same steps run without a Python call per op: matmuls as
 // ATen calls into preallocated buffers, every elementwise stage of a step (ReLU, the
@@ -790,6 +791,163 @@ std::vector<Tensor> chain_backward(Tensor ZIN, std::vector<Tensor> U, Tensor O, 
   return out;
 }
 
+// ------------------------------------------------------------ the DKF's combiner chain
+// fast_dkf.py's CombinerChain: per step h = tanh(W_c z_{t-1} + b_c), c = (h + a_t) / n,
+// o = [mu, pre] = W_g c + b_g, std = softplus(pre) + floor, z_t = mu + std * eps_t, carried
+// where keep, gathered by the ancestors. a (T, Bs, A) is shared by the k samples of a sequence.
+template <typename T>
+std::vector<Tensor> combiner_forward_impl(const Tensor& a, const Tensor& eps, const Tensor& keep, const Tensor& anc,
+                                          const std::vector<int64_t>& pos, const Tensor& z0, const Tensor& w_c,
+                                          const Tensor& b_c, const Tensor& w_g, const Tensor& b_g, double parts,
+                                          double floor_) {
+  const int64_t Tn = eps.size(0), R = eps.size(1), Z = eps.size(2), Bs = a.size(1), A = a.size(2);
+  const T floor = static_cast<T>(floor_), n = static_cast<T>(parts);
+  auto opts = eps.options();
+  Tensor ZIN = at::empty({Tn, R, Z}, opts), H = at::empty({Tn, R, A}, opts), C = at::empty({Tn, R, A}, opts);
+  Tensor O = at::empty({Tn, R, 2 * Z}, opts), S = at::empty({Tn, R, Z}, opts), ZT = at::empty({Tn, R, Z}, opts);
+  Tensor ZC = z0.clone(), ZN = at::empty({R, Z}, opts);
+  T* zc = ptr<T>(ZC);
+  T* zn = ptr<T>(ZN);
+  const T* kp = keep.defined() ? ptr<T>(keep) : nullptr;
+  const int64_t* ap = anc.defined() ? anc.data_ptr<int64_t>() : nullptr;
+  for (int64_t t = 0; t < Tn; ++t) {
+    T* zin = ptr<T>(ZIN) + t * R * Z;
+    std::copy(zc, zc + R * Z, zin);
+    T* h = ptr<T>(H) + t * R * A;
+    fill_rows(h, A, ptr<T>(b_c), R, A, false);
+    gemm<T>(R, A, Z, zin, Z, ptr<T>(w_c), true, T(1), h, A);
+    vtanh(h, h, R * A);
+    T* c = ptr<T>(C) + t * R * A;
+    const T* at_ = ptr<T>(a) + t * Bs * A;
+    for (int64_t r = 0; r < R; ++r) {
+      const T* __restrict__ hr = h + r * A;
+      const T* __restrict__ ar = at_ + (r % Bs) * A;
+      T* __restrict__ cr = c + r * A;
+      for (int64_t j = 0; j < A; ++j) cr[j] = (ar[j] + hr[j]) / n;
+    }
+    T* o = ptr<T>(O) + t * R * 2 * Z;
+    fill_rows(o, 2 * Z, ptr<T>(b_g), R, 2 * Z, false);
+    gemm<T>(R, 2 * Z, A, c, A, ptr<T>(w_g), true, T(1), o, 2 * Z);
+    T* sd = ptr<T>(S) + t * R * Z;
+    T* zt = ptr<T>(ZT) + t * R * Z;
+    const T* e = ptr<T>(eps) + t * R * Z;
+    for (int64_t r = 0; r < R; ++r) {
+      const T* __restrict__ orow = o + r * 2 * Z;
+      T* __restrict__ srow = sd + r * Z;
+      const T* __restrict__ er = e + r * Z;
+      T* __restrict__ zr = zt + r * Z;
+      for (int64_t j = 0; j < Z; ++j) srow[j] = softplus(orow[Z + j]) + floor;
+      for (int64_t j = 0; j < Z; ++j) zr[j] = orow[j] + srow[j] * er[j];
+      const bool kept = !kp || kp[t * R + r] != T(0);
+      std::copy(kept ? zr : zc + r * Z, (kept ? zr : zc + r * Z) + Z, zn + r * Z);
+    }
+    if (ap && pos[t] >= 0) {
+      const int64_t* g = ap + pos[t] * R;
+      for (int64_t r = 0; r < R; ++r) std::copy(zn + g[r] * Z, zn + (g[r] + 1) * Z, zc + r * Z);
+    } else {
+      std::copy(zn, zn + R * Z, zc);
+    }
+  }
+  return {ZIN, H, C, O, S, ZT, ZC};
+}
+
+// Reverse: dz_t = carried gradient (where kept) + gZ_t; d[mu, pre] = [dz_t + gMu_t,
+// (gStd_t + dz_t eps_t) sigmoid(pre)]; dc = d[mu, pre] W_g; d pre-tanh = dc (1 - h^2) / n;
+// the gradient of z_{t-1} = d pre-tanh W_c + gZp_t (z_{t-1} is an output) + the carried part.
+template <typename T>
+std::vector<Tensor> combiner_backward_impl(const Tensor& H, const Tensor& O, const Tensor& eps, const Tensor& keep,
+                                           const Tensor& anc, const std::vector<int64_t>& pos, const Tensor& gZ,
+                                           const Tensor& gZp, const Tensor& gMu, const Tensor& gStd,
+                                           const Tensor& gzf, const Tensor& w_c, const Tensor& w_g, double parts) {
+  const int64_t Tn = eps.size(0), R = eps.size(1), Z = eps.size(2), A = H.size(2);
+  const T n = static_cast<T>(parts);
+  auto opts = eps.options();
+  Tensor DO = at::empty({Tn, R, 2 * Z}, opts), DC = at::empty({Tn, R, A}, opts), DP = at::empty({Tn, R, A}, opts);
+  Tensor DZ = at::empty({Tn, R, Z}, opts);
+  Tensor dz = gzf.clone(), TMP = at::empty({R, Z}, opts), CARRY = at::empty({R, Z}, opts);
+  T* dzp = ptr<T>(dz);
+  T* tmp = ptr<T>(TMP);
+  T* carry = ptr<T>(CARRY);
+  const T* kp = keep.defined() ? ptr<T>(keep) : nullptr;
+  const int64_t* ap = anc.defined() ? anc.data_ptr<int64_t>() : nullptr;
+  for (int64_t t = Tn - 1; t >= 0; --t) {
+    if (ap && pos[t] >= 0) {  // the carried z was gathered after step t: scatter back
+      const int64_t* g = ap + pos[t] * R;
+      std::fill(tmp, tmp + R * Z, T(0));
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < Z; ++j) tmp[g[r] * Z + j] += dzp[r * Z + j];
+      std::copy(tmp, tmp + R * Z, dzp);
+    }
+    T* d = ptr<T>(DO) + t * R * 2 * Z;
+    const T* o = ptr<T>(O) + t * R * 2 * Z;
+    const int64_t s = t * R * Z;
+    const T *gz = ptr<T>(gZ) + s, *gzp = ptr<T>(gZp) + s, *gm = ptr<T>(gMu) + s, *gs = ptr<T>(gStd) + s,
+            *e = ptr<T>(eps) + s;
+    T* dzt = ptr<T>(DZ) + s;
+    for (int64_t r = 0; r < R; ++r) {
+      const T k = kp ? kp[t * R + r] : T(1), nk = T(1) - k;
+      const int64_t i0 = r * Z;
+      T* __restrict__ dr = d + r * 2 * Z;
+      const T* __restrict__ orow = o + r * 2 * Z;
+      for (int64_t j = 0; j < Z; ++j) {
+        const T dzi = dzp[i0 + j] * k + gz[i0 + j];
+        carry[i0 + j] = dzp[i0 + j] * nk + gzp[i0 + j];
+        dzt[i0 + j] = dzi;
+        dr[j] = dzi + gm[i0 + j];
+        dr[Z + j] = (gs[i0 + j] + dzi * e[i0 + j]) * sigm(orow[Z + j]);
+      }
+    }
+    T* dc = ptr<T>(DC) + t * R * A;
+    gemm<T>(R, A, 2 * Z, d, 2 * Z, ptr<T>(w_g), false, T(0), dc, A);
+    T* dp = ptr<T>(DP) + t * R * A;
+    const T* h = ptr<T>(H) + t * R * A;
+    for (int64_t i = 0; i < R * A; ++i) dp[i] = dc[i] / n * (T(1) - h[i] * h[i]);
+    std::copy(carry, carry + R * Z, dzp);  // dz = dp . W_c + gZp_t + carry
+    gemm<T>(R, Z, A, dp, A, ptr<T>(w_c), false, T(1), dzp, Z);
+  }
+  return {DO, DC, DP, DZ, dz};
+}
+
+std::vector<Tensor> combiner_forward(Tensor a, Tensor eps, c10::optional<Tensor> keep, c10::optional<Tensor> anc,
+                                     std::vector<int64_t> pos, Tensor z0, Tensor w_c, Tensor b_c, Tensor w_g,
+                                     Tensor b_g, double parts, double floor_) {
+  Tensor k = keep ? *keep : Tensor(), g = anc ? *anc : Tensor();
+  for (auto* t : {&a, &eps, &k, &g, &z0}) check(*t, eps, "vrnn combiner input");
+  for (auto* t : {&w_c, &b_c, &w_g, &b_g}) TORCH_CHECK(t->scalar_type() == eps.scalar_type(), "vrnn combiner: dtype mismatch");
+  TORCH_CHECK(int64_t(pos.size()) == eps.size(0), "vrnn combiner: one ancestor position per step expected");
+  TORCH_CHECK(a.dim() == 3 && eps.dim() == 3 && a.size(1) > 0 && eps.size(1) % a.size(1) == 0 &&
+              a.size(0) == eps.size(0), "vrnn combiner: rows must be a multiple of the sequences");
+  const int64_t Z = eps.size(2), A = a.size(2);
+  TORCH_CHECK(z0.dim() == 2 && z0.size(0) == eps.size(1) && z0.size(1) == Z && w_c.dim() == 2 && w_c.size(0) == A &&
+              w_c.size(1) == Z && b_c.numel() == A && w_g.dim() == 2 && w_g.size(0) == 2 * Z && w_g.size(1) == A &&
+              b_g.numel() == 2 * Z, "vrnn combiner: inconsistent shapes");
+  TORCH_CHECK(!k.defined() || (k.size(0) == eps.size(0) && k.size(1) == eps.size(1)),
+              "vrnn combiner: keep must be (T, rows)");
+  check_ancestors(g, pos, eps.size(1));
+  at::NoGradGuard ng;
+  std::vector<Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "vrnn_combiner_forward", [&] {
+    out = combiner_forward_impl<scalar_t>(a, eps, k, g, pos, z0, w_c.contiguous(), b_c.contiguous(),
+                                          w_g.contiguous(), b_g.contiguous(), parts, floor_);
+  });
+  return out;
+}
+
+std::vector<Tensor> combiner_backward(Tensor H, Tensor O, Tensor eps, c10::optional<Tensor> keep,
+                                      c10::optional<Tensor> anc, std::vector<int64_t> pos, Tensor gZ, Tensor gZp,
+                                      Tensor gMu, Tensor gStd, Tensor gzf, Tensor w_c, Tensor w_g, double parts) {
+  Tensor k = keep ? *keep : Tensor(), g = anc ? *anc : Tensor();
+  for (auto* t : {&H, &O, &eps, &k, &g, &gZ, &gZp, &gMu, &gStd, &gzf})
+    check(*t, eps, "vrnn combiner backward input");
+  at::NoGradGuard ng;
+  std::vector<Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "vrnn_combiner_backward", [&] {
+    out = combiner_backward_impl<scalar_t>(H, O, eps, k, g, pos, gZ, gZp, gMu, gStd, gzf, w_c.contiguous(),
+                                           w_g.contiguous(), parts);
+  });
+  return out;
+}
+
 }  // namespace
 
 // csrc/kalman.cpp: the KVAE's Kalman filter, built into the same module
@@ -804,6 +962,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_backward", &scan_backward, "the VRNN scan's reverse loop");
   m.def("chain_forward", &chain_forward, "the SRNN z-chain's forward loop");
   m.def("chain_backward", &chain_backward, "the SRNN z-chain's reverse loop");
+  m.def("combiner_forward", &combiner_forward, "the DKF combiner chain's forward loop");
+  m.def("combiner_backward", &combiner_backward, "the DKF combiner chain's reverse loop");
   m.def("kalman_forward", &kalman_forward, "the KVAE's Kalman filter, forward");
   m.def("kalman_backward", &kalman_backward, "the KVAE's Kalman filter, reverse");
 }

@@ -14,8 +14,10 @@ inference network.
                 z_t ~ q = N(mu_q, s_q)   [mu_q, s_q] = Linear(c_t), s_q = softplus + floor
 
 The inference RNN is one nn.LSTM/nn.GRU call over the whole sequence; only the combiner
-(one small layer per step) runs in the Python loop. The transition reads z_{t-1} only, so
-it runs batched over time after the chain, as do the emission and both loss terms.
+(one small layer per step) runs step by step: in training through fast_dkf.py's fused chain
+(a hand-written backward through time, compiled where it builds), else in a Python loop.
+The transition reads z_{t-1} only, so it runs batched over time after the chain, as do the
+emission and both loss terms.
 
 The particle filter and FIVO are offered: the joint factors step by step (p(z_t | z_{t-1})
 p(x_t | z_t)), and the proposal q(z_t | z_{t-1}, x_{t:T}) reads future observations (all
@@ -78,6 +80,7 @@ class DKF(SequenceModel):
     """DKF-Gauss, DKF-GMM (and any other head); ``vrnn.build`` makes one for family "dkf"."""
 
     family = "dkf"
+    scan_impl = "fused"  # or "autograd": how the combiner chain runs in training (vrnn.fast.set_scan)
 
     @classmethod
     def cannot(cls, cfg, verb: str) -> str | None:
@@ -114,7 +117,14 @@ class DKF(SequenceModel):
 
     def _chain(self, a: Tensor, eps: Tensor, keep: Tensor | None, z_prev: Tensor, ancestors=None):
         """The only sequential part: the combiner from z_{t-1}, z_t = mu_q + s_q eps_t.
-        Returns z, the z_{t-1} each step read, mu_q, std_q (rows, T, Z) and the last z."""
+        Returns z, the z_{t-1} each step read, mu_q, std_q (rows, T, Z) and the last z.
+        The fused chain (fast_dkf.py, a hand-written backward through time) runs it in
+        training where it applies; this loop under plain autograd otherwise."""
+        if self.scan_impl == "fused":
+            from ..fast_dkf import chain
+            out = chain(self, a, eps, keep, z_prev, ancestors)
+            if out is not None:
+                return out
         T = eps.shape[1]
         keeps = [None] * T if keep is None else keep.unbind(1)
         ancestors = [None] * T if ancestors is None else ancestors
