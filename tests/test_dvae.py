@@ -623,7 +623,8 @@ def test_dkf_fused_combiner_chain_matches_its_autograd_loop(combiner, cell, boun
 
 def test_dkf_fused_chain_in_float32_matches_its_loop_and_is_off_without_grad(loops):
     """float32 (the compiled loop where it builds): the loss and gradients equal the autograd
-    loop's to float32 rounding; without grad the chain declines (the plain loop runs)."""
+    loop's to float32 rounding; without grad or under autocast the chain declines (the plain
+    loop runs)."""
     from vrnn.fast import set_scan
     model = make_model("dkf-gauss", seed=4, dtype=torch.float32, z_dim=4, x_dim=5, h_dim=8, a_dim=6)
     x, mask = make_x(model, 4, 10, dtype=torch.float32), lengths_mask([10, 7, 10, 3], 10)
@@ -641,6 +642,35 @@ def test_dkf_fused_chain_in_float32_matches_its_loop_and_is_off_without_grad(loo
     assert chain(model, a, eps, None, z0) is not None
     with torch.no_grad():
         assert chain(model, a, eps, None, z0) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: the autograd loop
+        assert chain(model, a, eps, None, z0) is None
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_dkf_fused_chain_gradcheck(masked, loops):
+    """The hand-written backward against finite differences, every input that has a gradient
+    (a, eps, z_0, the four weights): K = 2 samples per sequence, rows ending early (or no
+    mask), resampling gathers after two steps (the last one too: it moves z_final), and every
+    output weighted (z_{t-1} and z_final included)."""
+    from vrnn.fast_dkf import CombinerChain
+    model = make_model("dkf-gauss", seed=2, z_dim=3, x_dim=4, h_dim=6, a_dim=5, combiner="st-lr")
+    comb = model.combiner
+    params = [p.detach().clone().requires_grad_() for p in
+              (comb.in_z.weight, comb.in_z.bias, comb.gauss.out.weight, comb.gauss.out.bias)]
+    g = torch.Generator().manual_seed(5)
+    B, K, T, Z, A = 2, 2, 4, 3, 5
+    a = torch.randn(B, T, A, generator=g, dtype=DT, requires_grad=True)
+    eps = torch.randn(K * B, T, Z, generator=g, dtype=DT, requires_grad=True)
+    z0 = (0.5 * torch.randn(K * B, Z, generator=g, dtype=DT)).requires_grad_()
+    keep = lengths_mask([T, 2, T, 3], T).unsqueeze(-1) > 0 if masked else None
+    anc = (None, torch.tensor([2, 1, 0, 3]), None, torch.tensor([1, 1, 3, 0]))
+
+    def f(a, eps, z0, *ps):
+        return CombinerChain.apply((3.0, comb.gauss.std_floor), a, eps, keep, anc, z0, *ps)
+
+    out = f(a, eps, z0, *params)
+    assert bool(out[0].grad_fn.compiled) == (loops == "compiled")
+    assert torch.autograd.gradcheck(f, (a, eps, z0, *params), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("r_pre", [-1.0, -9.0])

@@ -17,7 +17,8 @@ reverse loop.
 As in fast.py, the two loops run compiled (``csrc/scan.cpp``) on the CPU in float32 where
 the extension builds, the Python loops below otherwise (float64 by default: the same ops
 as ``DKF._chain``, so the forward is bit for bit the autograd loop's). Any call without
-grad, and any call under autocast (mixed precision), runs the autograd loop.
+grad runs the autograd loop, and so does mixed precision: float32 weights under autocast
+(bf16/fp16) decline the fused chain, which runs in one dtype throughout.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def _time_major(x: Tensor) -> Tensor:
     return x.transpose(0, 1).contiguous()
 
 
+def _swapped_copy(x: Tensor) -> Tensor:
+    """x with its first two dimensions swapped, always a new tensor (an output never shares
+    memory with a buffer kept for backward, even where a dimension is 1)."""
+    return x.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+
+
 class CombinerChain(torch.autograd.Function):
     """The DKF's combiner chain as one autograd node; see the module docstring.
 
@@ -67,6 +74,11 @@ class CombinerChain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, a, eps, keep, anc, z0, w_c, b_c, w_g, b_g):
+        with torch.autocast(a.device.type, enabled=False):
+            return CombinerChain._forward(ctx, meta, a, eps, keep, anc, z0, w_c, b_c, w_g, b_g)
+
+    @staticmethod
+    def _forward(ctx, meta, a, eps, keep, anc, z0, w_c, b_c, w_g, b_g):
         parts, floor = meta
         R, T, Z = eps.shape
         ext = _compiled_for(z0.dtype, z0)
@@ -100,12 +112,16 @@ class CombinerChain(torch.autograd.Function):
         ctx.parts, ctx.seqs = parts, a.shape[0]
         ctx.stacks = (ZIN, H, C, O, S)
         ctx.weights = (w_c, w_g)
-        bt = lambda x: x.transpose(0, 1).contiguous()  # noqa: E731  (batch-major outputs)
-        return bt(ZT), bt(ZIN), bt(O[..., :Z]), bt(S), z
+        return _swapped_copy(ZT), _swapped_copy(ZIN), _swapped_copy(O[..., :Z]), _swapped_copy(S), z
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gZ, gZp, gMu, gStd, gzf):
+        with torch.autocast(gZ.device.type, enabled=False):
+            return CombinerChain._backward(ctx, gZ, gZp, gMu, gStd, gzf)
+
+    @staticmethod
+    def _backward(ctx, gZ, gZp, gMu, gStd, gzf):
         ZIN, H, C, O, S = ctx.stacks
         w_c, w_g = ctx.weights
         parts = ctx.parts
@@ -126,8 +142,9 @@ class CombinerChain(torch.autograd.Function):
             DA = DC / parts
             da = (DA if k == 1 else DA.reshape(T, k, ctx.seqs, -1).sum(1)).transpose(0, 1)
         deps = (DZ * S).transpose(0, 1) if need[2] else None
-        grads = (rows(DP).t() @ rows(ZIN), rows(DP).sum(0), rows(DO).t() @ rows(C), rows(DO).sum(0))
-        grads = [g if need[6 + i] else None for i, g in enumerate(grads)]
+        grads = (lambda: rows(DP).t() @ rows(ZIN), lambda: rows(DP).sum(0),
+                 lambda: rows(DO).t() @ rows(C), lambda: rows(DO).sum(0))
+        grads = [g() if need[6 + i] else None for i, g in enumerate(grads)]
         return (None, da, deps, None, None, dz if need[5] else None, *grads)
 
 

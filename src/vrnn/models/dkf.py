@@ -15,7 +15,8 @@ inference network.
 
 The inference RNN is one nn.LSTM/nn.GRU call over the whole sequence; only the combiner
 (one small layer per step) runs step by step: in training through fast_dkf.py's fused chain
-(a hand-written backward through time, compiled where it builds), else in a Python loop.
+(a hand-written backward through time, compiled where it builds; not under mixed
+precision), else in a Python loop.
 The transition reads z_{t-1} only, so it runs batched over time after the chain, as do the
 emission and both loss terms.
 
