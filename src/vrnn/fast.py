@@ -51,7 +51,8 @@ from torch import Tensor, nn
 
 from .rows import add_shared
 
-__all__ = ["set_scan", "get_scan", "supports", "scan", "scan_args", "run_scan", "FusedScan", "SCAN_IMPLS"]
+__all__ = ["set_scan", "get_scan", "supports", "scan", "scan_args", "run_scan", "fused_dtype", "ancestor_steps",
+           "FusedScan", "SCAN_IMPLS"]
 
 SCAN_IMPLS = ("autograd", "fused", "stepwise")
 _tb = torch.ops.aten.threshold_backward.grad_input  # relu backward, written into a buffer
@@ -142,21 +143,35 @@ def run_scan(meta: tuple, params: list[Tensor], ax: Tensor, gx: Tensor, eps: Ten
     nothing to differentiate, mixed devices or weight dtypes, rows not a multiple of ax's."""
     if state[0].shape[1] % ax.shape[0]:
         return None
-    tensors = [ax, gx, eps, state[0], state[1], *params]
+    cd = fused_dtype((ax, gx, eps), state, params)
+    if cd is None:
+        return None
+    anc = ancestor_steps(ancestors)
+    h_prev, mu, std, z, fz, h_fin, c_fin = FusedScan.apply(meta + (cd,), ax, gx, eps, keep, anc, state[0], state[1],
+                                                           *params)
+    return h_prev, mu, std, z, fz, (h_fin, c_fin)
+
+
+def fused_dtype(inputs, state, params) -> torch.dtype | None:
+    """The dtype a fused loop (this module's, fast_srnn's, fast_dkf's) computes in, or None
+    where the autograd loop should run instead: nothing to differentiate (the plain loop is
+    as fast), tensors on more than one device, weights and ``state`` not all of one floating
+    dtype (the master precision), ``inputs`` in neither that dtype nor autocast's."""
+    tensors = [*inputs, *state, *params]
     if not any(t.requires_grad for t in tensors):
-        return None  # nothing to differentiate: the plain loop is as fast
-    sd = params[0].dtype  # the master precision: weights and state
-    cd = compute_dtype(ax.device, sd)
+        return None
+    sd = params[0].dtype
+    cd = compute_dtype(params[0].device, sd)
     if len({t.device for t in tensors}) != 1 or not sd.is_floating_point:
         return None
-    if any(t.dtype != sd for t in (state[0], state[1], *params)):
+    if any(t.dtype != sd for t in (*state, *params)) or any(t.dtype not in (sd, cd) for t in inputs):
         return None
-    if any(t.dtype not in (sd, cd) for t in (ax, gx, eps)):
-        return None
-    anc = None if ancestors is None or all(a is None for a in ancestors) else tuple(ancestors)
-    h_prev, mu, std, z, fz, h_fin, c_fin = FusedScan.apply(meta + (cd,), ax, gx, eps, keep, anc,
-                                                           state[0], state[1], *params)
-    return h_prev, mu, std, z, fz, (h_fin, c_fin)
+    return cd
+
+
+def ancestor_steps(ancestors):
+    """Per step its ancestor rows or None, as a tuple; None where no step resamples."""
+    return None if ancestors is None or all(a is None for a in ancestors) else tuple(ancestors)
 
 
 def _unpack(meta, params):

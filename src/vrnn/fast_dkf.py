@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fast import _ancestor_rows, _compiled_for, compute_dtype
+from .fast import _ancestor_rows, _compiled_for, ancestor_steps, fused_dtype
 from .rows import add_shared
 
 __all__ = ["chain", "CombinerChain"]
@@ -40,18 +40,10 @@ def chain(model, a: Tensor, eps: Tensor, keep: Tensor | None, z0: Tensor, ancest
         return None
     comb = model.combiner
     params = (comb.in_z.weight, comb.in_z.bias, comb.gauss.out.weight, comb.gauss.out.bias)
-    if not any(t.requires_grad for t in (a, eps, z0, *params)):
+    if fused_dtype((a, eps), (z0,), params) != params[0].dtype:  # None, or autocast's (mixed precision)
         return None
-    sd = params[0].dtype
-    if not sd.is_floating_point or compute_dtype(a.device, sd) != sd:
-        return None
-    if any(t.dtype != sd for t in (a, eps, z0, *params)):
-        return None
-    if len({t.device for t in (a, eps, z0, *params)}) != 1:
-        return None
-    anc = None if ancestors is None or all(x is None for x in ancestors) else tuple(ancestors)
     meta = (float(comb.parts), float(comb.gauss.std_floor))
-    return CombinerChain.apply(meta, a, eps, keep, anc, z0, *params)
+    return CombinerChain.apply(meta, a, eps, keep, ancestor_steps(ancestors), z0, *params)
 
 
 def _time_major(x: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fast import _ancestor_rows, _compiled_for, _linears, _tb, compute_dtype
+from .fast import _ancestor_rows, _compiled_for, _linears, _tb, ancestor_steps, fused_dtype
 from .rows import add_shared
 
 __all__ = ["chain", "supports", "ZChain"]
@@ -82,18 +82,10 @@ def chain(model, pd: Tensor, qa: Tensor, eps: Tensor, keep: Tensor | None, z0: T
     if not torch.is_grad_enabled() or not supports(model) or eps.shape[0] % pd.shape[0]:
         return None
     meta, params = chain_args(model)
-    if not any(t.requires_grad for t in (pd, qa, eps, z0, *params)):
+    cd = fused_dtype((pd, qa, eps), (z0,), params)
+    if cd is None:
         return None
-    sd = params[0].dtype
-    cd = compute_dtype(pd.device, sd)
-    if any(t.dtype != sd for t in params) or z0.dtype != sd or not sd.is_floating_point:
-        return None
-    if any(t.dtype not in (sd, cd) for t in (pd, qa, eps)):
-        return None
-    if len({t.device for t in (pd, qa, eps, z0, *params)}) != 1:
-        return None
-    anc = None if ancestors is None or all(a is None for a in ancestors) else tuple(ancestors)
-    return ZChain.apply(meta + (cd,), pd, qa, eps, keep, anc, z0, *params)
+    return ZChain.apply(meta + (cd,), pd, qa, eps, keep, ancestor_steps(ancestors), z0, *params)
 
 
 def _blocks(meta, params):
