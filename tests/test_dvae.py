@@ -563,17 +563,14 @@ def test_kvae_training_step_is_the_same_with_the_compiled_filter():
         torch.testing.assert_close(a, b, **TIGHT)
 
 
-@pytest.mark.parametrize("preset,cell,bound", [("rvae-causal-gauss", "lstm", "elbo"), ("rvae-causal-gauss", "gru", "fivo"),
-                                               ("rvae-gauss", "lstm", "iwae"), ("rvae-gauss", "gru", "elbo")])
-def test_rvae_chain_through_the_fused_scan_matches_its_autograd_loop(preset, cell, bound, loops):
-    """The RVAE's chain (phi_enc -> z_t -> a step of the z-RNN) through the VRNN's fused
-    scan with no phi_z (fast_rvae.py): the loss and every parameter's gradient equal the
-    autograd loop's (float64; ragged rows, K samples per sequence, FIVO's resampling
-    gathers), on the compiled and the Python loops."""
+def _fused_matches_autograd(model, bound, node):
+    """Trains one step of ``model`` with its fused chain and with its autograd loop (float64,
+    ragged rows, K = 3 samples unless ELBO): the loss and every parameter gradient agree
+    tightly, and a K = 2 pass has the fused ``node`` as z's grad_fn only when fused. Returns
+    that pass's z per implementation."""
     from vrnn.fast import set_scan
-    model = make_model(preset, seed=3, z_dim=3, x_dim=4, h_dim=6, cell=cell)
     x, mask = make_x(model, 3, 8), lengths_mask([8, 5, 2], 8)
-    result = {}
+    result, z = {}, {}
     for impl in ("fused", "autograd"):
         m = set_scan(copy.deepcopy(model), impl)
         torch.manual_seed(1)
@@ -581,11 +578,23 @@ def test_rvae_chain_through_the_fused_scan_matches_its_autograd_loop(preset, cel
         loss.backward()
         result[impl] = [loss.detach()] + [p.grad for p in m.parameters()]
         torch.manual_seed(1)
-        z = m(x, mask, samples=2).z
-        assert (type(z.grad_fn).__name__ == "FusedScanBackward") == (impl == "fused"), z.grad_fn
+        z[impl] = m(x, mask, samples=2).z
+        assert (type(z[impl].grad_fn).__name__ == node) == (impl == "fused"), z[impl].grad_fn
     assert all(g is not None for g in result["fused"])
     for a, b in zip(result["fused"], result["autograd"]):
         torch.testing.assert_close(a, b, **TIGHT)
+    return z
+
+
+@pytest.mark.parametrize("preset,cell,bound", [("rvae-causal-gauss", "lstm", "elbo"), ("rvae-causal-gauss", "gru", "fivo"),
+                                               ("rvae-gauss", "lstm", "iwae"), ("rvae-gauss", "gru", "elbo")])
+def test_rvae_chain_through_the_fused_scan_matches_its_autograd_loop(preset, cell, bound, loops):
+    """The RVAE's chain (phi_enc -> z_t -> a step of the z-RNN) through the VRNN's fused
+    scan with no phi_z (fast_rvae.py): the loss and every parameter's gradient equal the
+    autograd loop's (float64; ragged rows, K samples per sequence, FIVO's resampling
+    gathers), on the compiled and the Python loops."""
+    model = make_model(preset, seed=3, z_dim=3, x_dim=4, h_dim=6, cell=cell)
+    _fused_matches_autograd(model, bound, "FusedScanBackward")
 
 
 def test_rvae_with_stacked_z_rnns_keeps_its_autograd_loop():
@@ -601,22 +610,8 @@ def test_dkf_fused_combiner_chain_matches_its_autograd_loop(combiner, cell, boun
     the loss and every parameter's gradient equal the autograd loop's (float64; ragged rows,
     K samples per sequence, FIVO's resampling gathers), on the compiled and the Python loops;
     the Python loop's forward is the autograd loop's bit for bit."""
-    from vrnn.fast import set_scan
     model = make_model("dkf-gauss", seed=3, z_dim=3, x_dim=4, h_dim=6, a_dim=5, cell=cell, combiner=combiner)
-    x, mask = make_x(model, 3, 8), lengths_mask([8, 5, 2], 8)
-    result, z = {}, {}
-    for impl in ("fused", "autograd"):
-        m = set_scan(copy.deepcopy(model), impl)
-        torch.manual_seed(1)
-        loss, _ = objective(m, x, mask, bound=bound, num_samples=1 if bound == "elbo" else 3)
-        loss.backward()
-        result[impl] = [loss.detach()] + [p.grad for p in m.parameters()]
-        torch.manual_seed(1)
-        z[impl] = m(x, mask, samples=2).z
-        assert (type(z[impl].grad_fn).__name__ == "CombinerChainBackward") == (impl == "fused")
-    assert all(g is not None for g in result["fused"])
-    for a, b in zip(result["fused"], result["autograd"]):
-        torch.testing.assert_close(a, b, **TIGHT)
+    z = _fused_matches_autograd(model, bound, "CombinerChainBackward")
     if loops == "python":  # the same ops as DKF._chain: bit for bit
         assert torch.equal(z["fused"], z["autograd"])
 
