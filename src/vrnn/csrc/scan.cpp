@@ -177,6 +177,25 @@ void relu_back(T* d, int64_t ld, const T* g, const T* y, int64_t rows, int64_t n
     }
 }
 
+// the state after a resampling step: row r of x (R x n) <- row a[r] of src; without
+// ancestors (a null) src copied as it is
+template <typename T> void gather_rows(T* x, const T* src, const int64_t* a, int64_t R, int64_t n) {
+  if (!a) {
+    std::copy(src, src + R * n, x);
+    return;
+  }
+  for (int64_t r = 0; r < R; ++r) std::copy(src + a[r] * n, src + (a[r] + 1) * n, x + r * n);
+}
+
+// its reverse: the gradient d (R x n) of the gathered rows added back to the rows they came
+// from (a), through the buffer tmp (R x n)
+template <typename T> void scatter_back(T* d, T* tmp, const int64_t* a, int64_t R, int64_t n) {
+  std::fill(tmp, tmp + R * n, T(0));
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < n; ++j) tmp[a[r] * n + j] += d[r * n + j];
+  std::copy(tmp, tmp + R * n, d);
+}
+
 struct Weights {
   Tensor w_cat, b_cat;             // (E+G, H), (E+G) or undefined (LSTM)
   std::vector<Tensor> body_w, body_b, phiz_w, phiz_b;
@@ -386,15 +405,8 @@ std::vector<Tensor> backward_impl(const Tensor& HS, const Tensor& CS, const std:
   const T* hsp = ptr<T>(HS);
   const T* csp = ptr<T>(CS);
   for (int64_t t = Tn - 1; t >= 0; --t) {
-    if (ap && pos[t] >= 0) {  // the state after step t was gathered: scatter its gradient back
-      const int64_t* a = ap + pos[t] * R;
-      for (T* d : {dhp, dcp}) {
-        std::fill(tmp, tmp + R * H, T(0));
-        for (int64_t r = 0; r < R; ++r)
-          for (int64_t j = 0; j < H; ++j) tmp[a[r] * H + j] += d[r * H + j];
-        std::copy(tmp, tmp + R * H, d);
-      }
-    }
+    if (ap && pos[t] >= 0)  // the state after step t was gathered: scatter its gradient back
+      for (T* d : {dhp, dcp}) scatter_back(d, tmp, ap + pos[t] * R, R, H);
     const T* act = ptr<T>(ACT) + t * R * na * H;
     const T* hprev = hsp + t * R * H;
     const T* cprev = csp + t * R * H;
@@ -662,12 +674,7 @@ std::vector<Tensor> chain_forward_impl(const Tensor& pq, const Tensor& eps, cons
       const bool kept = !kp || kp[t * R + r] != T(0);
       std::copy(kept ? zr : zc + r * Z, (kept ? zr : zc + r * Z) + Z, zn + r * Z);
     }
-    if (ap && pos[t] >= 0) {
-      const int64_t* a = ap + pos[t] * R;
-      for (int64_t r = 0; r < R; ++r) std::copy(zn + a[r] * Z, zn + (a[r] + 1) * Z, zc + r * Z);
-    } else {
-      std::copy(zn, zn + R * Z, zc);
-    }
+    gather_rows(zc, zn, ap && pos[t] >= 0 ? ap + pos[t] * R : nullptr, R, Z);
   }
   std::vector<Tensor> out{ZIN, O, S, ZT, MUQ, ZC};
   out.insert(out.end(), U.begin(), U.end());
@@ -696,13 +703,8 @@ std::vector<Tensor> chain_backward_impl(const Tensor& ZIN, const std::vector<Ten
   const T* kp = keep.defined() ? ptr<T>(keep) : nullptr;
   const int64_t* ap = anc.defined() ? anc.data_ptr<int64_t>() : nullptr;
   for (int64_t t = Tn - 1; t >= 0; --t) {
-    if (ap && pos[t] >= 0) {  // the carried z was gathered after step t: scatter back
-      const int64_t* a = ap + pos[t] * R;
-      std::fill(tmp, tmp + R * Z, T(0));
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = 0; j < Z; ++j) tmp[a[r] * Z + j] += dzp[r * Z + j];
-      std::copy(tmp, tmp + R * Z, dzp);
-    }
+    if (ap && pos[t] >= 0)  // the carried z was gathered after step t: scatter back
+      scatter_back(dzp, tmp, ap + pos[t] * R, R, Z);
     T* dzt = ptr<T>(DZ) + t * R * Z;
     T* d = ptr<T>(DO) + t * R * 4 * Z;
     const T* o = ptr<T>(O) + t * R * 4 * Z;
@@ -841,12 +843,7 @@ std::vector<Tensor> combiner_forward_impl(const Tensor& a, const Tensor& eps, co
       const bool kept = !kp || kp[t * R + r] != T(0);
       std::copy(kept ? zr : zc + r * Z, (kept ? zr : zc + r * Z) + Z, zn + r * Z);
     }
-    if (ap && pos[t] >= 0) {
-      const int64_t* g = ap + pos[t] * R;
-      for (int64_t r = 0; r < R; ++r) std::copy(zn + g[r] * Z, zn + (g[r] + 1) * Z, zc + r * Z);
-    } else {
-      std::copy(zn, zn + R * Z, zc);
-    }
+    gather_rows(zc, zn, ap && pos[t] >= 0 ? ap + pos[t] * R : nullptr, R, Z);
   }
   return {ZIN, H, C, O, S, ZT, ZC};
 }
@@ -871,13 +868,8 @@ std::vector<Tensor> combiner_backward_impl(const Tensor& H, const Tensor& O, con
   const T* kp = keep.defined() ? ptr<T>(keep) : nullptr;
   const int64_t* ap = anc.defined() ? anc.data_ptr<int64_t>() : nullptr;
   for (int64_t t = Tn - 1; t >= 0; --t) {
-    if (ap && pos[t] >= 0) {  // the carried z was gathered after step t: scatter back
-      const int64_t* g = ap + pos[t] * R;
-      std::fill(tmp, tmp + R * Z, T(0));
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = 0; j < Z; ++j) tmp[g[r] * Z + j] += dzp[r * Z + j];
-      std::copy(tmp, tmp + R * Z, dzp);
-    }
+    if (ap && pos[t] >= 0)  // the carried z was gathered after step t: scatter back
+      scatter_back(dzp, tmp, ap + pos[t] * R, R, Z);
     T* d = ptr<T>(DO) + t * R * 2 * Z;
     const T* o = ptr<T>(O) + t * R * 2 * Z;
     const int64_t s = t * R * Z;
